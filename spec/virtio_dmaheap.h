@@ -1,0 +1,153 @@
+/* SPDX-License-Identifier: (GPL-2.0 WITH Linux-syscall-note) OR BSD-3-Clause */
+/*
+ * virtio-dmaheap: wire ABI of the VIRTIO dma-heap device.
+ *
+ * This header is the single source of truth for the device's wire format. The Linux
+ * guest driver includes it; the Rust back-end mirrors it in backend/src/abi.rs and a
+ * test compares every size and field offset against this file. The prose and the
+ * normative rules are in spec/virtio-dmaheap.md.
+ *
+ * All fields are little-endian. Every structure is naturally aligned and has no
+ * implicit padding (checked with gcc -Wpadded).
+ */
+#ifndef _UAPI_LINUX_VIRTIO_DMAHEAP_H
+#define _UAPI_LINUX_VIRTIO_DMAHEAP_H
+
+#include <linux/types.h>
+
+/*
+ * Device ID. 37 is reserved in the VIRTIO registry as "virtio dmabuf" without a published
+ * device section; QEMU 11.1 only accepts ids from its name table. The config-space magic
+ * below keeps a driver from binding to any other device that uses the same id.
+ */
+#define VIRTIO_ID_DMAHEAP 37
+
+/* Feature bits. */
+/* The device accepts VIRTIO_DMAHEAP_REQ_SYNC. */
+#define VIRTIO_DMAHEAP_F_SYNC 0
+/* The device accepts VIRTIO_DMAHEAP_REQ_ASSIGN_UUID (reserved; no device offers it yet). */
+#define VIRTIO_DMAHEAP_F_UUID 1
+
+/* Shared memory region id of the buffer window. */
+#define VIRTIO_DMAHEAP_SHM_BUFFERS 0
+
+/* Device configuration layout. */
+#define VIRTIO_DMAHEAP_MAGIC 0x50414844 /* "DHAP" as little-endian bytes */
+#define VIRTIO_DMAHEAP_VERSION 1
+/* Smallest unit of the buffer window; every offset and length is a multiple of it. */
+#define VIRTIO_DMAHEAP_PAGE_SIZE 4096
+
+struct virtio_dmaheap_config {
+	__le32 magic;		/* VIRTIO_DMAHEAP_MAGIC */
+	__le32 version;		/* VIRTIO_DMAHEAP_VERSION */
+	__le32 num_heaps;	/* heap ids are 0 .. num_heaps - 1 */
+	__le32 max_buffers;	/* live buffers the device allows; 0: not stated */
+};
+
+/* Request types. */
+#define VIRTIO_DMAHEAP_REQ_HEAP_INFO 1
+#define VIRTIO_DMAHEAP_REQ_ALLOC 2
+#define VIRTIO_DMAHEAP_REQ_FREE 3
+#define VIRTIO_DMAHEAP_REQ_SYNC 4		/* needs VIRTIO_DMAHEAP_F_SYNC */
+#define VIRTIO_DMAHEAP_REQ_ASSIGN_UUID 5	/* needs VIRTIO_DMAHEAP_F_UUID */
+
+/* Response status codes; each maps to one errno (given in the comment). */
+#define VIRTIO_DMAHEAP_S_OK 0
+#define VIRTIO_DMAHEAP_S_IOERR 1	/* EIO: host-side failure */
+#define VIRTIO_DMAHEAP_S_INVAL 2	/* EINVAL: malformed request or argument */
+#define VIRTIO_DMAHEAP_S_NO_HEAP 3	/* ENODEV: heap id out of range */
+#define VIRTIO_DMAHEAP_S_NO_BUFFER 4	/* ENOENT: unknown or freed buffer id */
+#define VIRTIO_DMAHEAP_S_NOMEM 5	/* ENOMEM: the host heap is out of memory */
+#define VIRTIO_DMAHEAP_S_QUOTA 6	/* ENOMEM: a per-VM or per-heap quota is reached */
+#define VIRTIO_DMAHEAP_S_WINDOW_FULL 7	/* ENOMEM: no free range in the buffer window */
+#define VIRTIO_DMAHEAP_S_UNSUPP 8	/* EOPNOTSUPP: request type not offered */
+#define VIRTIO_DMAHEAP_S_TOO_BIG 9	/* EINVAL: length above the heap's max_size */
+
+/* Every request starts with this header. */
+struct virtio_dmaheap_req_hdr {
+	__le32 type;		/* VIRTIO_DMAHEAP_REQ_* */
+	__le32 reserved;	/* 0 */
+};
+
+/* Every response starts with this header. */
+struct virtio_dmaheap_resp_hdr {
+	__le32 status;		/* VIRTIO_DMAHEAP_S_* */
+	__le32 reserved;	/* 0 */
+};
+
+/* HEAP_INFO: describe one heap. */
+struct virtio_dmaheap_heap_info_req {
+	struct virtio_dmaheap_req_hdr hdr;
+	__le32 heap_id;
+	__le32 reserved;
+};
+
+/* virtio_dmaheap_heap_info.flags */
+#define VIRTIO_DMAHEAP_HEAP_F_CONTIGUOUS (1 << 0) /* host-physically contiguous buffers */
+
+/* virtio_dmaheap_heap_info.cache: how the guest must map the buffers. */
+#define VIRTIO_DMAHEAP_CACHE_CACHED 0
+#define VIRTIO_DMAHEAP_CACHE_UNCACHED 1
+#define VIRTIO_DMAHEAP_CACHE_WC 2
+
+#define VIRTIO_DMAHEAP_NAME_LEN 32
+
+struct virtio_dmaheap_heap_info {
+	__u8 name[VIRTIO_DMAHEAP_NAME_LEN];	/* NUL-terminated, NUL-padded */
+	__le32 flags;		/* VIRTIO_DMAHEAP_HEAP_F_* */
+	__le32 cache;		/* VIRTIO_DMAHEAP_CACHE_* */
+	__le64 min_align;	/* power of two, >= VIRTIO_DMAHEAP_PAGE_SIZE */
+	__le64 max_size;	/* largest buffer, bytes */
+	__le64 capacity;	/* bytes the guest may hold from this heap; 0: unknown */
+};
+
+struct virtio_dmaheap_heap_info_resp {
+	struct virtio_dmaheap_resp_hdr hdr;
+	struct virtio_dmaheap_heap_info info;
+};
+
+/* ALLOC: allocate a zeroed buffer and make it visible in the buffer window. */
+struct virtio_dmaheap_alloc_req {
+	struct virtio_dmaheap_req_hdr hdr;
+	__le32 heap_id;
+	__le32 flags;		/* no flags defined: 0 */
+	__le64 len;		/* bytes, > 0, multiple of VIRTIO_DMAHEAP_PAGE_SIZE */
+};
+
+struct virtio_dmaheap_alloc_resp {
+	struct virtio_dmaheap_resp_hdr hdr;
+	__le64 buffer_id;	/* never 0; never reused while the device is live */
+	__le64 offset;		/* in the buffer window, multiple of the heap's min_align */
+	__le64 len;		/* bytes usable at offset, >= the requested len */
+};
+
+/* FREE: release a buffer; the driver need not wait for the response. */
+struct virtio_dmaheap_free_req {
+	struct virtio_dmaheap_req_hdr hdr;
+	__le64 buffer_id;
+};
+
+/* SYNC: bracket CPU access to a buffer, forwarded to the host buffer. */
+#define VIRTIO_DMAHEAP_SYNC_READ (1 << 0)
+#define VIRTIO_DMAHEAP_SYNC_WRITE (1 << 1)
+#define VIRTIO_DMAHEAP_SYNC_END (1 << 2)	/* clear: start of CPU access */
+
+struct virtio_dmaheap_sync_req {
+	struct virtio_dmaheap_req_hdr hdr;
+	__le64 buffer_id;
+	__le32 flags;		/* VIRTIO_DMAHEAP_SYNC_*; READ and/or WRITE must be set */
+	__le32 reserved;	/* 0 */
+};
+
+/* ASSIGN_UUID (reserved for cross-device sharing): give a buffer a UUID. */
+struct virtio_dmaheap_assign_uuid_req {
+	struct virtio_dmaheap_req_hdr hdr;
+	__le64 buffer_id;
+};
+
+struct virtio_dmaheap_assign_uuid_resp {
+	struct virtio_dmaheap_resp_hdr hdr;
+	__u8 uuid[16];
+};
+
+#endif /* _UAPI_LINUX_VIRTIO_DMAHEAP_H */
