@@ -1,0 +1,63 @@
+#!/bin/sh
+# SPDX-License-Identifier: GPL-2.0
+#
+# Build virtio_dmaheap.ko for the guest kernel inside the provisioned trixie
+# tree (tests/vm/provision), warning-free (W=1, warnings are errors).
+#
+#   guest-driver/build.sh            -> build/guest-driver/virtio_dmaheap.ko
+#
+# Environment:
+#   VIRTIO_DMAHEAP_ROOT    the tree      (default /var/cache/virtio-dmaheap/trixie)
+#   VIRTIO_DMAHEAP_KVER    kernel        (default 7.3.4+deb13-amd64)
+#   VIRTIO_DMAHEAP_KO_DIR  output dir    (default <repo>/build/guest-driver)
+#
+# Idempotent: sources are copied (mtimes kept) into a build directory inside
+# the tree, so make rebuilds only what changed. /proc is mounted for objtool in
+# a private mount namespace, so nothing is left mounted and other users of the
+# tree are not disturbed. Prints the path of the module on success.
+set -eu
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(dirname "$here")
+root=${VIRTIO_DMAHEAP_ROOT:-/var/cache/virtio-dmaheap/trixie}
+kver=${VIRTIO_DMAHEAP_KVER:-7.3.4+deb13-amd64}
+out=${VIRTIO_DMAHEAP_KO_DIR:-$repo/build/guest-driver}
+bdir=/var/tmp/virtio-dmaheap-build	# inside the tree
+
+if [ ! -d "$root/lib/modules/$kver/build" ]; then
+	echo "build.sh: no kernel headers at $root/lib/modules/$kver/build;" \
+	     "run tests/vm/provision first" >&2
+	exit 1
+fi
+
+mkdir -p "$root$bdir/guest-driver" "$root$bdir/spec" "$out"
+exec 9>"$root$bdir.lock"
+flock 9
+
+# Mirror the sources (a file removed here must not linger there).
+for f in "$root$bdir"/guest-driver/*.[ch]; do
+	[ -e "$f" ] || continue
+	[ -e "$here/${f##*/}" ] || rm -f "$f"
+done
+cp -p "$here/Kbuild" "$here"/*.[ch] "$root$bdir/guest-driver/"
+cp -p "$repo/spec/virtio_dmaheap.h" "$root$bdir/spec/"
+
+log=$root$bdir/build.log
+if ! unshare --mount --propagation private sh -c '
+	mount -t proc proc "$1/proc" &&
+	exec chroot "$1" make -C "/lib/modules/$2/build" M="$3/guest-driver" \
+		W=1 KCFLAGS=-Werror modules' sh "$root" "$kver" "$bdir" \
+		>"$log" 2>&1; then
+	cat "$log" >&2
+	echo "build.sh: build failed" >&2
+	exit 1
+fi
+# modpost and friends warn without failing: treat that as an error too.
+if grep -i 'warning' "$log" >&2; then
+	echo "build.sh: warnings in the build" >&2
+	exit 1
+fi
+
+cp "$root$bdir/guest-driver/virtio_dmaheap.ko" "$out/virtio_dmaheap.ko.tmp"
+mv "$out/virtio_dmaheap.ko.tmp" "$out/virtio_dmaheap.ko"
+echo "$out/virtio_dmaheap.ko"
