@@ -1,0 +1,120 @@
+//! Command line (clap derive only; validation lives in `config.rs`).
+
+use std::path::PathBuf;
+
+use clap::{Args as ClapArgs, Parser, Subcommand};
+
+/// vhost-user back end of the virtio-dmaheap device: serves host DMA-BUF heaps to a guest.
+///
+/// Without a subcommand the daemon runs: it listens on the vhost-user socket (exactly one
+/// of --socket-path and --socket-fd), serves one front end (QEMU) at a time with fresh
+/// device state, and accepts the next after a disconnect. SIGTERM or SIGINT end it cleanly
+/// (exit status 0). Logging is controlled with RUST_LOG (default: info). SIZE values are
+/// bytes with an optional K, M, G or T suffix (powers of 1024).
+#[derive(Debug, Parser)]
+#[command(
+    name = "vhost-user-dmaheap",
+    version,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Args {
+    /// Client subcommand (talks to a running daemon's control socket).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// Daemon options.
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+}
+
+/// Options of the daemon.
+#[derive(Debug, Default, ClapArgs)]
+pub struct DaemonArgs {
+    /// Unix socket to listen on for the vhost-user front end (created; an existing file
+    /// is replaced).
+    #[arg(long, value_name = "PATH", conflicts_with = "socket_fd")]
+    pub socket_path: Option<PathBuf>,
+
+    /// Already bound and listening Unix socket inherited from the caller (e.g. a VMM or
+    /// a test harness), used instead of --socket-path.
+    #[arg(long, value_name = "FD")]
+    pub socket_fd: Option<i32>,
+
+    /// Export a heap to the guest as NAME (repeatable; heap ids follow the order given;
+    /// NAME: 1-31 characters of [A-Za-z0-9_.-]).
+    /// SOURCE is `dma-heap:HOSTNAME` (/dev/dma_heap/HOSTNAME), `memfd`, or `udmabuf`.
+    /// OPTs: max-bytes=SIZE (per-heap quota), max-size=SIZE (largest buffer, default:
+    /// --shm-size), align=SIZE (min_align, power of two >= 4K, default 4K),
+    /// cache=cached|uncached|wc (default cached), contiguous=yes|no (default: yes for
+    /// dma-heap heaps named like *cma* or *reserved*, else no), arena-size=SIZE (largest
+    /// host allocation shared by small buffers, multiple of 2M, default 64M; buffers up to
+    /// arena-size/8 are sub-allocated in arenas, larger ones get a mapping of their own).
+    /// Without --heap: the host's `system` dma-heap if /dev/dma_heap/system exists,
+    /// else a memfd heap named `system` (with a warning).
+    #[arg(long = "heap", value_name = "NAME=SOURCE[,OPT=VAL]...")]
+    pub heaps: Vec<String>,
+
+    /// Size of the shared memory window (BAR 4), a power of two.
+    #[arg(long, value_name = "SIZE", default_value = "4G")]
+    pub shm_size: String,
+
+    /// Most live mappings in the window (each costs the VMM a memory slot, ~509 in all).
+    #[arg(long, value_name = "N", default_value_t = 128)]
+    pub max_mappings: usize,
+
+    /// Most live buffers per VM (also stated in the config space).
+    #[arg(long, value_name = "N", default_value_t = 262_144)]
+    pub max_buffers: u64,
+
+    /// Most bytes held by live buffers per VM (default: --shm-size).
+    #[arg(long, value_name = "SIZE")]
+    pub max_bytes: Option<String>,
+
+    /// Unix socket for operators (created with mode 0600; an existing file is replaced):
+    /// one request line, one reply. `stats` answers JSON: {"heaps": {NAME: {"bytes",
+    /// "buffers", "mappings", "arenas", "host_bytes"}}, "total": {...}, "limits": {...}}.
+    /// See the `stats` and `ctl` subcommands.
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+
+    /// Also accept the debug commands `buffers`, `peek ID OFF LEN` and `poke ID OFF HEX`
+    /// on the control socket (they read and write guest buffers: tests only).
+    #[arg(long, requires = "control_socket")]
+    pub control_debug: bool,
+
+    /// System call filter installed on every daemon thread once start-up is done: `on`
+    /// (a call outside the allowlist kills the daemon), `log` (allowed, but logged to the
+    /// kernel log as an audit record), `off`. See SECURITY.md.
+    #[arg(long, value_name = "MODE", default_value = "on")]
+    pub seccomp: crate::sandbox::SeccompMode,
+
+    /// After start-up (heaps opened, sockets bound), switch to this user (name or numeric
+    /// uid) and its primary group, dropping supplementary groups. Needs root.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+}
+
+/// Client subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print a running daemon's per-heap bytes, buffers and mappings.
+    Stats {
+        /// The daemon's control socket.
+        #[arg(long, value_name = "PATH")]
+        control_socket: PathBuf,
+        /// Print the raw JSON reply.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send one command line to the control socket and print the reply (exit status 1 on
+    /// an `error` reply). Commands: stats; with --control-debug: buffers, peek ID OFF LEN,
+    /// poke ID OFF HEX.
+    Ctl {
+        /// The daemon's control socket.
+        #[arg(long, value_name = "PATH")]
+        control_socket: PathBuf,
+        /// The command and its arguments.
+        #[arg(required = true, num_args = 1.., trailing_var_arg = true)]
+        command: Vec<String>,
+    },
+}

@@ -1,0 +1,442 @@
+//! Validated daemon configuration, built from the command line with `TryFrom`.
+
+use std::os::fd::RawFd;
+use std::path::{Path, PathBuf};
+
+use crate::args::DaemonArgs;
+use crate::device::{CacheMode, Heap, HeapParams, Limits, ARENA_MIN};
+use crate::provider::{
+    DmaHeapProvider, HeapProvider, MemfdProvider, ProviderError, UdmabufProvider,
+};
+
+/// Default largest arena.
+pub const DEFAULT_ARENA_SIZE: u64 = 64 << 20;
+const PAGE: u64 = 4096;
+
+/// Configuration errors.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// Neither or both socket options.
+    #[error("exactly one of --socket-path and --socket-fd is required")]
+    Socket,
+    /// A size that does not parse.
+    #[error("invalid size {0:?} (a number with an optional K, M, G or T suffix)")]
+    Size(String),
+    /// Window size not usable.
+    #[error("--shm-size {0} must be a power of two of at least 2M")]
+    ShmSize(u64),
+    /// A zero cap.
+    #[error("{0} must be at least 1")]
+    Zero(&'static str),
+    /// Malformed --heap.
+    #[error("invalid --heap {spec:?}: {why}")]
+    Heap {
+        /// The argument.
+        spec: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// Two heaps with one name.
+    #[error("heap name {0:?} used twice")]
+    DuplicateHeap(String),
+}
+
+/// Where a heap's buffers come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeapSource {
+    /// `/dev/dma_heap/<host name>`.
+    DmaHeap(String),
+    /// memfd.
+    Memfd,
+    /// memfd + /dev/udmabuf.
+    Udmabuf,
+}
+
+impl std::fmt::Display for HeapSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::DmaHeap(n) => write!(f, "dma-heap:{n}"),
+            Self::Memfd => f.write_str("memfd"),
+            Self::Udmabuf => f.write_str("udmabuf"),
+        }
+    }
+}
+
+/// One exported heap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeapSpec {
+    /// Properties the guest sees.
+    pub params: HeapParams,
+    /// Buffer source.
+    pub source: HeapSource,
+}
+
+impl HeapSpec {
+    /// Opens the provider.
+    pub fn open(&self) -> Result<Heap, ProviderError> {
+        let provider: Box<dyn HeapProvider> = match &self.source {
+            HeapSource::DmaHeap(n) => Box::new(DmaHeapProvider::open(n)?),
+            HeapSource::Memfd => Box::new(MemfdProvider::new(&self.params.name)),
+            HeapSource::Udmabuf => Box::new(UdmabufProvider::open(&self.params.name)?),
+        };
+        Ok(Heap {
+            params: self.params.clone(),
+            provider,
+        })
+    }
+}
+
+/// The vhost-user socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SocketSpec {
+    /// Bind and listen at this path.
+    Path(PathBuf),
+    /// An inherited listening socket.
+    Fd(RawFd),
+}
+
+/// Validated daemon configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// vhost-user socket.
+    pub socket: SocketSpec,
+    /// Exported heaps, in heap-id order.
+    pub heaps: Vec<HeapSpec>,
+    /// True when no --heap was given and no host system heap exists (memfd fallback).
+    pub fallback_memfd: bool,
+    /// Per-VM limits.
+    pub limits: Limits,
+    /// Control socket path.
+    pub control_socket: Option<PathBuf>,
+    /// Debug commands on the control socket.
+    pub control_debug: bool,
+    /// Containment applied after start-up.
+    pub sandbox: crate::sandbox::Sandbox,
+}
+
+/// Parses `123`, `4K`, `2M`, `4G`, `1T` (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
+    let err = || ConfigError::Size(s.to_string());
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(err()),
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| err())?;
+    n.checked_mul(mult).ok_or_else(err)
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() < crate::abi::VIRTIO_DMAHEAP_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+}
+
+fn parse_heap(spec: &str, shm_size: u64) -> Result<HeapSpec, ConfigError> {
+    let bad = |why: String| ConfigError::Heap {
+        spec: spec.to_string(),
+        why,
+    };
+    let (name, rest) = spec
+        .split_once('=')
+        .ok_or_else(|| bad("expected NAME=SOURCE[,OPT=VAL]...".into()))?;
+    if !valid_name(name) {
+        return Err(bad(format!(
+            "name {name:?} must be 1-31 characters of [A-Za-z0-9_.-]"
+        )));
+    }
+    let mut parts = rest.split(',');
+    let source = match parts.next().unwrap_or_default() {
+        "memfd" => HeapSource::Memfd,
+        "udmabuf" => HeapSource::Udmabuf,
+        s => match s.strip_prefix("dma-heap:") {
+            Some(h) if valid_name(h) => HeapSource::DmaHeap(h.to_string()),
+            _ => {
+                return Err(bad(format!(
+                    "source {s:?} is not dma-heap:HOSTNAME, memfd or udmabuf"
+                )))
+            }
+        },
+    };
+    let contiguous_default = match &source {
+        HeapSource::DmaHeap(h) => h.contains("cma") || h.contains("reserved"),
+        _ => false,
+    };
+    let mut params = HeapParams {
+        name: name.to_string(),
+        contiguous: contiguous_default,
+        cache: CacheMode::Cached,
+        min_align: PAGE,
+        max_size: shm_size,
+        max_bytes: None,
+        arena_size: DEFAULT_ARENA_SIZE.min(shm_size),
+    };
+    for opt in parts {
+        let (k, v) = opt
+            .split_once('=')
+            .ok_or_else(|| bad(format!("option {opt:?} is not OPT=VAL")))?;
+        match k {
+            "max-bytes" => params.max_bytes = Some(parse_size(v)?),
+            "max-size" => params.max_size = parse_size(v)?,
+            "align" => params.min_align = parse_size(v)?,
+            "arena-size" => params.arena_size = parse_size(v)?,
+            "cache" => {
+                params.cache = match v {
+                    "cached" => CacheMode::Cached,
+                    "uncached" => CacheMode::Uncached,
+                    "wc" => CacheMode::WriteCombined,
+                    _ => return Err(bad(format!("cache={v}: expected cached|uncached|wc"))),
+                }
+            }
+            "contiguous" => {
+                params.contiguous = match v {
+                    "yes" => true,
+                    "no" => false,
+                    _ => return Err(bad(format!("contiguous={v}: expected yes|no"))),
+                }
+            }
+            _ => return Err(bad(format!("unknown option {k:?}"))),
+        }
+    }
+    if !params.min_align.is_power_of_two() || params.min_align < PAGE || params.min_align > shm_size
+    {
+        return Err(bad(format!(
+            "align={} must be a power of two between 4K and --shm-size",
+            params.min_align
+        )));
+    }
+    if params.max_size == 0 || !params.max_size.is_multiple_of(PAGE) || params.max_size > shm_size {
+        return Err(bad(format!(
+            "max-size={} must be a nonzero multiple of 4K, at most --shm-size",
+            params.max_size
+        )));
+    }
+    if params.arena_size < ARENA_MIN
+        || !params.arena_size.is_multiple_of(ARENA_MIN)
+        || params.arena_size > shm_size
+    {
+        return Err(bad(format!(
+            "arena-size={} must be a multiple of 2M, at most --shm-size",
+            params.arena_size
+        )));
+    }
+    Ok(HeapSpec { params, source })
+}
+
+impl Config {
+    /// Builds the configuration; `dma_heap_dir` is where host heaps live (for the default).
+    pub fn from_args(args: DaemonArgs, dma_heap_dir: &Path) -> Result<Self, ConfigError> {
+        let socket = match (args.socket_path, args.socket_fd) {
+            (Some(p), None) => SocketSpec::Path(p),
+            (None, Some(fd)) if fd >= 0 => SocketSpec::Fd(fd),
+            _ => return Err(ConfigError::Socket),
+        };
+        let shm_size = parse_size(&args.shm_size)?;
+        if !shm_size.is_power_of_two() || shm_size < ARENA_MIN {
+            return Err(ConfigError::ShmSize(shm_size));
+        }
+        if args.max_mappings == 0 {
+            return Err(ConfigError::Zero("--max-mappings"));
+        }
+        if args.max_buffers == 0 {
+            return Err(ConfigError::Zero("--max-buffers"));
+        }
+        let max_bytes = match &args.max_bytes {
+            Some(s) => parse_size(s)?,
+            None => shm_size,
+        };
+        if max_bytes == 0 {
+            return Err(ConfigError::Zero("--max-bytes"));
+        }
+        let mut heaps = Vec::new();
+        let mut fallback_memfd = false;
+        if args.heaps.is_empty() {
+            let spec = if dma_heap_dir.join("system").exists() {
+                "system=dma-heap:system"
+            } else {
+                fallback_memfd = true;
+                "system=memfd"
+            };
+            heaps.push(parse_heap(spec, shm_size)?);
+        }
+        for h in &args.heaps {
+            let spec = parse_heap(h, shm_size)?;
+            if heaps
+                .iter()
+                .any(|o: &HeapSpec| o.params.name == spec.params.name)
+            {
+                return Err(ConfigError::DuplicateHeap(spec.params.name));
+            }
+            heaps.push(spec);
+        }
+        Ok(Self {
+            socket,
+            heaps,
+            fallback_memfd,
+            limits: Limits {
+                shm_size,
+                max_mappings: args.max_mappings,
+                max_buffers: args.max_buffers,
+                max_bytes,
+            },
+            control_socket: args.control_socket,
+            control_debug: args.control_debug,
+            sandbox: crate::sandbox::Sandbox {
+                seccomp: args.seccomp,
+                user: args.user,
+            },
+        })
+    }
+}
+
+impl TryFrom<DaemonArgs> for Config {
+    type Error = ConfigError;
+
+    fn try_from(args: DaemonArgs) -> Result<Self, Self::Error> {
+        Self::from_args(args, Path::new("/dev/dma_heap"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::args::{Args, Command};
+    use clap::Parser;
+
+    fn cfg(argv: &[&str]) -> Result<Config, ConfigError> {
+        let mut v = vec!["vhost-user-dmaheap"];
+        v.extend_from_slice(argv);
+        let args = Args::try_parse_from(v).unwrap();
+        Config::from_args(args.daemon, Path::new("/nonexistent-dma-heap-dir"))
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("4K"), Ok(4096));
+        assert_eq!(parse_size("2m"), Ok(2 << 20));
+        assert_eq!(parse_size("4G"), Ok(4 << 30));
+        assert!(parse_size("").is_err());
+        assert!(parse_size("4X").is_err());
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn defaults() {
+        let c = cfg(&["--socket-path", "/tmp/s"]).unwrap();
+        assert_eq!(c.socket, SocketSpec::Path("/tmp/s".into()));
+        assert_eq!(c.limits.shm_size, 4 << 30);
+        assert_eq!(c.limits.max_mappings, 128);
+        assert_eq!(c.limits.max_bytes, 4 << 30);
+        assert!(c.fallback_memfd);
+        assert_eq!(c.heaps.len(), 1);
+        assert_eq!(c.heaps[0].params.name, "system");
+        assert_eq!(c.heaps[0].source, HeapSource::Memfd);
+        assert_eq!(c.heaps[0].params.min_align, 4096);
+        assert!(!c.control_debug);
+    }
+
+    #[test]
+    fn default_uses_host_system_heap() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("system"), b"").unwrap();
+        let args = Args::try_parse_from(["x", "--socket-fd", "3"]).unwrap();
+        let c = Config::from_args(args.daemon, dir.path()).unwrap();
+        assert_eq!(c.socket, SocketSpec::Fd(3));
+        assert!(!c.fallback_memfd);
+        assert_eq!(c.heaps[0].source, HeapSource::DmaHeap("system".into()));
+    }
+
+    #[test]
+    fn heaps() {
+        let c = cfg(&["--socket-fd", "3", "--heap", "linux,cma=dma-heap:linux,cma"]);
+        assert!(c.is_err(), "comma in name is an option separator");
+        let c = cfg(&[
+            "--socket-fd",
+            "3",
+            "--heap",
+            "sys=memfd,max-bytes=64M,max-size=8M,align=64K,cache=wc",
+            "--heap",
+            "cma=dma-heap:reserved",
+            "--heap",
+            "u=udmabuf,contiguous=yes,arena-size=4M",
+        ])
+        .unwrap();
+        assert!(!c.fallback_memfd);
+        let p = &c.heaps[0].params;
+        assert_eq!(p.max_bytes, Some(64 << 20));
+        assert_eq!(p.max_size, 8 << 20);
+        assert_eq!(p.min_align, 64 << 10);
+        assert_eq!(p.cache, CacheMode::WriteCombined);
+        assert!(!p.contiguous);
+        assert!(c.heaps[1].params.contiguous);
+        assert_eq!(c.heaps[1].source, HeapSource::DmaHeap("reserved".into()));
+        assert!(c.heaps[2].params.contiguous);
+        assert_eq!(c.heaps[2].params.arena_size, 4 << 20);
+    }
+
+    #[test]
+    fn rejects() {
+        for argv in [
+            &["--shm-size", "4G"][..],
+            &["--socket-path", "/s", "--shm-size", "3G"],
+            &["--socket-path", "/s", "--shm-size", "1M"],
+            &["--socket-path", "/s", "--max-mappings", "0"],
+            &["--socket-path", "/s", "--max-buffers", "0"],
+            &["--socket-path", "/s", "--max-bytes", "0"],
+            &["--socket-path", "/s", "--heap", "a"],
+            &["--socket-path", "/s", "--heap", "=memfd"],
+            &["--socket-path", "/s", "--heap", "a=tmpfs"],
+            &["--socket-path", "/s", "--heap", "a=memfd,align=3000"],
+            &["--socket-path", "/s", "--heap", "a=memfd,max-size=5000"],
+            &["--socket-path", "/s", "--heap", "a=memfd,max-size=8G"],
+            &["--socket-path", "/s", "--heap", "a=memfd,cache=maybe"],
+            &["--socket-path", "/s", "--heap", "a=memfd,arena-size=3M"],
+            &["--socket-path", "/s", "--heap", "a=memfd,color=red"],
+            &[
+                "--socket-path",
+                "/s",
+                "--heap",
+                "a=memfd",
+                "--heap",
+                "a=memfd",
+            ],
+            &[
+                "--socket-path",
+                "/s",
+                "--heap",
+                "a-very-long-heap-name-of-more-than-31=memfd",
+            ],
+        ] {
+            assert!(cfg(argv).is_err(), "{argv:?} accepted");
+        }
+    }
+
+    #[test]
+    fn clap_level() {
+        assert!(Args::try_parse_from(["x", "--socket-path", "/s", "--socket-fd", "3"]).is_err());
+        assert!(Args::try_parse_from(["x", "--socket-path", "/s", "--control-debug"]).is_err());
+        let a = Args::try_parse_from(["x", "stats", "--control-socket", "/c", "--json"]).unwrap();
+        assert!(matches!(a.command, Some(Command::Stats { json: true, .. })));
+        let a =
+            Args::try_parse_from(["x", "ctl", "--control-socket", "/c", "peek", "1", "0", "16"])
+                .unwrap();
+        match a.command {
+            Some(Command::Ctl { command, .. }) => assert_eq!(command, ["peek", "1", "0", "16"]),
+            _ => panic!("not ctl"),
+        }
+    }
+}

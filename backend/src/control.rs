@@ -1,0 +1,242 @@
+//! Operator control socket (server side in the daemon, client side for the `stats` and
+//! `ctl` subcommands). Protocol: the client sends one line, the daemon answers and closes.
+//! Replies that start with `error` are failures.
+//!
+//! Commands: `stats` (JSON). With `--control-debug` also `buffers` (one line per live
+//! buffer: `ID HEAP OFFSET LEN`, decimal), `peek ID OFF LEN` (hex bytes), `poke ID OFF HEX`.
+
+use std::fmt::Write as _;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use log::{info, warn};
+
+use crate::device::Stats;
+use crate::vhu::Shared;
+
+/// Largest `peek` length.
+pub const MAX_PEEK: u64 = 1 << 20;
+const MAX_LINE: u64 = 4 * MAX_PEEK;
+
+/// Control socket errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Creating the socket failed.
+    #[error("cannot listen on {path}")]
+    Bind {
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Talking to the daemon failed.
+    #[error("cannot talk to {path}")]
+    Connect {
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The daemon answered with an error.
+    #[error("{0}")]
+    Reply(String),
+    /// The stats reply is not valid JSON.
+    #[error("invalid stats reply")]
+    Json(#[source] serde_json::Error),
+    /// Spawning the server thread failed.
+    #[error("cannot start the control thread")]
+    Thread(#[source] io::Error),
+}
+
+/// Starts the control server thread on `path` (an existing file is replaced).
+pub fn spawn(
+    path: &Path,
+    shared: Arc<Shared>,
+    debug: bool,
+) -> Result<JoinHandle<()>, ControlError> {
+    let bind_err = |source| ControlError::Bind {
+        path: path.to_path_buf(),
+        source,
+    };
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(bind_err(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(bind_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+    info!("control socket on {}", path.display());
+    thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(s) => {
+                        if let Err(e) = serve_one(s, &shared, debug) {
+                            warn!("control connection: {e}");
+                        }
+                    }
+                    Err(e) => warn!("control accept: {e}"),
+                }
+            }
+        })
+        .map_err(ControlError::Thread)
+}
+
+fn serve_one(stream: UnixStream, shared: &Shared, debug: bool) -> io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut line = String::new();
+    BufReader::new((&stream).take(MAX_LINE)).read_line(&mut line)?;
+    let reply = execute(line.trim(), shared, debug);
+    let mut w = &stream;
+    w.write_all(reply.as_bytes())?;
+    w.flush()
+}
+
+fn parse_num(s: &str) -> Option<u64> {
+    match s.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 2 + 1);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| s.get(i..i + 2).and_then(|p| u8::from_str_radix(p, 16).ok()))
+        .collect()
+}
+
+/// Executes one command line and returns the reply (newline-terminated).
+pub fn execute(line: &str, shared: &Shared, debug: bool) -> String {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let err = |m: &str| format!("error: {m}\n");
+    match words.as_slice() {
+        ["stats"] => {
+            let stats = shared.lock().dev.stats();
+            match serde_json::to_string(&stats) {
+                Ok(j) => j + "\n",
+                Err(e) => err(&e.to_string()),
+            }
+        }
+        [cmd, ..] if !debug && matches!(*cmd, "buffers" | "peek" | "poke") => {
+            err("debug commands need --control-debug")
+        }
+        ["buffers"] => {
+            let mut out = String::new();
+            for b in shared.lock().dev.buffers() {
+                let _ = writeln!(out, "{} {} {} {}", b.id, b.heap, b.offset, b.len);
+            }
+            out
+        }
+        ["peek", id, off, len] => {
+            let (Some(id), Some(off), Some(len)) = (parse_num(id), parse_num(off), parse_num(len))
+            else {
+                return err("usage: peek ID OFF LEN");
+            };
+            if len > MAX_PEEK {
+                return err("peek length above 1 MiB");
+            }
+            match shared.lock().dev.peek(id, off, len as usize) {
+                Ok(b) => hex(&b) + "\n",
+                Err(e) => err(&e.to_string()),
+            }
+        }
+        ["poke", id, off, data] => {
+            let (Some(id), Some(off), Some(data)) = (parse_num(id), parse_num(off), unhex(data))
+            else {
+                return err("usage: poke ID OFF HEX");
+            };
+            match shared.lock().dev.poke(id, off, &data) {
+                Ok(()) => "ok\n".to_string(),
+                Err(e) => err(&e.to_string()),
+            }
+        }
+        _ => err(&format!("unknown command {line:?}")),
+    }
+}
+
+/// Sends one command line and returns the reply.
+pub fn request(path: &Path, line: &str) -> Result<String, ControlError> {
+    let cerr = |source| ControlError::Connect {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut s = UnixStream::connect(path).map_err(cerr)?;
+    s.write_all(format!("{line}\n").as_bytes()).map_err(cerr)?;
+    s.shutdown(std::net::Shutdown::Write).map_err(cerr)?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).map_err(cerr)?;
+    if reply.starts_with("error") {
+        return Err(ControlError::Reply(reply.trim_end().to_string()));
+    }
+    Ok(reply)
+}
+
+/// `stats` subcommand: prints a table, or the JSON with `json`.
+pub fn client_stats(path: &Path, json: bool) -> Result<(), ControlError> {
+    let reply = request(path, "stats")?;
+    if json {
+        print!("{reply}");
+        return Ok(());
+    }
+    let stats: Stats = serde_json::from_str(&reply).map_err(ControlError::Json)?;
+    println!(
+        "{:<24} {:>14} {:>9} {:>9} {:>7} {:>14}",
+        "HEAP", "BYTES", "BUFFERS", "MAPPINGS", "ARENAS", "HOST_BYTES"
+    );
+    let rows = stats
+        .heaps
+        .iter()
+        .map(|(n, h)| (n.as_str(), h))
+        .chain(std::iter::once(("total", &stats.total)));
+    for (name, h) in rows {
+        println!(
+            "{:<24} {:>14} {:>9} {:>9} {:>7} {:>14}",
+            name, h.bytes, h.buffers, h.mappings, h.arenas, h.host_bytes
+        );
+    }
+    println!(
+        "limits: shm_size {} max_mappings {} max_buffers {} max_bytes {}",
+        stats.limits.shm_size,
+        stats.limits.max_mappings,
+        stats.limits.max_buffers,
+        stats.limits.max_bytes
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn hex_roundtrip() {
+        assert_eq!(hex(&[0, 0xab, 0x10]), "00ab10");
+        assert_eq!(unhex("00ab10"), Some(vec![0, 0xab, 0x10]));
+        assert_eq!(unhex("0"), None);
+        assert_eq!(unhex("zz"), None);
+        assert_eq!(parse_num("0x10"), Some(16));
+        assert_eq!(parse_num("10"), Some(10));
+    }
+}

@@ -1,0 +1,179 @@
+//! The daemon: opens the heaps, listens on the vhost-user socket, serves one front end at
+//! a time (fresh device state for each), and exits cleanly on SIGTERM/SIGINT.
+
+use std::io;
+use std::os::fd::{BorrowedFd, FromRawFd};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::thread;
+
+use log::{error, info, warn};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::socket::{getsockopt, listen, sockopt, Backlog, SockType};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::config::{Config, SocketSpec};
+use crate::control::{self, ControlError};
+use crate::device::{Device, Heap};
+use crate::provider::ProviderError;
+use crate::vhu::{Shared, VhuDmaheap};
+
+/// Daemon errors.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// A heap could not be opened.
+    #[error("heap {name}: cannot open {source_desc}")]
+    Heap {
+        /// Heap name.
+        name: String,
+        /// Its source.
+        source_desc: String,
+        /// Cause.
+        #[source]
+        source: ProviderError,
+    },
+    /// Signal setup failed.
+    #[error("cannot set up signal handling")]
+    Signals(#[source] nix::Error),
+    /// Creating the vhost-user socket failed.
+    #[error("cannot listen on the vhost-user socket")]
+    Listen(#[source] vhost::vhost_user::Error),
+    /// --socket-fd is not a stream socket.
+    #[error("--socket-fd {0} is not a Unix stream socket")]
+    SocketFd(i32, #[source] nix::Error),
+    /// The control socket failed.
+    #[error("control socket")]
+    Control(#[source] ControlError),
+    /// vhost-user daemon failure.
+    #[error("vhost-user daemon: {0}")]
+    Vhost(vhost_user_backend::Error),
+    /// Thread spawning failed.
+    #[error("cannot spawn a thread")]
+    Thread(#[source] io::Error),
+    /// Dropping privileges or installing the syscall filter failed.
+    #[error("sandbox")]
+    Sandbox(#[source] crate::sandbox::SandboxError),
+}
+
+fn open_listener(spec: &SocketSpec) -> Result<Listener, DaemonError> {
+    match spec {
+        SocketSpec::Path(p) => Listener::new(p, true).map_err(DaemonError::Listen),
+        SocketSpec::Fd(fd) => {
+            // SAFETY: the fd is only borrowed for the checks below, while it is open (the
+            // caller handed it to us; an fd that is not open fails getsockopt).
+            let borrowed = unsafe { BorrowedFd::borrow_raw(*fd) };
+            let ty = getsockopt(&borrowed, sockopt::SockType)
+                .map_err(|e| DaemonError::SocketFd(*fd, e))?;
+            if ty != SockType::Stream {
+                return Err(DaemonError::SocketFd(*fd, nix::Error::ENOTSOCK));
+            }
+            // Harmless if the caller already listens; makes a merely bound socket usable.
+            let backlog = Backlog::new(16).map_err(|e| DaemonError::SocketFd(*fd, e))?;
+            listen(&borrowed, backlog).map_err(|e| DaemonError::SocketFd(*fd, e))?;
+            // SAFETY: the caller passed ownership of this open, listening stream socket to
+            // the daemon with --socket-fd; nothing else in the process uses it.
+            Ok(unsafe { Listener::from_raw_fd(*fd) })
+        }
+    }
+}
+
+fn spawn_signal_thread(cleanup: Vec<PathBuf>, signals: SigSet) -> Result<(), DaemonError> {
+    thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            match signals.wait() {
+                Ok(sig) => info!("{sig}: shutting down"),
+                Err(e) => error!("waiting for signals failed ({e}): shutting down"),
+            }
+            for p in &cleanup {
+                let _ = std::fs::remove_file(p);
+            }
+            std::process::exit(0);
+        })
+        .map(|_| ())
+        .map_err(DaemonError::Thread)
+}
+
+/// Runs the daemon until a signal ends the process (or a fatal error).
+pub fn run(cfg: Config) -> Result<(), DaemonError> {
+    // Block the signals in every thread (threads inherit the mask); one thread waits.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGINT);
+    signals.thread_block().map_err(DaemonError::Signals)?;
+
+    if cfg.fallback_memfd {
+        warn!(
+            "no --heap given and no /dev/dma_heap/system on this host: exporting a memfd \
+             heap named \"system\" (not a real dma-buf heap)"
+        );
+    }
+    let mut heaps: Vec<Heap> = Vec::new();
+    for spec in &cfg.heaps {
+        let heap = spec.open().map_err(|source| DaemonError::Heap {
+            name: spec.params.name.clone(),
+            source_desc: spec.source.to_string(),
+            source,
+        })?;
+        info!(
+            "heap {} (id {}): {}, max-size {}, align {}, max-bytes {:?}, arena-size {}",
+            spec.params.name,
+            heaps.len(),
+            heap.provider.describe(),
+            spec.params.max_size,
+            spec.params.min_align,
+            spec.params.max_bytes,
+            spec.params.arena_size
+        );
+        heaps.push(heap);
+    }
+    // Buffer ids are unique for the daemon's lifetime, across connections and resets.
+    let ids = Arc::new(AtomicU64::new(1));
+    let shared = Arc::new(Shared::new(Device::new(heaps, cfg.limits.clone(), ids)));
+
+    let mut listener = open_listener(&cfg.socket)?;
+    let mut cleanup = Vec::new();
+    if let SocketSpec::Path(p) = &cfg.socket {
+        cleanup.push(p.clone());
+    }
+    if let Some(path) = &cfg.control_socket {
+        control::spawn(path, shared.clone(), cfg.control_debug).map_err(DaemonError::Control)?;
+        cleanup.push(path.clone());
+    }
+    spawn_signal_thread(cleanup, signals)?;
+    // Start-up is done: drop privileges and install the syscall filter on every thread.
+    crate::sandbox::enter(&cfg.sandbox).map_err(DaemonError::Sandbox)?;
+    info!(
+        "listening ({:?}); window {} bytes, max {} mappings, {} buffers, {} bytes",
+        cfg.socket,
+        cfg.limits.shm_size,
+        cfg.limits.max_mappings,
+        cfg.limits.max_buffers,
+        cfg.limits.max_bytes
+    );
+
+    loop {
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let backend = Arc::new(VhuDmaheap::new(shared.clone(), mem.clone()));
+        let mut daemon = VhostUserDaemon::new("vhost-user-dmaheap".into(), backend, mem)
+            .map_err(DaemonError::Vhost)?;
+        daemon.start(&mut listener).map_err(DaemonError::Vhost)?;
+        // The device state is fresh: it was reset when the previous front end left.
+        info!("front end connected");
+        match daemon.wait() {
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => info!("front end disconnected"),
+            Err(e) => error!("front end connection ended: {e}"),
+        }
+        for h in daemon.get_epoll_handlers() {
+            h.send_exit_event();
+        }
+        drop(daemon);
+        shared.reset();
+    }
+}

@@ -1,0 +1,1565 @@
+//! Transport-free device core: parses requests, manages buffers, arenas, the buffer window
+//! and quotas. It knows nothing of vhost; mappings into the shared memory window are asked
+//! for through the [`Mapper`] trait, which the vhost-user layer implements with the
+//! back-end request channel (and tests implement with a fake).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::io;
+use std::os::fd::BorrowedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{debug, error, warn};
+use serde::{Deserialize, Serialize};
+use vm_memory::ByteValued;
+
+use crate::abi::*;
+use crate::provider::{HeapProvider, HostBuffer, ProviderError};
+use crate::range::RangeAllocator;
+
+/// Smallest arena, and alignment of every mapping in the window (guests map the window
+/// with 2 MiB granularity).
+pub const ARENA_MIN: u64 = 2 << 20;
+const PAGE: u64 = VIRTIO_DMAHEAP_PAGE_SIZE as u64;
+
+/// Errors of the device core (shown to operators; guests only see status codes).
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// Unknown buffer id (control socket).
+    #[error("no buffer {0}")]
+    NoBuffer(u64),
+    /// Range outside the buffer (control socket).
+    #[error("range {offset}+{len} outside buffer {id} of {size} bytes")]
+    OutOfRange {
+        /// Buffer id.
+        id: u64,
+        /// Start of the access.
+        offset: u64,
+        /// Length of the access.
+        len: u64,
+        /// Buffer length.
+        size: u64,
+    },
+    /// Host buffer access failed.
+    #[error("host buffer access failed")]
+    Provider(#[source] ProviderError),
+}
+
+/// Errors a [`Mapper`] reports.
+#[derive(Debug, thiserror::Error)]
+pub enum MapError {
+    /// The device is not running (not started, or stopped since the request arrived).
+    #[error("device not running")]
+    NotRunning,
+    /// No back-end request channel.
+    #[error("no back-end request channel")]
+    NoChannel,
+    /// The front end refused the request or the channel failed.
+    #[error("front end refused the request")]
+    Refused(#[source] io::Error),
+}
+
+/// Maps host buffers into the shared memory window (region `VIRTIO_DMAHEAP_SHM_BUFFERS`).
+pub trait Mapper {
+    /// Maps `len` bytes of `fd` from `fd_offset` at `shm_offset` in the window, writable.
+    fn map(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        fd_offset: u64,
+        shm_offset: u64,
+        len: u64,
+    ) -> Result<(), MapError>;
+    /// Unmaps `[shm_offset, shm_offset + len)`.
+    fn unmap(&mut self, shm_offset: u64, len: u64) -> Result<(), MapError>;
+}
+
+/// How the guest must map a heap's buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheMode {
+    /// Cached.
+    Cached,
+    /// Uncached.
+    Uncached,
+    /// Write-combined.
+    WriteCombined,
+}
+
+impl CacheMode {
+    fn abi(self) -> u32 {
+        match self {
+            Self::Cached => VIRTIO_DMAHEAP_CACHE_CACHED,
+            Self::Uncached => VIRTIO_DMAHEAP_CACHE_UNCACHED,
+            Self::WriteCombined => VIRTIO_DMAHEAP_CACHE_WC,
+        }
+    }
+}
+
+impl fmt::Display for CacheMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Cached => "cached",
+            Self::Uncached => "uncached",
+            Self::WriteCombined => "wc",
+        })
+    }
+}
+
+/// Properties of one exported heap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeapParams {
+    /// Name the guest sees (at most 31 bytes).
+    pub name: String,
+    /// Buffers are host-physically contiguous.
+    pub contiguous: bool,
+    /// Cache attribute.
+    pub cache: CacheMode,
+    /// Alignment and granularity of buffers (power of two, >= 4096).
+    pub min_align: u64,
+    /// Largest buffer.
+    pub max_size: u64,
+    /// Per-heap quota in bytes.
+    pub max_bytes: Option<u64>,
+    /// Largest arena (host allocation shared by small buffers), multiple of 2 MiB.
+    pub arena_size: u64,
+}
+
+impl HeapParams {
+    /// Buffers up to this size are sub-allocated in arenas.
+    pub fn small_limit(&self) -> u64 {
+        (self.arena_size / 8).max(self.min_align)
+    }
+}
+
+/// An exported heap: properties and provider.
+#[derive(Debug)]
+pub struct Heap {
+    /// Properties.
+    pub params: HeapParams,
+    /// Where host buffers come from.
+    pub provider: Box<dyn HeapProvider>,
+}
+
+/// Per-VM limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Size of the buffer window (power of two).
+    pub shm_size: u64,
+    /// Live mappings in the window.
+    pub max_mappings: usize,
+    /// Live buffers.
+    pub max_buffers: u64,
+    /// Bytes held by live buffers.
+    pub max_bytes: u64,
+}
+
+#[derive(Debug)]
+struct Arena {
+    alloc: RangeAllocator,
+}
+
+#[derive(Debug)]
+struct MappingRec {
+    heap: usize,
+    len: u64,
+    buf: Box<dyn HostBuffer>,
+    /// Some: an arena; None: a mapping of its own.
+    arena: Option<Arena>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct BufferRec {
+    heap: usize,
+    /// Window offset of the mapping that holds it.
+    mapping: u64,
+    /// Offset inside that mapping.
+    off: u64,
+    len: u64,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct HeapCounters {
+    bytes: u64,
+    buffers: u64,
+    arena_bytes: u64,
+    spare: Option<u64>,
+}
+
+/// Counters of one heap, as shown by `stats`.
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HeapStats {
+    /// Bytes held by live buffers.
+    pub bytes: u64,
+    /// Live buffers.
+    pub buffers: u64,
+    /// Live mappings in the window (arenas and own mappings).
+    pub mappings: u64,
+    /// Live arenas.
+    pub arenas: u64,
+    /// Host bytes held (all mappings).
+    pub host_bytes: u64,
+}
+
+/// Snapshot of the device counters.
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Stats {
+    /// Per heap name.
+    pub heaps: BTreeMap<String, HeapStats>,
+    /// Sums over all heaps.
+    pub total: HeapStats,
+    /// The limits in force.
+    pub limits: LimitStats,
+}
+
+/// Limits, as shown by `stats`.
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LimitStats {
+    /// Window size.
+    pub shm_size: u64,
+    /// Mapping cap.
+    pub max_mappings: u64,
+    /// Buffer cap.
+    pub max_buffers: u64,
+    /// Byte cap.
+    pub max_bytes: u64,
+}
+
+/// One live buffer, as listed by the debug `buffers` command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BufferInfo {
+    /// Buffer id.
+    pub id: u64,
+    /// Heap name.
+    pub heap: String,
+    /// Offset in the window.
+    pub offset: u64,
+    /// Length.
+    pub len: u64,
+}
+
+struct RateLimit {
+    window_start: Instant,
+    count: u32,
+    suppressed: u64,
+}
+
+impl fmt::Debug for RateLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimit")
+            .field("count", &self.count)
+            .finish()
+    }
+}
+
+impl RateLimit {
+    const PER_SECOND: u32 = 10;
+
+    fn new() -> Self {
+        Self {
+            window_start: Instant::now(),
+            count: 0,
+            suppressed: 0,
+        }
+    }
+
+    fn warn(&mut self, args: fmt::Arguments<'_>) {
+        let now = Instant::now();
+        if now.duration_since(self.window_start) >= Duration::from_secs(1) {
+            if self.suppressed > 0 {
+                warn!("{} guest request warnings suppressed", self.suppressed);
+            }
+            self.window_start = now;
+            self.count = 0;
+            self.suppressed = 0;
+        }
+        if self.count < Self::PER_SECOND {
+            self.count += 1;
+            warn!("{args}");
+        } else {
+            self.suppressed += 1;
+        }
+    }
+}
+
+/// The device: heaps, live buffers and mappings of one VM.
+#[derive(Debug)]
+pub struct Device {
+    heaps: Vec<Heap>,
+    counters: Vec<HeapCounters>,
+    limits: Limits,
+    window: RangeAllocator,
+    mappings: BTreeMap<u64, MappingRec>,
+    buffers: HashMap<u64, BufferRec>,
+    bytes: u64,
+    next_id: Arc<AtomicU64>,
+    sync_acked: bool,
+    ratelimit: RateLimit,
+}
+
+type Status = u32;
+
+fn resp_hdr(status: Status) -> RespHdr {
+    RespHdr {
+        status: status.into(),
+        reserved: 0.into(),
+    }
+}
+
+/// Response that holds only a header, or nothing if the writable part is too small.
+fn hdr_only(status: Status, writable: usize) -> Vec<u8> {
+    if writable >= std::mem::size_of::<RespHdr>() {
+        resp_hdr(status).as_slice().to_vec()
+    } else {
+        Vec::new()
+    }
+}
+
+/// Copies `req` into a `T` if it has exactly `T`'s size.
+fn parse<T: ByteValued + Default>(req: &[u8]) -> Option<T> {
+    if req.len() != std::mem::size_of::<T>() {
+        return None;
+    }
+    let mut v = T::default();
+    v.as_mut_slice().copy_from_slice(req);
+    Some(v)
+}
+
+fn heap_name_bytes(name: &str) -> [u8; VIRTIO_DMAHEAP_NAME_LEN] {
+    let mut out = [0u8; VIRTIO_DMAHEAP_NAME_LEN];
+    let bytes = name.as_bytes();
+    let n = bytes.len().min(VIRTIO_DMAHEAP_NAME_LEN - 1);
+    out[..n].copy_from_slice(&bytes[..n]);
+    out
+}
+
+impl Device {
+    /// A device serving `heaps` within `limits`. Buffer ids come from `next_id`, which the
+    /// caller keeps for the daemon's lifetime so that ids are never reused.
+    pub fn new(heaps: Vec<Heap>, limits: Limits, next_id: Arc<AtomicU64>) -> Self {
+        let counters = vec![HeapCounters::default(); heaps.len()];
+        Self {
+            window: RangeAllocator::new(limits.shm_size),
+            heaps,
+            counters,
+            limits,
+            mappings: BTreeMap::new(),
+            buffers: HashMap::new(),
+            bytes: 0,
+            next_id,
+            sync_acked: true,
+            ratelimit: RateLimit::new(),
+        }
+    }
+
+    /// Logs a warning about a guest's request, rate-limited (a guest must not be able to
+    /// flood the host log).
+    pub fn guest_warn(&mut self, args: fmt::Arguments<'_>) {
+        self.ratelimit.warn(args);
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The virtio feature bits the device offers (device-specific bits only).
+    pub fn device_features() -> u64 {
+        1 << VIRTIO_DMAHEAP_F_SYNC
+    }
+
+    /// Records the features the driver accepted.
+    pub fn set_acked_features(&mut self, features: u64) {
+        self.sync_acked = features & (1 << VIRTIO_DMAHEAP_F_SYNC) != 0;
+    }
+
+    /// The configuration space.
+    pub fn config(&self) -> Config {
+        Config {
+            magic: VIRTIO_DMAHEAP_MAGIC.into(),
+            version: VIRTIO_DMAHEAP_VERSION.into(),
+            num_heaps: u32::try_from(self.heaps.len()).unwrap_or(u32::MAX).into(),
+            max_buffers: u32::try_from(self.limits.max_buffers).unwrap_or(0).into(),
+        }
+    }
+
+    /// Drops every buffer and mapping record without unmapping (the front end already
+    /// dropped its mappings), releasing the host memory.
+    pub fn reset(&mut self) {
+        if !self.buffers.is_empty() || !self.mappings.is_empty() {
+            debug!(
+                "reset: dropping {} buffers, {} mappings",
+                self.buffers.len(),
+                self.mappings.len()
+            );
+        }
+        self.buffers.clear();
+        self.mappings.clear();
+        self.window = RangeAllocator::new(self.limits.shm_size);
+        self.counters = vec![HeapCounters::default(); self.heaps.len()];
+        self.bytes = 0;
+    }
+
+    /// Handles one request. `req` is the device-readable part of the chain, `writable` the
+    /// size of the device-writable part. Returns the bytes to write (never more than
+    /// `writable`; empty if not even a response header fits).
+    pub fn handle(&mut self, req: &[u8], writable: usize, mapper: &mut dyn Mapper) -> Vec<u8> {
+        let Some(hdr) = req
+            .get(..std::mem::size_of::<ReqHdr>())
+            .and_then(parse::<ReqHdr>)
+        else {
+            self.ratelimit
+                .warn(format_args!("request of {} bytes: too short", req.len()));
+            return hdr_only(VIRTIO_DMAHEAP_S_INVAL, writable);
+        };
+        let ty = hdr.type_.to_native();
+        let (resp_size, req_size) = match ty {
+            VIRTIO_DMAHEAP_REQ_HEAP_INFO => (
+                std::mem::size_of::<HeapInfoResp>(),
+                std::mem::size_of::<HeapInfoReq>(),
+            ),
+            VIRTIO_DMAHEAP_REQ_ALLOC => (
+                std::mem::size_of::<AllocResp>(),
+                std::mem::size_of::<AllocReq>(),
+            ),
+            VIRTIO_DMAHEAP_REQ_FREE => (
+                std::mem::size_of::<RespHdr>(),
+                std::mem::size_of::<FreeReq>(),
+            ),
+            VIRTIO_DMAHEAP_REQ_SYNC if self.sync_acked => (
+                std::mem::size_of::<RespHdr>(),
+                std::mem::size_of::<SyncReq>(),
+            ),
+            _ => {
+                self.ratelimit
+                    .warn(format_args!("request type {ty}: not supported"));
+                return hdr_only(VIRTIO_DMAHEAP_S_UNSUPP, writable);
+            }
+        };
+        if hdr.reserved.to_native() != 0 || req.len() != req_size || writable < resp_size {
+            self.ratelimit.warn(format_args!(
+                "request type {ty}: malformed ({} readable bytes, {} writable, reserved {})",
+                req.len(),
+                writable,
+                hdr.reserved.to_native()
+            ));
+            return hdr_only(VIRTIO_DMAHEAP_S_INVAL, writable);
+        }
+        match ty {
+            VIRTIO_DMAHEAP_REQ_HEAP_INFO => self.heap_info(req).as_slice().to_vec(),
+            VIRTIO_DMAHEAP_REQ_ALLOC => self.alloc_req(req, mapper).as_slice().to_vec(),
+            VIRTIO_DMAHEAP_REQ_FREE => resp_hdr(self.free_req(req, mapper)).as_slice().to_vec(),
+            _ => resp_hdr(self.sync_req(req)).as_slice().to_vec(),
+        }
+    }
+
+    fn heap_info(&mut self, req: &[u8]) -> HeapInfoResp {
+        let mut resp = HeapInfoResp {
+            hdr: resp_hdr(VIRTIO_DMAHEAP_S_INVAL),
+            ..Default::default()
+        };
+        let Some(r) = parse::<HeapInfoReq>(req) else {
+            return resp;
+        };
+        if r.reserved.to_native() != 0 {
+            return resp;
+        }
+        let id = r.heap_id.to_native();
+        let Some(heap) = usize::try_from(id).ok().and_then(|i| self.heaps.get(i)) else {
+            resp.hdr = resp_hdr(VIRTIO_DMAHEAP_S_NO_HEAP);
+            return resp;
+        };
+        let p = &heap.params;
+        let global = self.limits.max_bytes.min(self.limits.shm_size);
+        resp.hdr = resp_hdr(VIRTIO_DMAHEAP_S_OK);
+        resp.info = HeapInfo {
+            name: heap_name_bytes(&p.name),
+            flags: if p.contiguous {
+                VIRTIO_DMAHEAP_HEAP_F_CONTIGUOUS
+            } else {
+                0
+            }
+            .into(),
+            cache: p.cache.abi().into(),
+            min_align: p.min_align.into(),
+            max_size: p.max_size.into(),
+            capacity: p.max_bytes.map_or(global, |b| b.min(global)).into(),
+        };
+        resp
+    }
+
+    fn alloc_req(&mut self, req: &[u8], mapper: &mut dyn Mapper) -> AllocResp {
+        let mut resp = AllocResp {
+            hdr: resp_hdr(VIRTIO_DMAHEAP_S_INVAL),
+            ..Default::default()
+        };
+        let Some(r) = parse::<AllocReq>(req) else {
+            return resp;
+        };
+        match self.alloc(
+            r.heap_id.to_native(),
+            r.flags.to_native(),
+            r.len.to_native(),
+            mapper,
+        ) {
+            Ok((id, offset, len)) => {
+                resp.hdr = resp_hdr(VIRTIO_DMAHEAP_S_OK);
+                resp.buffer_id = id.into();
+                resp.offset = offset.into();
+                resp.len = len.into();
+            }
+            Err(status) => resp.hdr = resp_hdr(status),
+        }
+        resp
+    }
+
+    fn free_req(&mut self, req: &[u8], mapper: &mut dyn Mapper) -> Status {
+        match parse::<FreeReq>(req) {
+            Some(r) => self.free(r.buffer_id.to_native(), mapper),
+            None => VIRTIO_DMAHEAP_S_INVAL,
+        }
+    }
+
+    fn sync_req(&mut self, req: &[u8]) -> Status {
+        let Some(r) = parse::<SyncReq>(req) else {
+            return VIRTIO_DMAHEAP_S_INVAL;
+        };
+        let flags = r.flags.to_native();
+        let all = VIRTIO_DMAHEAP_SYNC_READ | VIRTIO_DMAHEAP_SYNC_WRITE | VIRTIO_DMAHEAP_SYNC_END;
+        if r.reserved.to_native() != 0
+            || flags & !all != 0
+            || flags & (VIRTIO_DMAHEAP_SYNC_READ | VIRTIO_DMAHEAP_SYNC_WRITE) == 0
+        {
+            return VIRTIO_DMAHEAP_S_INVAL;
+        }
+        let id = r.buffer_id.to_native();
+        let Some(rec) = self.buffers.get(&id) else {
+            return VIRTIO_DMAHEAP_S_NO_BUFFER;
+        };
+        let Some(m) = self.mappings.get(&rec.mapping) else {
+            return VIRTIO_DMAHEAP_S_IOERR;
+        };
+        // The dma-buf sync flags have the same values as the virtio ones.
+        match m.buf.sync(u64::from(flags)) {
+            Ok(()) => VIRTIO_DMAHEAP_S_OK,
+            Err(e) => {
+                warn!("sync of buffer {id}: {e}");
+                VIRTIO_DMAHEAP_S_IOERR
+            }
+        }
+    }
+
+    fn live_mappings(&self) -> usize {
+        self.mappings.len()
+    }
+
+    /// Allocates a buffer; returns (id, window offset, length) or an error status.
+    pub fn alloc(
+        &mut self,
+        heap_id: u32,
+        flags: u32,
+        len: u64,
+        mapper: &mut dyn Mapper,
+    ) -> Result<(u64, u64, u64), Status> {
+        let heap = usize::try_from(heap_id)
+            .ok()
+            .filter(|&h| h < self.heaps.len())
+            .ok_or(VIRTIO_DMAHEAP_S_NO_HEAP)?;
+        if flags != 0 || len == 0 || !len.is_multiple_of(PAGE) {
+            return Err(VIRTIO_DMAHEAP_S_INVAL);
+        }
+        let params = self.heaps[heap].params.clone();
+        if len > params.max_size {
+            return Err(VIRTIO_DMAHEAP_S_TOO_BIG);
+        }
+        let rlen = len
+            .checked_next_multiple_of(params.min_align)
+            .ok_or(VIRTIO_DMAHEAP_S_TOO_BIG)?;
+        if self.buffers.len() as u64 >= self.limits.max_buffers {
+            return Err(VIRTIO_DMAHEAP_S_QUOTA);
+        }
+        if self
+            .bytes
+            .checked_add(rlen)
+            .is_none_or(|b| b > self.limits.max_bytes)
+        {
+            return Err(VIRTIO_DMAHEAP_S_QUOTA);
+        }
+        if let Some(max) = params.max_bytes {
+            if self.counters[heap]
+                .bytes
+                .checked_add(rlen)
+                .is_none_or(|b| b > max)
+            {
+                return Err(VIRTIO_DMAHEAP_S_QUOTA);
+            }
+        }
+
+        let (mapping, off) = if rlen <= params.small_limit() {
+            self.alloc_in_arena(heap, rlen, &params, mapper)?
+        } else {
+            (self.new_mapping(heap, rlen, false, mapper)?, 0)
+        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.buffers.insert(
+            id,
+            BufferRec {
+                heap,
+                mapping,
+                off,
+                len: rlen,
+            },
+        );
+        self.bytes += rlen;
+        self.counters[heap].bytes += rlen;
+        self.counters[heap].buffers += 1;
+        Ok((id, mapping + off, rlen))
+    }
+
+    fn alloc_in_arena(
+        &mut self,
+        heap: usize,
+        rlen: u64,
+        params: &HeapParams,
+        mapper: &mut dyn Mapper,
+    ) -> Result<(u64, u64), Status> {
+        let spare = self.counters[heap].spare;
+        // Existing arenas, the spare last.
+        let mut found = None;
+        for (&woff, m) in self.mappings.iter_mut() {
+            if m.heap != heap || Some(woff) == spare {
+                continue;
+            }
+            if let Some(arena) = m.arena.as_mut() {
+                if let Some(off) = arena.alloc.alloc(rlen, params.min_align) {
+                    found = Some((woff, off));
+                    break;
+                }
+            }
+        }
+        if found.is_none() {
+            if let Some(woff) = spare {
+                if let Some(arena) = self.mappings.get_mut(&woff).and_then(|m| m.arena.as_mut()) {
+                    if let Some(off) = arena.alloc.alloc(rlen, params.min_align) {
+                        self.counters[heap].spare = None;
+                        found = Some((woff, off));
+                    }
+                }
+            }
+        }
+        if let Some(f) = found {
+            return Ok(f);
+        }
+        // A new arena: double the heap's arena bytes, within [ARENA_MIN, arena_size].
+        let want = self.counters[heap]
+            .arena_bytes
+            .clamp(ARENA_MIN, params.arena_size.max(ARENA_MIN));
+        let floor = rlen.next_multiple_of(ARENA_MIN);
+        let mut size = want.max(floor);
+        let woff = loop {
+            match self.new_mapping(heap, size, true, mapper) {
+                Ok(w) => break w,
+                Err(VIRTIO_DMAHEAP_S_WINDOW_FULL) if size / 2 >= floor => size /= 2,
+                Err(s) => return Err(s),
+            }
+        };
+        let arena = self
+            .mappings
+            .get_mut(&woff)
+            .and_then(|m| m.arena.as_mut())
+            .ok_or(VIRTIO_DMAHEAP_S_IOERR)?;
+        let off = arena
+            .alloc
+            .alloc(rlen, params.min_align)
+            .ok_or(VIRTIO_DMAHEAP_S_IOERR)?;
+        Ok((woff, off))
+    }
+
+    /// Unmaps and releases one spare arena (any heap). Returns true if one was released.
+    fn evict_spare(&mut self, mapper: &mut dyn Mapper) -> bool {
+        for heap in 0..self.counters.len() {
+            if let Some(woff) = self.counters[heap].spare {
+                self.counters[heap].spare = None;
+                if self.release_mapping(woff, mapper) {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    /// Unmaps the mapping at `woff` and releases its window range and host buffer.
+    /// If the unmap fails the record stays (it still occupies the window).
+    fn release_mapping(&mut self, woff: u64, mapper: &mut dyn Mapper) -> bool {
+        let Some(m) = self.mappings.get(&woff) else {
+            return false;
+        };
+        let (len, heap, is_arena) = (m.len, m.heap, m.arena.is_some());
+        if let Err(e) = mapper.unmap(woff, len) {
+            warn!("unmap of window range {woff:#x}+{len:#x} failed: {e}");
+            return false;
+        }
+        self.mappings.remove(&woff);
+        self.window.free(woff, len);
+        if is_arena {
+            self.counters[heap].arena_bytes -= len;
+        }
+        true
+    }
+
+    fn new_mapping(
+        &mut self,
+        heap: usize,
+        size: u64,
+        arena: bool,
+        mapper: &mut dyn Mapper,
+    ) -> Result<u64, Status> {
+        if self.live_mappings() >= self.limits.max_mappings && !self.evict_spare(mapper) {
+            return Err(VIRTIO_DMAHEAP_S_QUOTA);
+        }
+        let align = ARENA_MIN.max(self.heaps[heap].params.min_align);
+        let woff = match self.window.alloc(size, align) {
+            Some(w) => w,
+            None => {
+                if !self.evict_spare(mapper) {
+                    return Err(VIRTIO_DMAHEAP_S_WINDOW_FULL);
+                }
+                self.window
+                    .alloc(size, align)
+                    .ok_or(VIRTIO_DMAHEAP_S_WINDOW_FULL)?
+            }
+        };
+        let buf = match self.heaps[heap].provider.allocate(size) {
+            Ok(b) => b,
+            Err(e) => {
+                self.window.free(woff, size);
+                warn!(
+                    "heap {}: host allocation of {size} bytes failed: {e}",
+                    self.heaps[heap].params.name
+                );
+                return Err(match e {
+                    ProviderError::NoMemory(_) => VIRTIO_DMAHEAP_S_NOMEM,
+                    _ => VIRTIO_DMAHEAP_S_IOERR,
+                });
+            }
+        };
+        if let Err(e) = mapper.map(buf.fd(), 0, woff, size) {
+            self.window.free(woff, size);
+            warn!("map of {size} bytes at window offset {woff:#x} failed: {e}");
+            return Err(VIRTIO_DMAHEAP_S_IOERR);
+        }
+        if arena {
+            self.counters[heap].arena_bytes += size;
+        }
+        self.mappings.insert(
+            woff,
+            MappingRec {
+                heap,
+                len: size,
+                buf,
+                arena: arena.then(|| Arena {
+                    alloc: RangeAllocator::new(size),
+                }),
+            },
+        );
+        Ok(woff)
+    }
+
+    /// A large buffer's mapping that could not be unmapped stays mapped in the window:
+    /// zero it and use it as an arena for small buffers (its range is never mapped over).
+    fn adopt_as_arena(&mut self, woff: u64) {
+        let Some(m) = self.mappings.get_mut(&woff) else {
+            return;
+        };
+        if let Err(e) = m.buf.zero(0, m.len) {
+            error!("stuck mapping {woff:#x}: zeroing failed, range not reused: {e}");
+            return;
+        }
+        m.arena = Some(Arena {
+            alloc: RangeAllocator::new(m.len),
+        });
+        self.counters[m.heap].arena_bytes += m.len;
+    }
+
+    /// Frees a buffer; returns a status.
+    pub fn free(&mut self, id: u64, mapper: &mut dyn Mapper) -> Status {
+        let Some(rec) = self.buffers.remove(&id) else {
+            return VIRTIO_DMAHEAP_S_NO_BUFFER;
+        };
+        self.bytes -= rec.len;
+        self.counters[rec.heap].bytes -= rec.len;
+        self.counters[rec.heap].buffers -= 1;
+        let Some(m) = self.mappings.get_mut(&rec.mapping) else {
+            error!("buffer {id}: mapping {:#x} missing", rec.mapping);
+            return VIRTIO_DMAHEAP_S_OK;
+        };
+        let Some(arena) = m.arena.as_mut() else {
+            if !self.release_mapping(rec.mapping, mapper) {
+                self.adopt_as_arena(rec.mapping);
+            }
+            return VIRTIO_DMAHEAP_S_OK;
+        };
+        // Zero now, so the range is clean when handed out again.
+        if let Err(e) = m.buf.zero(rec.off, rec.len) {
+            error!("buffer {id}: zeroing failed, range not reused: {e}");
+            return VIRTIO_DMAHEAP_S_OK;
+        }
+        arena.alloc.free(rec.off, rec.len);
+        if arena.alloc.is_empty() {
+            let heap = rec.heap;
+            if self.counters[heap].buffers == 0 {
+                // The heap is idle: give everything back, the spare too. This way a guest
+                // that frees all its buffers before resetting the device leaves no mapping
+                // behind (QEMU 11.1 crashes when the device is re-initialised after a reset
+                // with live mappings).
+                if let Some(spare) = self.counters[heap].spare.take() {
+                    self.release_mapping(spare, mapper);
+                }
+                self.release_mapping(rec.mapping, mapper);
+            } else if self.counters[heap].spare.is_none() {
+                // Keep one empty arena mapped for recycling while the heap is in use.
+                self.counters[heap].spare = Some(rec.mapping);
+            } else {
+                self.release_mapping(rec.mapping, mapper);
+            }
+        }
+        VIRTIO_DMAHEAP_S_OK
+    }
+
+    /// Counters per heap and in total.
+    pub fn stats(&self) -> Stats {
+        let mut per: Vec<HeapStats> = self
+            .counters
+            .iter()
+            .map(|c| HeapStats {
+                bytes: c.bytes,
+                buffers: c.buffers,
+                ..Default::default()
+            })
+            .collect();
+        for m in self.mappings.values() {
+            if let Some(s) = per.get_mut(m.heap) {
+                s.mappings += 1;
+                s.host_bytes += m.len;
+                if m.arena.is_some() {
+                    s.arenas += 1;
+                }
+            }
+        }
+        let mut stats = Stats {
+            limits: LimitStats {
+                shm_size: self.limits.shm_size,
+                max_mappings: self.limits.max_mappings as u64,
+                max_buffers: self.limits.max_buffers,
+                max_bytes: self.limits.max_bytes,
+            },
+            ..Default::default()
+        };
+        for (heap, s) in self.heaps.iter().zip(per) {
+            stats.total.bytes += s.bytes;
+            stats.total.buffers += s.buffers;
+            stats.total.mappings += s.mappings;
+            stats.total.arenas += s.arenas;
+            stats.total.host_bytes += s.host_bytes;
+            stats.heaps.insert(heap.params.name.clone(), s);
+        }
+        stats
+    }
+
+    /// Every live buffer, by id.
+    pub fn buffers(&self) -> Vec<BufferInfo> {
+        let mut v: Vec<BufferInfo> = self
+            .buffers
+            .iter()
+            .map(|(&id, r)| BufferInfo {
+                id,
+                heap: self
+                    .heaps
+                    .get(r.heap)
+                    .map(|h| h.params.name.clone())
+                    .unwrap_or_default(),
+                offset: r.mapping + r.off,
+                len: r.len,
+            })
+            .collect();
+        v.sort_by_key(|b| b.id);
+        v
+    }
+
+    fn host_range(
+        &self,
+        id: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<(&dyn HostBuffer, u64), DeviceError> {
+        let rec = self.buffers.get(&id).ok_or(DeviceError::NoBuffer(id))?;
+        if offset.checked_add(len).is_none_or(|e| e > rec.len) {
+            return Err(DeviceError::OutOfRange {
+                id,
+                offset,
+                len,
+                size: rec.len,
+            });
+        }
+        let m = self
+            .mappings
+            .get(&rec.mapping)
+            .ok_or(DeviceError::NoBuffer(id))?;
+        Ok((m.buf.as_ref(), rec.off + offset))
+    }
+
+    /// Reads bytes of a live buffer from the host side.
+    pub fn peek(&self, id: u64, offset: u64, len: usize) -> Result<Vec<u8>, DeviceError> {
+        let (buf, at) = self.host_range(id, offset, len as u64)?;
+        let mut out = vec![0u8; len];
+        buf.read_at(at, &mut out).map_err(DeviceError::Provider)?;
+        Ok(out)
+    }
+
+    /// Writes bytes into a live buffer from the host side.
+    pub fn poke(&self, id: u64, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        let (buf, at) = self.host_range(id, offset, data.len() as u64)?;
+        buf.write_at(at, data).map_err(DeviceError::Provider)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::provider::MemfdProvider;
+    use std::collections::BTreeSet;
+    use std::sync::atomic::AtomicU32;
+
+    /// memfd provider that fails on demand.
+    #[derive(Debug, Default)]
+    pub struct FakeProvider {
+        pub fail_nomem: AtomicU32,
+        pub fail_io: AtomicU32,
+        pub allocations: AtomicU64,
+    }
+
+    impl HeapProvider for Arc<FakeProvider> {
+        fn allocate(&self, len: u64) -> Result<Box<dyn HostBuffer>, ProviderError> {
+            if self.fail_nomem.load(Ordering::SeqCst) > 0 {
+                self.fail_nomem.fetch_sub(1, Ordering::SeqCst);
+                return Err(ProviderError::NoMemory(io::Error::from_raw_os_error(
+                    libc::ENOMEM,
+                )));
+            }
+            if self.fail_io.load(Ordering::SeqCst) > 0 {
+                self.fail_io.fetch_sub(1, Ordering::SeqCst);
+                return Err(ProviderError::Io {
+                    what: "fake",
+                    source: io::Error::from_raw_os_error(libc::EIO),
+                });
+            }
+            self.allocations.fetch_add(1, Ordering::SeqCst);
+            MemfdProvider::new("fake").allocate(len)
+        }
+
+        fn describe(&self) -> String {
+            "fake".into()
+        }
+    }
+
+    /// Records mappings; refuses overlaps (like QEMU) and can fail on demand.
+    #[derive(Debug, Default)]
+    pub struct FakeMapper {
+        pub mapped: BTreeSet<(u64, u64)>,
+        pub maps: u64,
+        pub unmaps: u64,
+        pub fail_map: bool,
+    }
+
+    impl Mapper for FakeMapper {
+        fn map(
+            &mut self,
+            _fd: BorrowedFd<'_>,
+            _o: u64,
+            off: u64,
+            len: u64,
+        ) -> Result<(), MapError> {
+            if self.fail_map {
+                return Err(MapError::Refused(io::Error::other("fake refusal")));
+            }
+            for &(s, l) in &self.mapped {
+                assert!(off + len <= s || s + l <= off, "overlapping map");
+            }
+            self.mapped.insert((off, len));
+            self.maps += 1;
+            Ok(())
+        }
+
+        fn unmap(&mut self, off: u64, len: u64) -> Result<(), MapError> {
+            assert!(self.mapped.remove(&(off, len)), "unmap of unmapped range");
+            self.unmaps += 1;
+            Ok(())
+        }
+    }
+
+    pub fn params(name: &str) -> HeapParams {
+        HeapParams {
+            name: name.into(),
+            contiguous: false,
+            cache: CacheMode::Cached,
+            min_align: 4096,
+            max_size: 64 << 20,
+            max_bytes: None,
+            arena_size: 8 << 20,
+        }
+    }
+
+    pub fn limits() -> Limits {
+        Limits {
+            shm_size: 1 << 30,
+            max_mappings: 128,
+            max_buffers: 1 << 20,
+            max_bytes: 1 << 30,
+        }
+    }
+
+    fn device_with(heaps: Vec<HeapParams>, limits: Limits) -> (Device, Arc<FakeProvider>) {
+        let p = Arc::new(FakeProvider::default());
+        let heaps = heaps
+            .into_iter()
+            .map(|params| Heap {
+                params,
+                provider: Box::new(p.clone()),
+            })
+            .collect();
+        (Device::new(heaps, limits, Arc::new(AtomicU64::new(1))), p)
+    }
+
+    fn device() -> (Device, Arc<FakeProvider>) {
+        device_with(vec![params("system")], limits())
+    }
+
+    fn req<T: ByteValued>(v: T) -> Vec<u8> {
+        v.as_slice().to_vec()
+    }
+
+    fn hdr(ty: u32) -> ReqHdr {
+        ReqHdr {
+            type_: ty.into(),
+            reserved: 0.into(),
+        }
+    }
+
+    fn alloc_bytes(heap: u32, len: u64) -> Vec<u8> {
+        req(AllocReq {
+            hdr: hdr(VIRTIO_DMAHEAP_REQ_ALLOC),
+            heap_id: heap.into(),
+            flags: 0.into(),
+            len: len.into(),
+        })
+    }
+
+    fn free_bytes(id: u64) -> Vec<u8> {
+        req(FreeReq {
+            hdr: hdr(VIRTIO_DMAHEAP_REQ_FREE),
+            buffer_id: id.into(),
+        })
+    }
+
+    fn sync_bytes(id: u64, flags: u32) -> Vec<u8> {
+        req(SyncReq {
+            hdr: hdr(VIRTIO_DMAHEAP_REQ_SYNC),
+            buffer_id: id.into(),
+            flags: flags.into(),
+            reserved: 0.into(),
+        })
+    }
+
+    fn status_of(resp: &[u8]) -> u32 {
+        parse::<RespHdr>(&resp[..8]).unwrap().status.to_native()
+    }
+
+    /// ALLOC through `handle`; returns (status, id, offset, len).
+    fn alloc(d: &mut Device, m: &mut FakeMapper, heap: u32, len: u64) -> (u32, u64, u64, u64) {
+        let resp = d.handle(&alloc_bytes(heap, len), 32, m);
+        let r = parse::<AllocResp>(&resp).unwrap();
+        (
+            r.hdr.status.to_native(),
+            r.buffer_id.to_native(),
+            r.offset.to_native(),
+            r.len.to_native(),
+        )
+    }
+
+    fn free(d: &mut Device, m: &mut FakeMapper, id: u64) -> u32 {
+        status_of(&d.handle(&free_bytes(id), 8, m))
+    }
+
+    #[test]
+    fn config_space() {
+        let (d, _) = device_with(vec![params("a"), params("b")], limits());
+        let c = d.config();
+        assert_eq!(c.magic.to_native(), VIRTIO_DMAHEAP_MAGIC);
+        assert_eq!(c.version.to_native(), 1);
+        assert_eq!(c.num_heaps.to_native(), 2);
+        assert_eq!(c.max_buffers.to_native(), 1 << 20);
+    }
+
+    #[test]
+    fn heap_info() {
+        let mut p = params("linux,cma");
+        p.contiguous = true;
+        p.cache = CacheMode::WriteCombined;
+        p.max_bytes = Some(32 << 20);
+        let (mut d, _) = device_with(vec![params("system"), p], limits());
+        let mut m = FakeMapper::default();
+        let info = |d: &mut Device, m: &mut FakeMapper, id: u32, reserved: u32| {
+            let r = req(HeapInfoReq {
+                hdr: hdr(VIRTIO_DMAHEAP_REQ_HEAP_INFO),
+                heap_id: id.into(),
+                reserved: reserved.into(),
+            });
+            parse::<HeapInfoResp>(&d.handle(&r, 72, m)).unwrap()
+        };
+        let r = info(&mut d, &mut m, 1, 0);
+        assert_eq!(r.hdr.status.to_native(), VIRTIO_DMAHEAP_S_OK);
+        assert_eq!(&r.info.name[..10], b"linux,cma\0");
+        assert_eq!(r.info.flags.to_native(), VIRTIO_DMAHEAP_HEAP_F_CONTIGUOUS);
+        assert_eq!(r.info.cache.to_native(), VIRTIO_DMAHEAP_CACHE_WC);
+        assert_eq!(r.info.min_align.to_native(), 4096);
+        assert_eq!(r.info.max_size.to_native(), 64 << 20);
+        assert_eq!(r.info.capacity.to_native(), 32 << 20);
+        let r = info(&mut d, &mut m, 0, 0);
+        assert_eq!(r.info.capacity.to_native(), 1 << 30);
+        assert_eq!(r.info.flags.to_native(), 0);
+        assert_eq!(
+            info(&mut d, &mut m, 2, 0).hdr.status.to_native(),
+            VIRTIO_DMAHEAP_S_NO_HEAP
+        );
+        assert_eq!(
+            info(&mut d, &mut m, u32::MAX, 0).hdr.status.to_native(),
+            VIRTIO_DMAHEAP_S_NO_HEAP
+        );
+        assert_eq!(
+            info(&mut d, &mut m, 0, 1).hdr.status.to_native(),
+            VIRTIO_DMAHEAP_S_INVAL
+        );
+    }
+
+    #[test]
+    fn small_buffers_share_an_arena() {
+        let (mut d, p) = device();
+        let mut m = FakeMapper::default();
+        let a = alloc(&mut d, &mut m, 0, 64 << 10);
+        let b = alloc(&mut d, &mut m, 0, 4096);
+        let c = alloc(&mut d, &mut m, 0, 8192);
+        for r in [a, b, c] {
+            assert_eq!(r.0, VIRTIO_DMAHEAP_S_OK);
+            assert_eq!(r.2 % 4096, 0);
+        }
+        assert_eq!((a.1, b.1, c.1), (1, 2, 3));
+        assert_eq!((a.3, b.3, c.3), (64 << 10, 4096, 8192));
+        assert_eq!(m.maps, 1, "one arena mapping");
+        assert_eq!(p.allocations.load(Ordering::SeqCst), 1);
+        assert_eq!(b.2, a.2 + (64 << 10));
+        let s = d.stats();
+        assert_eq!(s.heaps["system"].buffers, 3);
+        assert_eq!(s.heaps["system"].bytes, (64 << 10) + 4096 + 8192);
+        assert_eq!(s.heaps["system"].mappings, 1);
+        assert_eq!(s.total.arenas, 1);
+    }
+
+    #[test]
+    fn big_buffer_gets_own_mapping_and_unmaps_on_free() {
+        let (mut d, _) = device();
+        let mut m = FakeMapper::default();
+        let small_limit = params("x").small_limit();
+        let (st, id, off, len) = alloc(&mut d, &mut m, 0, small_limit + 4096);
+        assert_eq!(st, VIRTIO_DMAHEAP_S_OK);
+        assert_eq!(len, small_limit + 4096);
+        assert_eq!(off % ARENA_MIN, 0);
+        assert!(m.mapped.contains(&(off, len)));
+        assert_eq!(free(&mut d, &mut m, id), VIRTIO_DMAHEAP_S_OK);
+        assert!(m.mapped.is_empty());
+        assert_eq!(m.unmaps, 1);
+        assert_eq!(free(&mut d, &mut m, id), VIRTIO_DMAHEAP_S_NO_BUFFER);
+        assert_eq!(d.stats().total, HeapStats::default());
+    }
+
+    #[test]
+    fn freed_range_is_zeroed_before_reuse() {
+        let (mut d, _) = device();
+        let mut m = FakeMapper::default();
+        let keep = alloc(&mut d, &mut m, 0, 4096);
+        let (_, id, off, _) = alloc(&mut d, &mut m, 0, 8192);
+        d.poke(id, 100, b"secret").unwrap();
+        assert_eq!(d.peek(id, 100, 6).unwrap(), b"secret");
+        assert_eq!(free(&mut d, &mut m, id), VIRTIO_DMAHEAP_S_OK);
+        let (st, id2, off2, _) = alloc(&mut d, &mut m, 0, 8192);
+        assert_eq!(st, VIRTIO_DMAHEAP_S_OK);
+        assert_eq!(off2, off, "range reused");
+        assert!(id2 > id);
+        assert_eq!(d.peek(id2, 0, 8192).unwrap(), vec![0u8; 8192]);
+        assert!(d.peek(id, 0, 1).is_err());
+        assert!(d.peek(id2, 8190, 4).is_err());
+        assert!(d.peek(keep.1, u64::MAX, 2).is_err());
+    }
+
+    #[test]
+    fn ids_are_never_reused_even_across_reset() {
+        let (mut d, _) = device();
+        let mut m = FakeMapper::default();
+        let mut last = 0;
+        for _ in 0..10 {
+            let (st, id, _, _) = alloc(&mut d, &mut m, 0, 4096);
+            assert_eq!(st, VIRTIO_DMAHEAP_S_OK);
+            assert!(id > last && id != 0);
+            last = id;
+            assert_eq!(free(&mut d, &mut m, id), VIRTIO_DMAHEAP_S_OK);
+        }
+        d.reset();
+        let mut m = FakeMapper::default();
+        let (_, id, _, _) = alloc(&mut d, &mut m, 0, 4096);
+        assert!(id > last);
+    }
+
+    #[test]
+    fn reset_drops_everything_without_unmapping() {
+        let (mut d, _) = device();
+        let mut m = FakeMapper::default();
+        let (_, id, _, _) = alloc(&mut d, &mut m, 0, 4096);
+        alloc(&mut d, &mut m, 0, 32 << 20);
+        assert_eq!(m.maps, 2);
+        d.reset();
+        assert_eq!(m.unmaps, 0);
+        assert_eq!(d.stats().total, HeapStats::default());
+        assert_eq!(free(&mut d, &mut m, id), VIRTIO_DMAHEAP_S_NO_BUFFER);
+        // The window is free again (the front end dropped its mappings too).
+        let mut m = FakeMapper::default();
+        let (st, _, off, _) = alloc(&mut d, &mut m, 0, 4096);
+        assert_eq!((st, off), (VIRTIO_DMAHEAP_S_OK, 0));
+    }
+
+    #[test]
+    fn invalid_alloc_arguments() {
+        let (mut d, _) = device();
+        let mut m = FakeMapper::default();
+        assert_eq!(alloc(&mut d, &mut m, 0, 0).0, VIRTIO_DMAHEAP_S_INVAL);
+        assert_eq!(alloc(&mut d, &mut m, 0, 4097).0, VIRTIO_DMAHEAP_S_INVAL);
+        assert_eq!(alloc(&mut d, &mut m, 1, 4096).0, VIRTIO_DMAHEAP_S_NO_HEAP);
+        assert_eq!(
+            alloc(&mut d, &mut m, 0, (64 << 20) + 4096).0,
+            VIRTIO_DMAHEAP_S_TOO_BIG
+        );
+        assert_eq!(alloc(&mut d, &mut m, 0, !4095).0, VIRTIO_DMAHEAP_S_TOO_BIG);
+        let mut r = AllocReq {
+            hdr: hdr(VIRTIO_DMAHEAP_REQ_ALLOC),
+            heap_id: 0.into(),
+            flags: 1.into(),
+            len: 4096.into(),
+        };
+        assert_eq!(
+            status_of(&d.handle(&req(r), 32, &mut m)),
+            VIRTIO_DMAHEAP_S_INVAL
+        );
+        r.flags = 0.into();
+        r.hdr.reserved = 1.into();
+        assert_eq!(
+            status_of(&d.handle(&req(r), 32, &mut m)),
+            VIRTIO_DMAHEAP_S_INVAL
+        );
+        assert_eq!(m.maps, 0);
+        assert_eq!(d.stats().total.buffers, 0);
+    }
+
+    #[test]
+    fn min_align_rounds_and_aligns() {
+        let mut p = params("big-align");
+        p.min_align = 64 << 10;
+        let (mut d, _) = device_with(vec![p], limits());
+        let mut m = FakeMapper::default();
+        let a = alloc(&mut d, &mut m, 0, 4096);
+        let b = alloc(&mut d, &mut m, 0, 4096);
+        assert_eq!(a.3, 64 << 10);
+        assert_eq!(b.2 % (64 << 10), 0);
+        assert_ne!(a.2, b.2);
+    }
+
+    #[test]
+    fn quotas() {
+        let mut l = limits();
+        l.max_buffers = 3;
+        l.max_bytes = 1 << 20;
+        let mut hp = params("capped");
+        hp.max_bytes = Some(64 << 10);
+        let (mut d, _) = device_with(vec![params("a"), hp], l);
+        let mut m = FakeMapper::default();
+        assert_eq!(alloc(&mut d, &mut m, 1, 64 << 10).0, VIRTIO_DMAHEAP_S_OK);
+        assert_eq!(
+            alloc(&mut d, &mut m, 1, 4096).0,
+            VIRTIO_DMAHEAP_S_QUOTA,
+            "per heap"
+        );
+        assert_eq!(
+            alloc(&mut d, &mut m, 0, 1 << 20).0,
+            VIRTIO_DMAHEAP_S_QUOTA,
+            "bytes"
+        );
+        assert_eq!(alloc(&mut d, &mut m, 0, 4096).0, VIRTIO_DMAHEAP_S_OK);
+        assert_eq!(alloc(&mut d, &mut m, 0, 4096).0, VIRTIO_DMAHEAP_S_OK);
+        assert_eq!(
+            alloc(&mut d, &mut m, 0, 4096).0,
+            VIRTIO_DMAHEAP_S_QUOTA,
+            "buffers"
+        );
+        assert_eq!(free(&mut d, &mut m, 1), VIRTIO_DMAHEAP_S_OK);
+        assert_eq!(alloc(&mut d, &mut m, 1, 4096).0, VIRTIO_DMAHEAP_S_OK);
+    }
+
+    #[test]
+    fn mapping_cap() {
+        let mut l = limits();
+        l.max_mappings = 2;
+        let (mut d, _) = device_with(vec![params("a")], l);
+        let mut m = FakeMapper::default();
+        let big = 4 << 20;
+        let a = alloc(&mut d, &mut m, 0, big);
+        let b = alloc(&mut d, &mut m, 0, big);
+        assert_eq!((a.0, b.0), (VIRTIO_DMAHEAP_S_OK, VIRTIO_DMAHEAP_S_OK));
+        assert_eq!(alloc(&mut d, &mut m, 0, big).0, VIRTIO_DMAHEAP_S_QUOTA);
+        assert_eq!(
+            alloc(&mut d, &mut m, 0, 4096).0,
+            VIRTIO_DMAHEAP_S_QUOTA,
+            "arena needs a mapping"
+        );
+        assert_eq!(free(&mut d, &mut m, a.1), VIRTIO_DMAHEAP_S_OK);
+        let s = alloc(&mut d, &mut m, 0, 4096);
+        assert_eq!(s.0, VIRTIO_DMAHEAP_S_OK);
+        // The arena becomes an empty spare (b is still live); a big buffer evicts it.
+        assert_eq!(free(&mut d, &mut m, s.1), VIRTIO_DMAHEAP_S_OK);
+        assert_eq!(d.stats().total.mappings, 2);
+        assert_eq!(alloc(&mut d, &mut m, 0, big).0, VIRTIO_DMAHEAP_S_OK);
+        assert_eq!(d.stats().total.arenas, 0);
+        assert_eq!(m.mapped.len(), 2);
+    }
+
+    #[test]
+    fn window_full() {
+        let mut l = limits();
+        l.shm_size = 8 << 20;
+        l.max_bytes = 8 << 20;
+        let (mut d, _) = device_with(vec![params("a")], l);
+        let mut m = FakeMapper::default();
+        let a = alloc(&mut d, &mut m, 0, 4 << 20);
+        assert_eq!(a.0, VIRTIO_DMAHEAP_S_OK);
+        assert_eq!(alloc(&mut d, &mut m, 0, 4 << 20).0, VIRTIO_DMAHEAP_S_OK);
+        assert_eq!(alloc(&mut d, &mut m, 0, 4 << 20).0, VIRTIO_DMAHEAP_S_QUOTA);
+        assert_eq!(free(&mut d, &mut m, a.1), VIRTIO_DMAHEAP_S_OK);
+        // 2 MiB arena fits in the freed 4 MiB; a 6 MiB buffer does not.
+        let mut l = limits();
+        l.shm_size = 8 << 20;
+        let (mut d, _) = device_with(vec![params("a")], l);
+        let mut m = FakeMapper::default();
+        assert_eq!(alloc(&mut d, &mut m, 0, 6 << 20).0, VIRTIO_DMAHEAP_S_OK);
+        assert_eq!(
+            alloc(&mut d, &mut m, 0, 4 << 20).0,
+            VIRTIO_DMAHEAP_S_WINDOW_FULL
+        );
+        assert_eq!(
+            alloc(&mut d, &mut m, 0, 4096).0,
+            VIRTIO_DMAHEAP_S_OK,
+            "2 MiB arena fits"
+        );
+        assert_eq!(alloc(&mut d, &mut m, 0, 1 << 20).0, VIRTIO_DMAHEAP_S_OK);
+        assert_eq!(
+            alloc(&mut d, &mut m, 0, 1 << 20).0,
+            VIRTIO_DMAHEAP_S_WINDOW_FULL
+        );
+    }
+
+    #[test]
+    fn provider_and_map_failures() {
+        let (mut d, p) = device();
+        let mut m = FakeMapper::default();
+        p.fail_nomem.store(1, Ordering::SeqCst);
+        assert_eq!(alloc(&mut d, &mut m, 0, 4096).0, VIRTIO_DMAHEAP_S_NOMEM);
+        p.fail_io.store(1, Ordering::SeqCst);
+        assert_eq!(alloc(&mut d, &mut m, 0, 32 << 20).0, VIRTIO_DMAHEAP_S_IOERR);
+        m.fail_map = true;
+        assert_eq!(alloc(&mut d, &mut m, 0, 4096).0, VIRTIO_DMAHEAP_S_IOERR);
+        m.fail_map = false;
+        assert_eq!(d.stats().total, HeapStats::default());
+        // Nothing leaked: the window starts at 0 again.
+        let (st, id, off, _) = alloc(&mut d, &mut m, 0, 4096);
+        assert_eq!((st, off), (VIRTIO_DMAHEAP_S_OK, 0));
+        assert_eq!(id, 1, "failed allocations consume no id");
+    }
+
+    #[test]
+    fn spare_arena_kept_and_released() {
+        let (mut d, _) = device_with(vec![params("a")], limits());
+        let mut m = FakeMapper::default();
+        // Fill the first 2 MiB arena, then a second one.
+        let mut ids = Vec::new();
+        for _ in 0..(4 << 20) / (64 << 10) {
+            let r = alloc(&mut d, &mut m, 0, 64 << 10);
+            assert_eq!(r.0, VIRTIO_DMAHEAP_S_OK);
+            ids.push(r.1);
+        }
+        assert_eq!(d.stats().total.arenas, 2);
+        for id in ids {
+            assert_eq!(free(&mut d, &mut m, id), VIRTIO_DMAHEAP_S_OK);
+        }
+        // The heap is idle: every arena is given back.
+        let s = d.stats();
+        assert_eq!((s.total.arenas, s.total.buffers), (0, 0));
+        assert_eq!(m.unmaps, 2);
+        assert!(m.mapped.is_empty());
+        // While the heap is in use, one emptied arena stays mapped as a spare.
+        let keep = alloc(&mut d, &mut m, 0, 64 << 10);
+        let mut ids = Vec::new();
+        for _ in 0..(4 << 20) / (64 << 10) {
+            ids.push(alloc(&mut d, &mut m, 0, 64 << 10).1);
+        }
+        let arenas = d.stats().total.arenas;
+        assert_eq!(arenas, 3);
+        for id in ids {
+            assert_eq!(free(&mut d, &mut m, id), VIRTIO_DMAHEAP_S_OK);
+        }
+        assert_eq!(d.stats().total.arenas, 2, "keeper's arena and one spare");
+        let maps = m.maps;
+        for _ in 0..(4 << 20) / (64 << 10) - 1 {
+            assert_eq!(alloc(&mut d, &mut m, 0, 64 << 10).0, VIRTIO_DMAHEAP_S_OK);
+        }
+        assert_eq!(m.maps, maps, "spare reused without a new mapping");
+        assert_eq!(free(&mut d, &mut m, keep.1), VIRTIO_DMAHEAP_S_OK);
+    }
+
+    #[test]
+    fn a_refused_unmap_turns_the_range_into_an_arena() {
+        let (mut d, _) = device();
+        let mut m = FakeMapper::default();
+        let (_, id, off, len) = alloc(&mut d, &mut m, 0, 32 << 20);
+        d.poke(id, 0, b"old data").unwrap();
+        struct Refuse<'a>(&'a mut FakeMapper);
+        impl Mapper for Refuse<'_> {
+            fn map(&mut self, fd: BorrowedFd<'_>, o: u64, s: u64, l: u64) -> Result<(), MapError> {
+                self.0.map(fd, o, s, l)
+            }
+            fn unmap(&mut self, _: u64, _: u64) -> Result<(), MapError> {
+                Err(MapError::NotRunning)
+            }
+        }
+        assert_eq!(
+            status_of(&d.handle(&free_bytes(id), 8, &mut Refuse(&mut m))),
+            VIRTIO_DMAHEAP_S_OK
+        );
+        // Still mapped: never mapped over, reused for small buffers, zeroed.
+        assert!(m.mapped.contains(&(off, len)));
+        let (st, id2, off2, _) = alloc(&mut d, &mut m, 0, 4096);
+        assert_eq!((st, off2), (VIRTIO_DMAHEAP_S_OK, off));
+        assert_eq!(d.peek(id2, 0, 8).unwrap(), [0; 8]);
+        assert_eq!(m.maps, 1);
+        // Once empty again (and unmappable), it goes.
+        assert_eq!(free(&mut d, &mut m, id2), VIRTIO_DMAHEAP_S_OK);
+        assert!(m.mapped.is_empty());
+    }
+
+    #[test]
+    fn sync_requests() {
+        let (mut d, _) = device();
+        let mut m = FakeMapper::default();
+        let (_, id, _, _) = alloc(&mut d, &mut m, 0, 4096);
+        let s = |d: &mut Device, m: &mut FakeMapper, id, f| {
+            status_of(&d.handle(&sync_bytes(id, f), 8, m))
+        };
+        assert_eq!(
+            s(&mut d, &mut m, id, VIRTIO_DMAHEAP_SYNC_READ),
+            VIRTIO_DMAHEAP_S_OK
+        );
+        assert_eq!(
+            s(
+                &mut d,
+                &mut m,
+                id,
+                VIRTIO_DMAHEAP_SYNC_WRITE | VIRTIO_DMAHEAP_SYNC_END
+            ),
+            VIRTIO_DMAHEAP_S_OK
+        );
+        assert_eq!(
+            s(&mut d, &mut m, id, VIRTIO_DMAHEAP_SYNC_END),
+            VIRTIO_DMAHEAP_S_INVAL
+        );
+        assert_eq!(s(&mut d, &mut m, id, 8 | 1), VIRTIO_DMAHEAP_S_INVAL);
+        assert_eq!(s(&mut d, &mut m, id + 1, 1), VIRTIO_DMAHEAP_S_NO_BUFFER);
+        d.set_acked_features(0);
+        assert_eq!(s(&mut d, &mut m, id, 1), VIRTIO_DMAHEAP_S_UNSUPP);
+    }
+
+    #[test]
+    fn malformed_requests() {
+        let (mut d, _) = device();
+        let mut m = FakeMapper::default();
+        // Too short for a header.
+        assert_eq!(
+            status_of(&d.handle(&[1, 0, 0], 8, &mut m)),
+            VIRTIO_DMAHEAP_S_INVAL
+        );
+        assert!(d.handle(&[], 4, &mut m).is_empty(), "nothing fits");
+        // Unknown and unoffered types.
+        for ty in [0, 5, 6, u32::MAX] {
+            let r = req(AssignUuidReq {
+                hdr: hdr(ty),
+                buffer_id: 1.into(),
+            });
+            assert_eq!(
+                status_of(&d.handle(&r, 24, &mut m)),
+                VIRTIO_DMAHEAP_S_UNSUPP
+            );
+        }
+        // Truncated and oversized requests.
+        let a = alloc_bytes(0, 4096);
+        assert_eq!(
+            status_of(&d.handle(&a[..20], 32, &mut m)),
+            VIRTIO_DMAHEAP_S_INVAL
+        );
+        let mut long = a.clone();
+        long.push(0);
+        assert_eq!(
+            status_of(&d.handle(&long, 32, &mut m)),
+            VIRTIO_DMAHEAP_S_INVAL
+        );
+        // Response does not fit: header only with INVAL, or nothing; no allocation made.
+        let r = d.handle(&a, 16, &mut m);
+        assert_eq!((r.len(), status_of(&r)), (8, VIRTIO_DMAHEAP_S_INVAL));
+        assert!(d.handle(&a, 7, &mut m).is_empty());
+        assert_eq!(m.maps, 0);
+        // Larger writable part is fine: the response has its own size.
+        assert_eq!(d.handle(&a, 4096, &mut m).len(), 32);
+    }
+
+    #[test]
+    fn target_65536_small_buffers() {
+        let mut l = limits();
+        l.shm_size = 4 << 30;
+        l.max_bytes = 4 << 30;
+        let mut p = params("system");
+        p.arena_size = 64 << 20;
+        let (mut d, _) = device_with(vec![p], l);
+        let mut m = FakeMapper::default();
+        let mut ids = Vec::with_capacity(65536);
+        for i in 0..65536u64 {
+            let len = 4096 * (1 + i % 16);
+            let (st, id, _, got) = alloc(&mut d, &mut m, 0, len);
+            assert_eq!(st, VIRTIO_DMAHEAP_S_OK, "buffer {i}");
+            assert_eq!(got, len);
+            ids.push(id);
+        }
+        let s = d.stats();
+        assert_eq!(s.total.buffers, 65536);
+        assert!(s.total.mappings <= 64, "{} mappings", s.total.mappings);
+        for id in ids {
+            assert_eq!(free(&mut d, &mut m, id), VIRTIO_DMAHEAP_S_OK);
+        }
+        let s = d.stats();
+        assert_eq!(
+            (s.total.buffers, s.total.bytes, s.total.mappings),
+            (0, 0, 0)
+        );
+    }
+}

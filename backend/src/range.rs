@@ -1,0 +1,150 @@
+//! A first-fit range allocator over `[0, size)` with alignment, used for the buffer window
+//! and for sub-allocation inside arenas.
+
+use std::collections::BTreeMap;
+
+/// Free-list allocator of byte ranges. Free ranges are kept coalesced.
+#[derive(Debug, Clone)]
+pub struct RangeAllocator {
+    size: u64,
+    /// start -> length of every free range.
+    free: BTreeMap<u64, u64>,
+    used: u64,
+}
+
+impl RangeAllocator {
+    /// An allocator whose whole range `[0, size)` is free.
+    pub fn new(size: u64) -> Self {
+        let mut free = BTreeMap::new();
+        if size > 0 {
+            free.insert(0, size);
+        }
+        Self {
+            size,
+            free,
+            used: 0,
+        }
+    }
+
+    /// Total size managed.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Bytes currently allocated.
+    pub fn used(&self) -> u64 {
+        self.used
+    }
+
+    /// True when nothing is allocated.
+    pub fn is_empty(&self) -> bool {
+        self.used == 0
+    }
+
+    /// Allocates `len` bytes at a multiple of `align` (a power of two). First fit.
+    pub fn alloc(&mut self, len: u64, align: u64) -> Option<u64> {
+        if len == 0 || !align.is_power_of_two() {
+            return None;
+        }
+        let mut found = None;
+        for (&start, &flen) in &self.free {
+            let Some(aligned) = start.checked_next_multiple_of(align) else {
+                continue;
+            };
+            let pad = aligned - start;
+            if pad.checked_add(len).is_some_and(|need| need <= flen) {
+                found = Some((start, flen, aligned));
+                break;
+            }
+        }
+        let (start, flen, aligned) = found?;
+        self.free.remove(&start);
+        if aligned > start {
+            self.free.insert(start, aligned - start);
+        }
+        let end = aligned + len;
+        let fend = start + flen;
+        if fend > end {
+            self.free.insert(end, fend - end);
+        }
+        self.used += len;
+        Some(aligned)
+    }
+
+    /// Returns `[start, start + len)` to the free list. The caller guarantees that it was
+    /// allocated; a range overlapping a free range is refused (returns false).
+    pub fn free(&mut self, start: u64, len: u64) -> bool {
+        let Some(end) = start.checked_add(len) else {
+            return false;
+        };
+        if len == 0 || end > self.size {
+            return false;
+        }
+        // Overlap checks against neighbours.
+        let prev = self.free.range(..=start).next_back().map(|(&s, &l)| (s, l));
+        if let Some((ps, pl)) = prev {
+            if ps + pl > start {
+                return false;
+            }
+        }
+        let next = self.free.range(start..).next().map(|(&s, &l)| (s, l));
+        if let Some((ns, _)) = next {
+            if ns < end {
+                return false;
+            }
+        }
+        let mut new_start = start;
+        let mut new_len = len;
+        if let Some((ps, pl)) = prev {
+            if ps + pl == start {
+                self.free.remove(&ps);
+                new_start = ps;
+                new_len += pl;
+            }
+        }
+        if let Some((ns, nl)) = next {
+            if ns == end {
+                self.free.remove(&ns);
+                new_len += nl;
+            }
+        }
+        self.free.insert(new_start, new_len);
+        self.used -= len;
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alloc_free_coalesce() {
+        let mut r = RangeAllocator::new(1 << 20);
+        let a = r.alloc(4096, 4096).unwrap();
+        let b = r.alloc(8192, 4096).unwrap();
+        let c = r.alloc(4096, 65536).unwrap();
+        assert_eq!((a, b, c), (0, 4096, 65536));
+        assert_eq!(r.used(), 16384);
+        assert!(r.free(b, 8192));
+        assert!(!r.free(b, 8192), "double free refused");
+        assert_eq!(r.alloc(8192, 4096), Some(4096));
+        assert!(r.free(4096, 8192));
+        assert!(r.free(a, 4096));
+        assert!(r.free(c, 4096));
+        assert!(r.is_empty());
+        assert_eq!(r.free.len(), 1);
+        assert_eq!(r.alloc(1 << 20, 4096), Some(0));
+        assert_eq!(r.alloc(4096, 4096), None);
+    }
+
+    #[test]
+    fn rejects_bad_args() {
+        let mut r = RangeAllocator::new(1 << 20);
+        assert_eq!(r.alloc(0, 4096), None);
+        assert_eq!(r.alloc(4096, 3), None);
+        assert_eq!(r.alloc(2 << 20, 4096), None);
+        assert!(!r.free(u64::MAX, 2));
+        assert!(!r.free(0, 0));
+    }
+}

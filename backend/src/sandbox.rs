@@ -1,0 +1,395 @@
+//! Containment of the daemon after start-up: an optional drop to an unprivileged user and a
+//! seccomp-bpf allowlist (seccompiler) on every thread.
+//!
+//! [`enter`] runs once, after the heaps are open, the vhost-user and control sockets are
+//! bound and the helper threads (signals, control) run, and before the first front end is
+//! accepted. From then on the daemon needs no new files, sockets or privileges: it only
+//! allocates host buffers from the heap fds it already holds (memfd_create and ioctls on
+//! open fds), serves the sockets it already has, and spawns threads (vhost-user-backend
+//! starts a handler thread and one vring worker per connection, from the main thread; they
+//! inherit the filter). The filter is installed with `SECCOMP_FILTER_FLAG_TSYNC`, so the
+//! threads that already exist get it too.
+//!
+//! The allowlist was derived by tracing the daemon (`strace -f`) through the integration
+//! tests (`cargo test -p vhost-user-dmaheap`) and a QEMU guest, then checked with
+//! `--seccomp=log` (every syscall outside the list shows up in the kernel log as an audit
+//! record `type=1326 ... syscall=N`). See SECURITY.md.
+
+use std::fmt;
+
+use log::{info, warn};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+/// What the system call filter does with a call outside the allowlist.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SeccompMode {
+    /// Kill the daemon (default).
+    #[default]
+    On,
+    /// Allow the call and log it to the kernel log (audit record `type=1326`).
+    Log,
+    /// No filter.
+    Off,
+}
+
+impl fmt::Display for SeccompMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::On => "on",
+            Self::Log => "log",
+            Self::Off => "off",
+        })
+    }
+}
+
+/// Containment settings (from `--seccomp` and `--user`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sandbox {
+    /// System call filter mode.
+    pub seccomp: SeccompMode,
+    /// User (name or numeric uid) to switch to; `None`: keep the current one.
+    pub user: Option<String>,
+}
+
+/// Sandbox errors.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// `--user` names no user.
+    #[error("no such user {0:?}")]
+    NoUser(String),
+    /// Looking the user up failed.
+    #[error("cannot look up user {0:?}")]
+    Lookup(String, #[source] nix::Error),
+    /// setgroups/setgid/setuid failed.
+    #[error("cannot switch to user {user:?} ({what})")]
+    Switch {
+        /// The user.
+        user: String,
+        /// The call that failed.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: nix::Error,
+    },
+    /// After the switch, root could be regained.
+    #[error("switched to user {0:?} but could regain root")]
+    Regain(String),
+    /// Building the filter failed.
+    #[error("cannot build the seccomp filter")]
+    Build(#[source] seccompiler::BackendError),
+    /// Installing the filter failed.
+    #[error("cannot install the seccomp filter")]
+    Install(#[source] seccompiler::Error),
+}
+
+/// Drops privileges (if asked) and installs the system call filter (unless off). Call once,
+/// after start-up; see the module documentation.
+pub fn enter(cfg: &Sandbox) -> Result<(), SandboxError> {
+    if let Some(user) = &cfg.user {
+        drop_privileges(user)?;
+    }
+    if cfg.seccomp == SeccompMode::Off {
+        warn!("seccomp filter disabled (--seccomp=off)");
+        return Ok(());
+    }
+    for prog in filters(cfg.seccomp)? {
+        seccompiler::apply_filter_all_threads(&prog).map_err(SandboxError::Install)?;
+    }
+    info!(
+        "seccomp filter installed on all threads ({} mode)",
+        cfg.seccomp
+    );
+    Ok(())
+}
+
+fn drop_privileges(user: &str) -> Result<(), SandboxError> {
+    use nix::unistd::{setgid, setgroups, setuid, Uid, User};
+    let found = match user.parse::<u32>() {
+        Ok(uid) => User::from_uid(Uid::from_raw(uid)),
+        Err(_) => User::from_name(user),
+    }
+    .map_err(|e| SandboxError::Lookup(user.to_string(), e))?
+    .ok_or_else(|| SandboxError::NoUser(user.to_string()))?;
+    let err = |what| {
+        move |source| SandboxError::Switch {
+            user: user.to_string(),
+            what,
+            source,
+        }
+    };
+    // Order matters: groups and gid while still privileged, uid last. glibc applies each
+    // change to every thread of the process.
+    setgroups(&[found.gid]).map_err(err("setgroups"))?;
+    setgid(found.gid).map_err(err("setgid"))?;
+    setuid(found.uid).map_err(err("setuid"))?;
+    if !found.uid.is_root() && setuid(Uid::from_raw(0)).is_ok() {
+        return Err(SandboxError::Regain(user.to_string()));
+    }
+    info!(
+        "running as user {} (uid {}, gid {})",
+        found.name, found.uid, found.gid
+    );
+    Ok(())
+}
+
+fn arch() -> TargetArch {
+    #[cfg(target_arch = "x86_64")]
+    {
+        TargetArch::x86_64
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        TargetArch::aarch64
+    }
+    #[cfg(target_arch = "riscv64")]
+    {
+        TargetArch::riscv64
+    }
+}
+
+fn cond(arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, SandboxError> {
+    SeccompCondition::new(arg, SeccompCmpArgLen::Qword, op, value).map_err(SandboxError::Build)
+}
+
+fn cond32(arg: u8, value: u64) -> Result<SeccompCondition, SandboxError> {
+    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
+        .map_err(SandboxError::Build)
+}
+
+fn rule(conds: Vec<SeccompCondition>) -> Result<SeccompRule, SandboxError> {
+    SeccompRule::new(conds).map_err(SandboxError::Build)
+}
+
+/// ioctl requests the daemon issues after start-up.
+pub mod ioctls {
+    /// `DMA_HEAP_IOCTL_ALLOC` = `_IOWR('H', 0, struct dma_heap_allocation_data)`.
+    pub const DMA_HEAP_IOCTL_ALLOC: u64 = 0xc018_4800;
+    /// `DMA_BUF_IOCTL_SYNC` = `_IOW('b', 0, struct dma_buf_sync)`.
+    pub const DMA_BUF_IOCTL_SYNC: u64 = 0x4008_6200;
+    /// `UDMABUF_CREATE` = `_IOW('u', 0x42, struct udmabuf_create)`.
+    pub const UDMABUF_CREATE: u64 = 0x4018_7542;
+    /// `FIONBIO` (std's set_nonblocking).
+    pub const FIONBIO: u64 = 0x5421;
+    /// `FIOCLEX`.
+    pub const FIOCLEX: u64 = 0x5451;
+    /// `TCGETS` (isatty, from the logger).
+    pub const TCGETS: u64 = 0x5401;
+}
+
+/// System calls allowed without conditions after start-up, with the reason.
+fn plain_syscalls() -> Vec<(i64, &'static str)> {
+    let mut v = vec![
+        // Memory: heap, thread stacks, guest memory table, host maps of dma-bufs.
+        (libc::SYS_brk, "allocator"),
+        (
+            libc::SYS_mmap,
+            "allocator, guest memory regions, dma-buf host maps",
+        ),
+        (libc::SYS_munmap, "allocator, guest memory regions"),
+        (libc::SYS_mremap, "allocator"),
+        (libc::SYS_mprotect, "thread stack guards"),
+        (libc::SYS_madvise, "allocator, thread exit"),
+        // Threads and synchronisation.
+        (libc::SYS_futex, "locks"),
+        (libc::SYS_set_robust_list, "thread start"),
+        (libc::SYS_rseq, "thread start"),
+        (libc::SYS_sched_getaffinity, "thread start (glibc)"),
+        (libc::SYS_sched_yield, "locks"),
+        (
+            libc::SYS_sigaltstack,
+            "thread start/exit (Rust stack overflow handler)",
+        ),
+        (libc::SYS_rt_sigprocmask, "thread start, abort"),
+        (libc::SYS_rt_sigaction, "Rust runtime per thread"),
+        (libc::SYS_rt_sigreturn, "signal delivery"),
+        (libc::SYS_rt_sigtimedwait, "signal thread"),
+        (libc::SYS_restart_syscall, "interrupted sleeps"),
+        (libc::SYS_gettid, "logging, abort"),
+        (libc::SYS_getpid, "abort"),
+        (libc::SYS_exit, "thread exit"),
+        (libc::SYS_exit_group, "process exit"),
+        (libc::SYS_nanosleep, "sleeps"),
+        (libc::SYS_clock_nanosleep, "sleeps"),
+        (libc::SYS_clock_gettime, "time (vDSO fallback)"),
+        (libc::SYS_getrandom, "HashMap keys"),
+        // Files and fds already open; memfd host buffers.
+        (libc::SYS_read, "sockets, eventfds"),
+        (libc::SYS_readv, "sockets"),
+        (libc::SYS_write, "log, sockets, eventfds"),
+        (libc::SYS_writev, "log, sockets"),
+        (libc::SYS_pread64, "control peek (memfd)"),
+        (libc::SYS_pwrite64, "zeroing and control poke (memfd)"),
+        (libc::SYS_lseek, "files"),
+        (libc::SYS_close, "fds"),
+        (libc::SYS_dup, "fds"),
+        (libc::SYS_newfstatat, "std File metadata"),
+        (libc::SYS_fstat, "std File metadata"),
+        (libc::SYS_statx, "std File metadata"),
+        (libc::SYS_memfd_create, "memfd and udmabuf providers"),
+        (libc::SYS_ftruncate, "memfd size"),
+        (libc::SYS_fallocate, "memfd zeroing (punch hole)"),
+        (libc::SYS_eventfd2, "vhost-user-backend per connection"),
+        (libc::SYS_epoll_create1, "vhost-user-backend per connection"),
+        (libc::SYS_epoll_ctl, "vhost-user-backend event loop"),
+        (libc::SYS_epoll_pwait, "vhost-user-backend event loop"),
+        (libc::SYS_ppoll, "poll"),
+        // Sockets already bound: accept and talk, never create, bind or connect.
+        (libc::SYS_accept4, "vhost-user and control sockets"),
+        (libc::SYS_accept, "vhost-user and control sockets"),
+        (libc::SYS_recvmsg, "vhost-user messages with fds"),
+        (libc::SYS_sendmsg, "vhost-user messages with fds"),
+        (libc::SYS_recvfrom, "sockets"),
+        (libc::SYS_sendto, "sockets"),
+        (libc::SYS_shutdown, "disconnect"),
+        (libc::SYS_getsockopt, "socket checks"),
+        (libc::SYS_setsockopt, "control socket timeouts"),
+        (libc::SYS_getsockname, "sockets"),
+        (libc::SYS_getpeername, "sockets"),
+    ];
+    #[cfg(target_arch = "x86_64")]
+    v.extend([
+        (libc::SYS_epoll_wait, "vhost-user-backend event loop"),
+        (libc::SYS_poll, "poll"),
+        (
+            libc::SYS_unlink,
+            "signal thread removes its sockets at exit",
+        ),
+    ]);
+    v.push((
+        libc::SYS_unlinkat,
+        "signal thread removes its sockets at exit",
+    ));
+    v
+}
+
+/// Builds the BPF programs: a filter that makes `clone3` fail with
+/// ENOSYS (its flags live in memory a filter cannot read; glibc then falls back to `clone`,
+/// whose flags the allowlist checks for `CLONE_THREAD`), and the allowlist.
+pub fn filters(mode: SeccompMode) -> Result<Vec<BpfProgram>, SandboxError> {
+    use std::collections::BTreeMap;
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    for (nr, _why) in plain_syscalls() {
+        rules.insert(nr, Vec::new());
+    }
+    // Threads only: no fork, no new processes.
+    let thread = libc::CLONE_THREAD as u64;
+    rules.insert(
+        libc::SYS_clone,
+        vec![rule(vec![cond(
+            0,
+            SeccompCmpOp::MaskedEq(thread),
+            thread,
+        )?])?],
+    );
+    // Allowed here, answered ENOSYS by the second filter (see above).
+    rules.insert(libc::SYS_clone3, Vec::new());
+    // ioctl: the heap and dma-buf requests and a few harmless fd ones.
+    let mut ioctl_rules = Vec::new();
+    for req in [
+        ioctls::DMA_HEAP_IOCTL_ALLOC,
+        ioctls::DMA_BUF_IOCTL_SYNC,
+        ioctls::UDMABUF_CREATE,
+        ioctls::FIONBIO,
+        ioctls::FIOCLEX,
+        ioctls::TCGETS,
+    ] {
+        ioctl_rules.push(rule(vec![cond32(1, req)?])?);
+    }
+    rules.insert(libc::SYS_ioctl, ioctl_rules);
+    // fcntl: fd flags, dup for cloning fds, memfd seals.
+    let mut fcntl_rules = Vec::new();
+    for cmd in [
+        libc::F_GETFD,
+        libc::F_SETFD,
+        libc::F_GETFL,
+        libc::F_SETFL,
+        libc::F_DUPFD_CLOEXEC,
+        libc::F_ADD_SEALS,
+        libc::F_GET_SEALS,
+    ] {
+        fcntl_rules.push(rule(vec![cond32(1, cmd as u64)?])?);
+    }
+    rules.insert(libc::SYS_fcntl, fcntl_rules);
+    // prctl: thread names only.
+    rules.insert(
+        libc::SYS_prctl,
+        vec![rule(vec![cond32(0, libc::PR_SET_NAME as u64)?])?],
+    );
+    // getrlimit-style prlimit64 on ourselves (glibc reads RLIMIT_STACK), never a set.
+    rules.insert(
+        libc::SYS_prlimit64,
+        vec![rule(vec![
+            cond(0, SeccompCmpOp::Eq, 0)?,
+            cond(2, SeccompCmpOp::Eq, 0)?,
+        ])?],
+    );
+    // Signals to our own process only (abort on panic).
+    let pid = u64::from(std::process::id());
+    rules.insert(
+        libc::SYS_tgkill,
+        vec![rule(vec![cond(0, SeccompCmpOp::Eq, pid)?])?],
+    );
+
+    let mismatch = match mode {
+        SeccompMode::Log => SeccompAction::Log,
+        _ => SeccompAction::KillProcess,
+    };
+    let allow: BpfProgram = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, arch())
+        .and_then(TryInto::try_into)
+        .map_err(SandboxError::Build)?;
+    let no_clone3: BpfProgram = SeccompFilter::new(
+        [(libc::SYS_clone3, Vec::new())].into_iter().collect(),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        arch(),
+    )
+    .and_then(TryInto::try_into)
+    .map_err(SandboxError::Build)?;
+    // Installed in this order: seccompiler calls prctl(NO_NEW_PRIVS) and seccomp() for each
+    // program, which the allowlist (installed last) does not allow.
+    Ok(vec![no_clone3, allow])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_compile_for_every_mode() {
+        for mode in [SeccompMode::On, SeccompMode::Log] {
+            let progs = filters(mode).unwrap();
+            assert_eq!(progs.len(), 2);
+            assert!(progs.iter().all(|p| !p.is_empty()));
+        }
+    }
+
+    #[test]
+    fn dangerous_syscalls_are_not_plainly_allowed() {
+        let allowed: Vec<i64> = plain_syscalls().into_iter().map(|(n, _)| n).collect();
+        for nr in [
+            libc::SYS_execve,
+            libc::SYS_execveat,
+            libc::SYS_openat,
+            libc::SYS_socket,
+            libc::SYS_connect,
+            libc::SYS_bind,
+            libc::SYS_ptrace,
+            libc::SYS_setuid,
+            libc::SYS_kill,
+            libc::SYS_process_vm_writev,
+        ] {
+            assert!(!allowed.contains(&nr), "syscall {nr} must not be allowed");
+        }
+    }
+
+    #[test]
+    fn mode_names() {
+        use clap::ValueEnum;
+        assert_eq!(SeccompMode::from_str("log", true), Ok(SeccompMode::Log));
+        assert_eq!(SeccompMode::default(), SeccompMode::On);
+        assert_eq!(SeccompMode::Off.to_string(), "off");
+    }
+}
