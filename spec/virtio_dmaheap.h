@@ -63,7 +63,10 @@ struct virtio_dmaheap_config {
 #define VIRTIO_DMAHEAP_S_UNSUPP 8	/* EOPNOTSUPP: request type not offered */
 #define VIRTIO_DMAHEAP_S_TOO_BIG 9	/* EINVAL: length above the heap's max_size */
 
-/* Every request starts with this header. */
+/*
+ * Every request starts with this header. The device-readable part of a chain is exactly
+ * the request struct that `type` selects; any other length is malformed.
+ */
 struct virtio_dmaheap_req_hdr {
 	__le32 type;		/* VIRTIO_DMAHEAP_REQ_* */
 	__le32 reserved;	/* 0 */
@@ -84,6 +87,7 @@ struct virtio_dmaheap_heap_info_req {
 
 /* virtio_dmaheap_heap_info.flags */
 #define VIRTIO_DMAHEAP_HEAP_F_CONTIGUOUS (1 << 0) /* host-physically contiguous buffers */
+#define VIRTIO_DMAHEAP_HEAP_F_VALID_MASK VIRTIO_DMAHEAP_HEAP_F_CONTIGUOUS
 
 /* virtio_dmaheap_heap_info.cache: how the guest must map the buffers. */
 #define VIRTIO_DMAHEAP_CACHE_CACHED 0
@@ -93,11 +97,11 @@ struct virtio_dmaheap_heap_info_req {
 #define VIRTIO_DMAHEAP_NAME_LEN 32
 
 struct virtio_dmaheap_heap_info {
-	__u8 name[VIRTIO_DMAHEAP_NAME_LEN];	/* NUL-terminated, NUL-padded */
+	__u8 name[VIRTIO_DMAHEAP_NAME_LEN];	/* NUL-terminated, NUL-padded, no '/' */
 	__le32 flags;		/* VIRTIO_DMAHEAP_HEAP_F_* */
 	__le32 cache;		/* VIRTIO_DMAHEAP_CACHE_* */
 	__le64 min_align;	/* power of two, >= VIRTIO_DMAHEAP_PAGE_SIZE */
-	__le64 max_size;	/* largest buffer, bytes */
+	__le64 max_size;	/* largest buffer, bytes; multiple of VIRTIO_DMAHEAP_PAGE_SIZE */
 	__le64 capacity;	/* bytes the guest may hold from this heap; 0: unknown */
 };
 
@@ -116,7 +120,7 @@ struct virtio_dmaheap_alloc_req {
 
 struct virtio_dmaheap_alloc_resp {
 	struct virtio_dmaheap_resp_hdr hdr;
-	__le64 buffer_id;	/* never 0; never reused while the device is live */
+	__le64 buffer_id;	/* never 0; never reused by this device, resets included */
 	__le64 offset;		/* in the buffer window, multiple of the heap's min_align */
 	__le64 len;		/* bytes usable at offset, >= the requested len */
 };
@@ -131,6 +135,8 @@ struct virtio_dmaheap_free_req {
 #define VIRTIO_DMAHEAP_SYNC_READ (1 << 0)
 #define VIRTIO_DMAHEAP_SYNC_WRITE (1 << 1)
 #define VIRTIO_DMAHEAP_SYNC_END (1 << 2)	/* clear: start of CPU access */
+#define VIRTIO_DMAHEAP_SYNC_VALID_MASK \
+	(VIRTIO_DMAHEAP_SYNC_READ | VIRTIO_DMAHEAP_SYNC_WRITE | VIRTIO_DMAHEAP_SYNC_END)
 
 struct virtio_dmaheap_sync_req {
 	struct virtio_dmaheap_req_hdr hdr;

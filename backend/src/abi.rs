@@ -57,6 +57,8 @@ pub const VIRTIO_DMAHEAP_S_TOO_BIG: u32 = 9;
 
 /// Heap flag: host-physically contiguous buffers.
 pub const VIRTIO_DMAHEAP_HEAP_F_CONTIGUOUS: u32 = 1 << 0;
+/// Every heap flag this version defines.
+pub const VIRTIO_DMAHEAP_HEAP_F_VALID_MASK: u32 = VIRTIO_DMAHEAP_HEAP_F_CONTIGUOUS;
 
 /// Cache attribute: cached.
 pub const VIRTIO_DMAHEAP_CACHE_CACHED: u32 = 0;
@@ -74,6 +76,9 @@ pub const VIRTIO_DMAHEAP_SYNC_READ: u32 = 1 << 0;
 pub const VIRTIO_DMAHEAP_SYNC_WRITE: u32 = 1 << 1;
 /// SYNC flag: end of CPU access (clear: start).
 pub const VIRTIO_DMAHEAP_SYNC_END: u32 = 1 << 2;
+/// Every SYNC flag this version defines.
+pub const VIRTIO_DMAHEAP_SYNC_VALID_MASK: u32 =
+    VIRTIO_DMAHEAP_SYNC_READ | VIRTIO_DMAHEAP_SYNC_WRITE | VIRTIO_DMAHEAP_SYNC_END;
 
 /// `struct virtio_dmaheap_config`.
 #[repr(C)]

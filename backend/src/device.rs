@@ -525,9 +525,8 @@ impl Device {
             return VIRTIO_DMAHEAP_S_INVAL;
         };
         let flags = r.flags.to_native();
-        let all = VIRTIO_DMAHEAP_SYNC_READ | VIRTIO_DMAHEAP_SYNC_WRITE | VIRTIO_DMAHEAP_SYNC_END;
         if r.reserved.to_native() != 0
-            || flags & !all != 0
+            || flags & !VIRTIO_DMAHEAP_SYNC_VALID_MASK != 0
             || flags & (VIRTIO_DMAHEAP_SYNC_READ | VIRTIO_DMAHEAP_SYNC_WRITE) == 0
         {
             return VIRTIO_DMAHEAP_S_INVAL;

@@ -122,6 +122,14 @@ fn rust_consts() -> BTreeMap<&'static str, u64> {
             VIRTIO_DMAHEAP_SYNC_WRITE.into(),
         ),
         ("VIRTIO_DMAHEAP_SYNC_END", VIRTIO_DMAHEAP_SYNC_END.into()),
+        (
+            "VIRTIO_DMAHEAP_SYNC_VALID_MASK",
+            VIRTIO_DMAHEAP_SYNC_VALID_MASK.into(),
+        ),
+        (
+            "VIRTIO_DMAHEAP_HEAP_F_VALID_MASK",
+            VIRTIO_DMAHEAP_HEAP_F_VALID_MASK.into(),
+        ),
     ];
     c.into_iter().collect()
 }
