@@ -145,6 +145,10 @@ fn ctl_buffers_peek_poke() {
         vec!["peek", &id, "8192", "4"],
         vec!["poke", &id, "8190", "c0ffee"],
         vec!["frobnicate"],
+        vec!["peek", &id, "0", "18446744073709551615"],
+        vec!["peek", &id, "18446744073709551615", "2"],
+        vec!["poke", &id, "0", "xyz"],
+        vec!["poke", &id, "0", "abc"],
     ] {
         let mut args = vec!["ctl", "--control-socket", &ctl];
         args.extend(bad.iter().copied());
@@ -190,4 +194,31 @@ fn debug_commands_need_control_debug() {
         [0],
         "poke wrote without --control-debug"
     );
+}
+
+#[test]
+fn a_silent_control_client_does_not_block_others() {
+    use std::io::Write;
+    let daemon = Daemon::spawn(["--heap", "a=memfd", "--shm-size", "64M"]);
+    daemon.wait_ready();
+    // One client connects and never finishes its line; another sends junk and hangs up.
+    let mut silent = std::os::unix::net::UnixStream::connect(daemon.control_path()).unwrap();
+    silent.write_all(b"sta").unwrap();
+    let mut junk = std::os::unix::net::UnixStream::connect(daemon.control_path()).unwrap();
+    let _ = junk.write_all(&[0xff; 100_000]);
+    drop(junk);
+    // Others are still served (control() fails after its deadline if not). The daemon may
+    // make them wait for its per-client read timeout.
+    let start = std::time::Instant::now();
+    let st = daemon.stats();
+    eprintln!(
+        "stats answered after {:?} with a silent client connected",
+        start.elapsed()
+    );
+    assert_eq!(st.total.buffers, 0, "{}", st.raw);
+    let mut fe = FrontEnd::connect(&daemon);
+    let b = fe.alloc_ok(0, 4 * KIB);
+    assert_eq!(daemon.stats().total.buffers, 1);
+    fe.free_ok(b.id);
+    drop(silent);
 }

@@ -170,6 +170,10 @@ fn sigterm_exits_cleanly_with_and_without_a_front_end() {
     let mut daemon = Daemon::spawn(["--heap", "a=memfd"]);
     let status = daemon.terminate();
     assert!(status.success(), "idle daemon after SIGTERM: {status}");
+    assert!(
+        !daemon.control_path().exists(),
+        "control socket left behind after SIGTERM"
+    );
 
     let mut daemon = Daemon::spawn(["--heap", "a=memfd"]);
     let mut fe = FrontEnd::connect(&daemon);
@@ -224,6 +228,9 @@ fn socket_path_mode_serves_a_front_end() {
     // --socket-path instead of --socket-fd: wait for the socket file with a deadline.
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("vu.sock");
+    // A stale socket file from an earlier run is replaced.
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    assert!(sock.exists());
     let mut child = std::process::Command::new(common::daemon::daemon_bin())
         .arg("--socket-path")
         .arg(&sock)

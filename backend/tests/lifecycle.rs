@@ -1,6 +1,7 @@
 //! Queue and connection life cycle beyond the happy path: kicks before the ring is
 //! enabled, a second VMM waiting for the first, a VMM that dies in the middle of a
-//! SHMEM_MAP.
+//! SHMEM_MAP, the first requests of a connection racing the daemon's bookkeeping, ring
+//! indices wrapping, a VMM without shared-memory support.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -143,4 +144,77 @@ fn the_first_requests_of_a_connection_are_not_forgotten() {
     assert_eq!(daemon.peek(b.id, 0, 4), b"kept");
     let s = fe.free(b.id);
     assert_eq!(s, S_OK, "FREE of the first buffer: {}", status_name(s));
+}
+
+#[test]
+fn ring_indices_wrap_around() {
+    // Start the ring just below the 16-bit wrap of the avail/used indices.
+    let daemon = Daemon::spawn(["--heap", "a=memfd", "--shm-size", "64M"]);
+    let mut fe = FrontEnd::handshake(&daemon);
+    let base = u16::MAX - 5;
+    fe.setup_queue_at(base);
+    fe.enable_queue();
+    let mut n = 0u32;
+    for i in 0..20u8 {
+        let b = fe.alloc_ok(0, 4 * KIB);
+        fe.write_buffer(&b, 0, &[i]);
+        assert_eq!(daemon.peek(b.id, 0, 1), [i]);
+        fe.free_ok(b.id);
+        n += 2;
+    }
+    // A batch across the wrap point too.
+    let heads: Vec<u16> = (0..10)
+        .map(|_| fe.submit(&[Seg::R(heap_info_req(0)), Seg::W(HEAP_INFO_RESP_SIZE as u32)]))
+        .collect();
+    fe.kick();
+    for h in heads {
+        let c = fe.wait(h);
+        assert_eq!(FrontEnd::status_of(&c, "HEAP_INFO"), S_OK);
+        n += 1;
+    }
+    let next = fe.stop_queue();
+    assert_eq!(
+        next,
+        u32::from(base.wrapping_add(n as u16)),
+        "GET_VRING_BASE after {n} requests from base {base}"
+    );
+}
+
+#[test]
+fn a_vmm_without_shared_memory_support_gets_errors_not_a_crash() {
+    use vhost::vhost_user::VhostUserProtocolFeatures as P;
+    let mut daemon = Daemon::spawn(["--heap", "a=memfd", "--shm-size", "64M"]);
+    for (what, protocol) in [
+        (
+            "no SHMEM",
+            P::CONFIG | P::BACKEND_REQ | P::REPLY_ACK | P::CONFIGURE_MEM_SLOTS,
+        ),
+        (
+            "no backend channel",
+            P::CONFIG | P::REPLY_ACK | P::CONFIGURE_MEM_SLOTS,
+        ),
+    ] {
+        let mut fe = FrontEnd::connect_protocol(&daemon, protocol);
+        let info = fe.heap_info(0);
+        assert_eq!(
+            info.map(|i| i.name),
+            Ok("a".to_owned()),
+            "{what}: HEAP_INFO"
+        );
+        let got = fe.alloc(0, 4 * KIB);
+        eprintln!("{what}: ALLOC -> {:?}", got.map_err(status_name));
+        assert!(
+            got.is_err(),
+            "{what}: ALLOC succeeded though the VMM cannot map it: {got:?}"
+        );
+        let st = daemon.stats();
+        assert_eq!(st.total, Counters::default(), "{what}: {}", st.raw);
+        daemon.assert_alive();
+        fe.disconnect();
+    }
+    // A capable VMM is served normally afterwards.
+    let mut fe = FrontEnd::connect(&daemon);
+    let b = fe.alloc_ok(0, 4 * KIB);
+    fe.write_buffer(&b, 0, b"ok");
+    assert_eq!(daemon.peek(b.id, 0, 2), b"ok");
 }

@@ -32,6 +32,7 @@ fn per_heap_max_bytes() {
         "64M",
     ]);
     let mut fe = FrontEnd::connect(&daemon);
+    assert_eq!(fe.heap_info(0).unwrap().capacity, 64 * KIB, "max-bytes=64K");
     let held: Vec<Buffer> = (0..4).map(|_| fe.alloc_ok(0, 16 * KIB)).collect();
     expect_status(
         fe.alloc(0, 4 * KIB),
@@ -87,6 +88,14 @@ fn global_max_bytes_across_heaps() {
         "64M",
     ]);
     let mut fe = FrontEnd::connect(&daemon);
+    // HEAP_INFO.capacity: bytes the guest may hold from the heap, so at most --max-bytes.
+    for heap in 0..2 {
+        let info = fe.heap_info(heap).unwrap();
+        assert!(
+            info.capacity <= 64 * KIB,
+            "heap {heap} capacity above --max-bytes 64K: {info:?}"
+        );
+    }
     let a = fe.alloc_ok(0, 32 * KIB);
     let _b = fe.alloc_ok(1, 32 * KIB);
     expect_status(

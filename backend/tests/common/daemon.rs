@@ -269,6 +269,29 @@ impl Daemon {
         let _ = self.stats();
     }
 
+    /// Waits (with a deadline) until the daemon is either up (true) or has exited (false).
+    pub fn up_or_exited(&self) -> bool {
+        let start = Instant::now();
+        loop {
+            if UnixStream::connect(&self.control).is_ok() {
+                return true;
+            }
+            if self.has_exited() {
+                return false;
+            }
+            assert!(start.elapsed() < DEADLINE, "daemon neither up nor exited");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Reaps the daemon (which must have exited or be about to) and returns its status.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        let mut reaped = self.reaped.lock().unwrap();
+        *reaped = true;
+        child.wait().unwrap()
+    }
+
     /// Sends SIGTERM (once the daemon is ready) and waits, with a deadline, for the exit
     /// status.
     pub fn terminate(&mut self) -> ExitStatus {

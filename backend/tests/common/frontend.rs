@@ -8,7 +8,6 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -552,11 +551,11 @@ struct Queue {
 }
 
 impl Queue {
-    fn new() -> Self {
+    fn new(base: u16) -> Self {
         Self {
             free: (0..QUEUE_SIZE).rev().collect(),
-            next_avail: 0,
-            last_used: 0,
+            next_avail: base,
+            last_used: base,
             in_flight: HashMap::new(),
             done: HashMap::new(),
         }
@@ -586,6 +585,7 @@ pub struct FrontEnd {
     pub shm_sizes: Vec<u64>,
     pub config: Config,
     pub queue_started: bool,
+    mem_table_sent: bool,
 }
 
 impl std::fmt::Debug for FrontEnd {
@@ -641,7 +641,8 @@ impl FrontEnd {
         fe
     }
 
-    /// Negotiates and sets the memory table but does not start the queue.
+    /// Does what QEMU does when the device is realized (negotiation, backend channel,
+    /// GET_SHMEM_CONFIG, config space), not what it does at the guest's DRIVER_OK.
     pub fn handshake(daemon: &Daemon) -> FrontEnd {
         let stream = UnixStream::connect(daemon.socket_path())
             .unwrap_or_else(|e| panic!("connect {}: {e}", daemon.socket_path().display()));
@@ -654,6 +655,24 @@ impl FrontEnd {
     }
 
     fn handshake_with(stream: UnixStream, device_features: u64) -> FrontEnd {
+        Self::handshake_full(stream, device_features, wanted_protocol_features())
+    }
+
+    /// [`FrontEnd::connect`] for an older or different VMM that acks only `protocol` of the
+    /// protocol features QEMU 11.1 uses (e.g. no SHMEM: QEMU before 10.x).
+    pub fn connect_protocol(daemon: &Daemon, protocol: VhostUserProtocolFeatures) -> FrontEnd {
+        let stream = UnixStream::connect(daemon.socket_path()).unwrap();
+        let mut fe = Self::handshake_full(stream, F_SYNC, protocol);
+        fe.start_queue();
+        fe
+    }
+
+    fn handshake_full(
+        stream: UnixStream,
+        device_features: u64,
+        protocol: VhostUserProtocolFeatures,
+    ) -> FrontEnd {
+        let protocol = protocol & wanted_protocol_features();
         let mut fe = Frontend::from_stream(stream, 1);
         fe.set_owner().expect("SET_OWNER");
         let offered = fe.get_features().expect("GET_FEATURES");
@@ -663,46 +682,64 @@ impl FrontEnd {
             "daemon does not offer VHOST_USER_F_PROTOCOL_FEATURES: {offered:#x}"
         );
         let proto = fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
-        let missing = wanted_protocol_features() - proto;
+        let missing = protocol - proto;
         assert!(
             missing.is_empty(),
             "daemon lacks protocol features QEMU needs: {missing:?} (offered {proto:?})"
         );
-        fe.set_protocol_features(wanted_protocol_features())
+        fe.set_protocol_features(protocol)
             .expect("SET_PROTOCOL_FEATURES");
-        // As QEMU does with REPLY_ACK: every message that has no reply of its own is acked,
-        // so a failure shows up at the message that caused it.
-        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        let max_mem_slots = fe.get_max_mem_slots().expect("GET_MAX_MEM_SLOTS");
-
-        let shm_cfg = fe.get_shmem_config().expect("GET_SHMEM_CONFIG");
-        let nregions = shm_cfg.nregions;
-        let sizes: Vec<u64> = {
-            let all = shm_cfg.memory_sizes;
-            all.iter().take(nregions as usize).copied().collect()
+        let has = |f: VhostUserProtocolFeatures| protocol.contains(f);
+        if has(VhostUserProtocolFeatures::REPLY_ACK) {
+            // As QEMU does with REPLY_ACK: every message that has no reply of its own is
+            // acked, so a failure shows up at the message that caused it.
+            fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
+        let max_mem_slots = if has(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS) {
+            fe.get_max_mem_slots().expect("GET_MAX_MEM_SLOTS")
+        } else {
+            8
         };
-        assert!(
-            !sizes.is_empty() && sizes[0] > 0,
-            "GET_SHMEM_CONFIG: no buffer window (nregions {nregions}, sizes {sizes:x?})"
-        );
-        assert!(
-            sizes[0].is_power_of_two(),
-            "window size {:#x} is not a power of two (QEMU asserts)",
-            sizes[0]
-        );
 
-        let (_, cfg) = fe
-            .get_config(
-                0,
-                CONFIG_SIZE as u32,
-                VhostUserConfigFlags::WRITABLE,
-                &[0u8; CONFIG_SIZE],
-            )
-            .expect("GET_CONFIG");
-        let config = Config::parse(&cfg);
+        let sizes: Vec<u64> = if has(VhostUserProtocolFeatures::SHMEM) {
+            let shm_cfg = fe.get_shmem_config().expect("GET_SHMEM_CONFIG");
+            let nregions = shm_cfg.nregions;
+            let all = shm_cfg.memory_sizes;
+            let sizes: Vec<u64> = all.iter().take(nregions as usize).copied().collect();
+            assert!(
+                !sizes.is_empty() && sizes[0] > 0,
+                "GET_SHMEM_CONFIG: no buffer window (nregions {nregions}, sizes {sizes:x?})"
+            );
+            assert!(
+                sizes[0].is_power_of_two(),
+                "window size {:#x} is not a power of two (QEMU asserts)",
+                sizes[0]
+            );
+            sizes
+        } else {
+            Vec::new()
+        };
 
-        let mut window = ShmWindow::new(sizes[0]);
-        window.frontend = Some(fe.clone());
+        let config = if has(VhostUserProtocolFeatures::CONFIG) {
+            let (_, cfg) = fe
+                .get_config(
+                    0,
+                    CONFIG_SIZE as u32,
+                    VhostUserConfigFlags::WRITABLE,
+                    &[0u8; CONFIG_SIZE],
+                )
+                .expect("GET_CONFIG");
+            Config::parse(&cfg)
+        } else {
+            Config::parse(&[0; CONFIG_SIZE])
+        };
+
+        // Without SHMEM there is no window; keep one page so the bookkeeping stays simple
+        // (any SHMEM_MAP then fails as out of range).
+        let mut window = ShmWindow::new(sizes.first().copied().unwrap_or(PAGE_SIZE));
+        if has(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS) {
+            window.frontend = Some(fe.clone());
+        }
         window.max_mem_slots = max_mem_slots;
         let shm = Arc::new(ShmShared {
             window: Mutex::new(window),
@@ -712,9 +749,11 @@ impl FrontEnd {
         });
         let mut req_handler = FrontendReqHandler::new(Arc::clone(&shm)).unwrap();
         let backend_sock = req_handler.as_raw_fd();
-        req_handler.set_reply_ack_flag(true);
-        fe.set_backend_request_fd(&req_handler.get_tx_raw_fd())
-            .expect("SET_BACKEND_REQ_FD");
+        req_handler.set_reply_ack_flag(has(VhostUserProtocolFeatures::REPLY_ACK));
+        if has(VhostUserProtocolFeatures::BACKEND_REQ) {
+            fe.set_backend_request_fd(&req_handler.get_tx_raw_fd())
+                .expect("SET_BACKEND_REQ_FD");
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = Arc::clone(&stop);
         let handler_thread = std::thread::Builder::new()
@@ -737,7 +776,6 @@ impl FrontEnd {
             .unwrap();
 
         let acked = offered & (VIRTIO_F_VERSION_1 | protocol_bit | (device_features & 0xff_ffff));
-        fe.set_features(acked).expect("SET_FEATURES");
 
         let file = memfd("dmaheap-it-guest-ram", MEM_SIZE);
         let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
@@ -746,16 +784,13 @@ impl FrontEnd {
             Some(FileOffset::new(file, 0)),
         )])
         .unwrap();
-        let region = mem.find_region(GuestAddress(GUEST_BASE)).unwrap();
-        let info = VhostUserMemoryRegionInfo::from_guest_region(region).unwrap();
-        fe.set_mem_table(&[info]).expect("SET_MEM_TABLE");
 
         FrontEnd {
             fe,
             mem,
             kick: EventFd::new(EFD_NONBLOCK).unwrap(),
             call: EventFd::new(EFD_NONBLOCK).unwrap(),
-            queue: Queue::new(),
+            queue: Queue::new(0),
             shm,
             backend_sock,
             stop,
@@ -767,6 +802,7 @@ impl FrontEnd {
             shm_sizes: sizes,
             config,
             queue_started: false,
+            mem_table_sent: false,
         }
     }
 
@@ -779,10 +815,6 @@ impl FrontEnd {
         GuestAddress(GUEST_BASE + off)
     }
 
-    fn hva(&self, off: u64) -> u64 {
-        self.mem.get_host_address(Self::gpa(off)).unwrap() as u64
-    }
-
     /// SET_VRING_NUM/BASE/ADDR/KICK/CALL/ENABLE on a freshly zeroed ring (driver start).
     pub fn start_queue(&mut self) {
         self.setup_queue();
@@ -791,13 +823,34 @@ impl FrontEnd {
 
     /// SET_VRING_NUM/BASE/ADDR/KICK/CALL on a freshly zeroed ring, leaving it disabled.
     pub fn setup_queue(&mut self) {
+        self.setup_queue_at(0);
+    }
+
+    /// [`FrontEnd::setup_queue`] with the ring indices starting at `base` (as after a
+    /// vhost-user reconnect or a migration; used to cross the 16-bit wrap quickly).
+    pub fn setup_queue_at(&mut self, base: u16) {
+        // vhost_dev_start: features, memory table (sent once; later starts find it
+        // unchanged), then the ring.
+        self.fe
+            .set_features(self.acked_features)
+            .expect("SET_FEATURES");
+        if !self.mem_table_sent {
+            let region = self.mem.find_region(GuestAddress(GUEST_BASE)).unwrap();
+            let info = VhostUserMemoryRegionInfo::from_guest_region(region).unwrap();
+            self.fe.set_mem_table(&[info]).expect("SET_MEM_TABLE");
+            self.mem_table_sent = true;
+        }
         let zero = vec![0u8; DATA_GPA as usize];
         self.mem.write_slice(&zero, Self::gpa(0)).unwrap();
-        self.queue = Queue::new();
+        self.queue = Queue::new(base);
+        // The driver's indices: avail.idx and used.idx (which the back end reads at
+        // SET_VRING_ADDR) both start at `base`.
+        self.mem.write_obj(base, Self::gpa(AVAIL_GPA + 2)).unwrap();
+        self.mem.write_obj(base, Self::gpa(USED_GPA + 2)).unwrap();
         let _ = self.call.read();
         let fe = &mut self.fe;
         fe.set_vring_num(0, QUEUE_SIZE).expect("SET_VRING_NUM");
-        fe.set_vring_base(0, 0).expect("SET_VRING_BASE");
+        fe.set_vring_base(0, base).expect("SET_VRING_BASE");
         let cfg = VringConfigData {
             queue_max_size: QUEUE_SIZE,
             queue_size: QUEUE_SIZE,
@@ -890,7 +943,7 @@ impl FrontEnd {
     }
 
     pub fn window_size(&self) -> u64 {
-        self.shm_sizes[0]
+        self.shm().size()
     }
 
     pub fn read_window(&self, off: u64, len: u64) -> Vec<u8> {
@@ -1195,20 +1248,25 @@ impl Drop for FrontEnd {
                 .unwrap_or_default();
             assert!(
                 violations.is_empty(),
-                "protocol violations seen by the front end: {violations:#?}"
+                "{} protocol violations seen by the front end; the first: {:#?}",
+                violations.len(),
+                &violations[..violations.len().min(10)]
             );
         } else {
             let shm = self.shm.window.lock();
             if let Ok(shm) = shm {
                 let n = shm.events.len();
+                let live = shm.mappings();
                 eprintln!(
-                    "---- front end: {} SHMEM_MAP, {} refused, {} SHMEM_UNMAP, live mappings \
-                     {:x?}; violations: {:?}; last events: {:x?}",
+                    "---- front end: {} SHMEM_MAP, {} refused, {} SHMEM_UNMAP, {} live mappings \
+                     (first: {:x?}); {} violations (first: {:?}); last events: {:x?}",
                     shm.map_count(),
                     shm.refused_map_count(),
                     shm.unmap_count(),
-                    shm.mappings(),
-                    shm.violations,
+                    live.len(),
+                    &live[..live.len().min(8)],
+                    shm.violations.len(),
+                    &shm.violations[..shm.violations.len().min(5)],
                     &shm.events[n.saturating_sub(10)..]
                 );
             }
