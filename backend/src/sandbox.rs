@@ -265,9 +265,11 @@ fn plain_syscalls() -> Vec<(i64, &'static str)> {
     v
 }
 
-/// Builds the BPF programs: a filter that makes `clone3` fail with
-/// ENOSYS (its flags live in memory a filter cannot read; glibc then falls back to `clone`,
-/// whose flags the allowlist checks for `CLONE_THREAD`), and the allowlist.
+/// Builds the BPF programs, in installation order. Mode `on`: a filter that makes `clone3`
+/// fail with ENOSYS (its flags live in memory a filter cannot read; glibc then falls back to
+/// `clone`, whose flags the allowlist checks for `CLONE_THREAD`), one that makes file opens
+/// fail with EACCES, and the allowlist (anything else kills the process). Mode `log`: the
+/// allowlist only, logging instead of killing.
 pub fn filters(mode: SeccompMode) -> Result<Vec<BpfProgram>, SandboxError> {
     use std::collections::BTreeMap;
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
@@ -284,8 +286,12 @@ pub fn filters(mode: SeccompMode) -> Result<Vec<BpfProgram>, SandboxError> {
             thread,
         )?])?],
     );
-    // Allowed here, answered ENOSYS by the second filter (see above).
-    rules.insert(libc::SYS_clone3, Vec::new());
+    // Allowed here so that the errno filters decide: the kernel runs every filter and takes
+    // the strictest answer (KILL > ERRNO > LOG > ALLOW), so in mode `on` clone3 gets ENOSYS
+    // and opens EACCES (see below) instead of a kill.
+    for nr in errno_syscalls().iter().flat_map(|(nrs, _)| nrs.iter()) {
+        rules.insert(*nr, Vec::new());
+    }
     // ioctl: the heap and dma-buf requests and a few harmless fd ones.
     let mut ioctl_rules = Vec::new();
     for req in [
@@ -340,17 +346,44 @@ pub fn filters(mode: SeccompMode) -> Result<Vec<BpfProgram>, SandboxError> {
     let allow: BpfProgram = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, arch())
         .and_then(TryInto::try_into)
         .map_err(SandboxError::Build)?;
-    let no_clone3: BpfProgram = SeccompFilter::new(
-        [(libc::SYS_clone3, Vec::new())].into_iter().collect(),
+    if mode == SeccompMode::Log {
+        // Diagnosis: everything outside the list is allowed and logged, nothing fails.
+        return Ok(vec![allow]);
+    }
+    // Installed first: seccompiler calls prctl(NO_NEW_PRIVS) and seccomp() for each program,
+    // which the allowlist (installed last) does not allow. The kernel runs every filter and
+    // takes the strictest answer, so these errno answers win over the allowlist's Allow.
+    let mut progs = errno_syscalls()
+        .into_iter()
+        .map(|(nrs, errno)| errno_filter(&nrs, errno))
+        .collect::<Result<Vec<_>, _>>()?;
+    progs.push(allow);
+    Ok(progs)
+}
+
+/// System calls that fail with an errno in mode `on` instead of being run or killing us.
+fn errno_syscalls() -> Vec<(Vec<i64>, i32)> {
+    // Opening files fails: glibc's malloc opens /proc/sys/vm/overcommit_memory once, the
+    // first time it trims a thread's arena, and copes with a failure.
+    let mut opens = vec![libc::SYS_openat, libc::SYS_openat2];
+    #[cfg(target_arch = "x86_64")]
+    opens.push(libc::SYS_open);
+    vec![
+        (vec![libc::SYS_clone3], libc::ENOSYS),
+        (opens, libc::EACCES),
+    ]
+}
+
+/// A filter that answers `errno` to `syscalls` and allows everything else.
+fn errno_filter(syscalls: &[i64], errno: i32) -> Result<BpfProgram, SandboxError> {
+    SeccompFilter::new(
+        syscalls.iter().map(|&nr| (nr, Vec::new())).collect(),
         SeccompAction::Allow,
-        SeccompAction::Errno(libc::ENOSYS as u32),
+        SeccompAction::Errno(errno as u32),
         arch(),
     )
     .and_then(TryInto::try_into)
-    .map_err(SandboxError::Build)?;
-    // Installed in this order: seccompiler calls prctl(NO_NEW_PRIVS) and seccomp() for each
-    // program, which the allowlist (installed last) does not allow.
-    Ok(vec![no_clone3, allow])
+    .map_err(SandboxError::Build)
 }
 
 #[cfg(test)]
@@ -359,10 +392,10 @@ mod tests {
 
     #[test]
     fn filters_compile_for_every_mode() {
+        assert_eq!(filters(SeccompMode::On).unwrap().len(), 3);
+        assert_eq!(filters(SeccompMode::Log).unwrap().len(), 1);
         for mode in [SeccompMode::On, SeccompMode::Log] {
-            let progs = filters(mode).unwrap();
-            assert_eq!(progs.len(), 2);
-            assert!(progs.iter().all(|p| !p.is_empty()));
+            assert!(filters(mode).unwrap().iter().all(|p| !p.is_empty()));
         }
     }
 
@@ -383,6 +416,60 @@ mod tests {
         ] {
             assert!(!allowed.contains(&nr), "syscall {nr} must not be allowed");
         }
+    }
+
+    /// Runs in a child process started by `filters_behave_as_intended` (does nothing in a
+    /// normal test run): installs the `on` filters on every thread of the test harness,
+    /// then probes.
+    #[test]
+    fn probe_child() {
+        let Ok(probe) = std::env::var("DMAHEAP_SANDBOX_PROBE") else {
+            return;
+        };
+        for prog in filters(SeccompMode::On).unwrap() {
+            seccompiler::apply_filter_all_threads(&prog).unwrap();
+        }
+        // Opening a file fails with EACCES instead of killing the process.
+        let e = std::fs::File::open("/dev/null").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EACCES));
+        // Threads still start (clone3 -> ENOSYS, glibc falls back to clone).
+        std::thread::spawn(|| 7)
+            .join()
+            .map(|v| assert_eq!(v, 7))
+            .unwrap();
+        if probe == "socket" {
+            // Not on the list: the process is killed with SIGSYS.
+            // SAFETY: plain syscall; the result is irrelevant (we expect not to return).
+            unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+            unreachable!("socket() returned under the filter");
+        }
+    }
+
+    #[test]
+    fn filters_behave_as_intended() {
+        use std::os::unix::process::ExitStatusExt;
+        let exe = std::env::current_exe().unwrap();
+        let run = |probe: &str| {
+            std::process::Command::new(&exe)
+                .args(["--exact", "sandbox::tests::probe_child", "--test-threads=1"])
+                .env("DMAHEAP_SANDBOX_PROBE", probe)
+                .output()
+                .unwrap()
+        };
+        let ok = run("open");
+        assert!(
+            ok.status.success(),
+            "{:?}: {}",
+            ok.status,
+            String::from_utf8_lossy(&ok.stdout)
+        );
+        let killed = run("socket");
+        assert_eq!(
+            killed.status.signal(),
+            Some(libc::SIGSYS),
+            "{:?}",
+            killed.status
+        );
     }
 
     #[test]
