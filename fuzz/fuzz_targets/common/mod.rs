@@ -1,0 +1,277 @@
+//! Shared harness of the fuzz targets: a device core with two small heaps over a
+//! fault-injecting memfd provider, a fake mapper that checks what QEMU checks, and the wire
+//! format written out from spec/virtio_dmaheap.h (not from the daemon's abi.rs).
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::fd::BorrowedFd;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use vhost_user_dmaheap::device::{CacheMode, Device, Heap, HeapParams, Limits, MapError, Mapper};
+use vhost_user_dmaheap::provider::{HeapProvider, HostBuffer, MemfdProvider, ProviderError};
+
+pub const PAGE: u64 = 4096;
+
+pub const REQ_HEAP_INFO: u32 = 1;
+pub const REQ_ALLOC: u32 = 2;
+pub const REQ_FREE: u32 = 3;
+pub const REQ_SYNC: u32 = 4;
+pub const REQ_ASSIGN_UUID: u32 = 5;
+
+pub const S_OK: u32 = 0;
+pub const S_IOERR: u32 = 1;
+pub const S_INVAL: u32 = 2;
+pub const S_NO_HEAP: u32 = 3;
+pub const S_NO_BUFFER: u32 = 4;
+pub const S_NOMEM: u32 = 5;
+pub const S_QUOTA: u32 = 6;
+pub const S_WINDOW_FULL: u32 = 7;
+pub const S_UNSUPP: u32 = 8;
+pub const S_TOO_BIG: u32 = 9;
+
+pub const RESP_HDR: usize = 8;
+pub const HEAP_INFO_RESP: usize = 72;
+pub const ALLOC_RESP: usize = 32;
+
+/// Window of the fuzzed device (small, so that quotas and WINDOW_FULL are reached).
+pub const SHM_SIZE: u64 = 64 << 20;
+pub const MAX_MAPPINGS: usize = 8;
+pub const MAX_BUFFERS: u64 = 64;
+pub const MAX_BYTES: u64 = 48 << 20;
+
+/// memfd provider that fails on demand (ENOMEM or EIO).
+#[derive(Debug, Default)]
+pub struct Faults {
+    pub nomem: AtomicU32,
+    pub io: AtomicU32,
+    pub allocations: AtomicU64,
+}
+
+#[derive(Debug)]
+pub struct FaultProvider(pub Arc<Faults>);
+
+impl HeapProvider for FaultProvider {
+    fn allocate(&self, len: u64) -> Result<Box<dyn HostBuffer>, ProviderError> {
+        let take = |c: &AtomicU32| {
+            c.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
+                .is_ok()
+        };
+        if take(&self.0.nomem) {
+            return Err(ProviderError::NoMemory(io::Error::from(
+                io::ErrorKind::OutOfMemory,
+            )));
+        }
+        if take(&self.0.io) {
+            return Err(ProviderError::Io {
+                what: "injected",
+                source: io::Error::other("injected failure"),
+            });
+        }
+        self.0.allocations.fetch_add(1, Ordering::SeqCst);
+        MemfdProvider::new("fuzz").allocate(len)
+    }
+
+    fn describe(&self) -> String {
+        "fuzz".into()
+    }
+}
+
+/// A mapper that behaves like QEMU: refuses overlaps and out-of-window ranges, and can
+/// be told to refuse maps and unmaps.
+#[derive(Debug, Default)]
+pub struct FakeMapper {
+    /// Live mappings: offset -> len.
+    pub mapped: BTreeMap<u64, u64>,
+    pub fail_maps: u32,
+    pub fail_unmaps: u32,
+    /// Protocol violations seen (the device asked for something QEMU rejects).
+    pub violations: Vec<String>,
+}
+
+impl Mapper for FakeMapper {
+    fn map(
+        &mut self,
+        _fd: BorrowedFd<'_>,
+        fd_offset: u64,
+        shm_offset: u64,
+        len: u64,
+    ) -> Result<(), MapError> {
+        if self.fail_maps > 0 {
+            self.fail_maps -= 1;
+            return Err(MapError::Refused(io::Error::other("injected refusal")));
+        }
+        let end = shm_offset.checked_add(len);
+        if len == 0 || end.is_none_or(|e| e > SHM_SIZE) || fd_offset != 0 {
+            self.violations
+                .push(format!("map {shm_offset:#x}+{len:#x} outside the window"));
+            return Err(MapError::Refused(io::Error::other("out of range")));
+        }
+        if let Some((&o, &l)) = self
+            .mapped
+            .range(..shm_offset + len)
+            .next_back()
+            .filter(|(&o, &l)| o + l > shm_offset)
+        {
+            self.violations.push(format!(
+                "map {shm_offset:#x}+{len:#x} overlaps {o:#x}+{l:#x}"
+            ));
+            return Err(MapError::Refused(io::Error::other("overlap")));
+        }
+        self.mapped.insert(shm_offset, len);
+        Ok(())
+    }
+
+    fn unmap(&mut self, shm_offset: u64, len: u64) -> Result<(), MapError> {
+        if self.fail_unmaps > 0 {
+            self.fail_unmaps -= 1;
+            return Err(MapError::Refused(io::Error::other("injected refusal")));
+        }
+        if self.mapped.get(&shm_offset) != Some(&len) {
+            self.violations
+                .push(format!("unmap {shm_offset:#x}+{len:#x} of no mapping"));
+            return Err(MapError::Refused(io::Error::other("no such mapping")));
+        }
+        self.mapped.remove(&shm_offset);
+        Ok(())
+    }
+}
+
+impl FakeMapper {
+    /// True if [off, off+len) is covered by live mappings.
+    pub fn covers(&self, off: u64, len: u64) -> bool {
+        let Some(end) = off.checked_add(len) else {
+            return false;
+        };
+        let mut pos = off;
+        while pos < end {
+            match self
+                .mapped
+                .range(..=pos)
+                .next_back()
+                .filter(|(&o, &l)| pos < o + l)
+            {
+                Some((&o, &l)) => pos = o + l,
+                None => return false,
+            }
+        }
+        true
+    }
+}
+
+pub fn heap_params() -> Vec<HeapParams> {
+    vec![
+        HeapParams {
+            name: "system".into(),
+            contiguous: false,
+            cache: CacheMode::Cached,
+            min_align: PAGE,
+            max_size: 16 << 20,
+            max_bytes: None,
+            arena_size: 4 << 20,
+        },
+        HeapParams {
+            name: "quota".into(),
+            contiguous: true,
+            cache: CacheMode::WriteCombined,
+            min_align: 64 << 10,
+            max_size: 8 << 20,
+            max_bytes: Some(16 << 20),
+            arena_size: 2 << 20,
+        },
+    ]
+}
+
+pub fn limits() -> Limits {
+    Limits {
+        shm_size: SHM_SIZE,
+        max_mappings: MAX_MAPPINGS,
+        max_buffers: MAX_BUFFERS,
+        max_bytes: MAX_BYTES,
+    }
+}
+
+/// A fresh device over the fault-injecting provider.
+pub fn device() -> (Device, Arc<Faults>) {
+    let faults = Arc::new(Faults::default());
+    let heaps = heap_params()
+        .into_iter()
+        .map(|params| Heap {
+            params,
+            provider: Box::new(FaultProvider(faults.clone())),
+        })
+        .collect();
+    (
+        Device::new(heaps, limits(), Arc::new(AtomicU64::new(1))),
+        faults,
+    )
+}
+
+pub fn le32(b: &[u8], off: usize) -> u32 {
+    u32::from_le_bytes(b[off..off + 4].try_into().expect("4 bytes"))
+}
+
+pub fn le64(b: &[u8], off: usize) -> u64 {
+    u64::from_le_bytes(b[off..off + 8].try_into().expect("8 bytes"))
+}
+
+pub fn hdr(ty: u32, reserved: u32) -> Vec<u8> {
+    let mut v = ty.to_le_bytes().to_vec();
+    v.extend_from_slice(&reserved.to_le_bytes());
+    v
+}
+
+pub fn heap_info_req(heap: u32) -> Vec<u8> {
+    let mut v = hdr(REQ_HEAP_INFO, 0);
+    v.extend_from_slice(&heap.to_le_bytes());
+    v.extend_from_slice(&0u32.to_le_bytes());
+    v
+}
+
+pub fn alloc_req(heap: u32, flags: u32, len: u64) -> Vec<u8> {
+    let mut v = hdr(REQ_ALLOC, 0);
+    v.extend_from_slice(&heap.to_le_bytes());
+    v.extend_from_slice(&flags.to_le_bytes());
+    v.extend_from_slice(&len.to_le_bytes());
+    v
+}
+
+pub fn free_req(id: u64) -> Vec<u8> {
+    let mut v = hdr(REQ_FREE, 0);
+    v.extend_from_slice(&id.to_le_bytes());
+    v
+}
+
+pub fn sync_req(id: u64, flags: u32) -> Vec<u8> {
+    let mut v = hdr(REQ_SYNC, 0);
+    v.extend_from_slice(&id.to_le_bytes());
+    v.extend_from_slice(&flags.to_le_bytes());
+    v.extend_from_slice(&0u32.to_le_bytes());
+    v
+}
+
+/// Checks what holds for every response, whatever the request: returns the status, or
+/// None when nothing was written.
+pub fn check_response(resp: &[u8], writable: usize) -> Option<u32> {
+    assert!(
+        resp.len() <= writable,
+        "response of {} bytes for {writable} writable",
+        resp.len()
+    );
+    if writable < RESP_HDR {
+        assert!(
+            resp.is_empty(),
+            "wrote into a writable part below a resp_hdr"
+        );
+        return None;
+    }
+    assert!(
+        resp.len() >= RESP_HDR,
+        "no resp_hdr in {writable} writable bytes"
+    );
+    let status = le32(resp, 0);
+    assert!(status <= S_TOO_BIG, "undefined status {status}");
+    assert_eq!(le32(resp, 4), 0, "resp_hdr.reserved not 0");
+    Some(status)
+}

@@ -1,0 +1,91 @@
+//! Request decoding: arbitrary bytes as the device-readable part of request chains, with
+//! arbitrary writable sizes, fed to the device core one after the other.
+//!
+//! Input: a sequence of records `[writable: u16 LE][features: u8][len: u8][len bytes]`
+//! (the last record takes whatever is left). Before the first record the device holds
+//! one live buffer (id 1), so FREE and SYNC also reach a real buffer.
+//!
+//! Checked for every response: never longer than the writable part; nothing at all below
+//! a resp_hdr; a defined status; reserved 0; an OK response has its full size; an OK
+//! ALLOC is page-granular, aligned, inside the window and backed by a mapping. After the
+//! run: the device's counters match the buffers it reported, and the fake mapper saw no
+//! request QEMU would refuse.
+#![no_main]
+
+mod common;
+
+use common::*;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let (mut dev, _faults) = device();
+    let mut mapper = FakeMapper::default();
+    let first = dev.handle(&alloc_req(0, 0, PAGE), ALLOC_RESP, &mut mapper);
+    assert_eq!(check_response(&first, ALLOC_RESP), Some(S_OK));
+
+    let mut rest = data;
+    while rest.len() >= 4 {
+        let writable = usize::from(u16::from_le_bytes([rest[0], rest[1]]));
+        let features = rest[2];
+        let len = usize::from(rest[3]);
+        rest = &rest[4..];
+        let take = if rest.len() < len { rest.len() } else { len };
+        let req = &rest[..take];
+        rest = &rest[take..];
+
+        dev.set_acked_features(u64::from(features & 1));
+        let before = dev.stats();
+        let resp = dev.handle(req, writable, &mut mapper);
+        let Some(status) = check_response(&resp, writable) else {
+            assert_eq!(
+                dev.stats(),
+                before,
+                "a request without an answer had an effect"
+            );
+            continue;
+        };
+        let ty = if req.len() >= 4 { le32(req, 0) } else { 0 };
+        if status != S_OK {
+            // At least a resp_hdr, never beyond the response structure of the type.
+            let full = match ty {
+                REQ_HEAP_INFO => HEAP_INFO_RESP,
+                REQ_ALLOC => ALLOC_RESP,
+                _ => RESP_HDR,
+            };
+            assert!(
+                resp.len() == RESP_HDR || resp.len() == full,
+                "error response of {} bytes for type {ty}",
+                resp.len()
+            );
+            if status != S_NO_BUFFER || ty != REQ_FREE {
+                // Failed requests change nothing (a failed FREE of course neither).
+                let after = dev.stats();
+                assert_eq!(after.total.buffers, before.total.buffers);
+                assert_eq!(after.total.bytes, before.total.bytes);
+            }
+            continue;
+        }
+        match ty {
+            REQ_HEAP_INFO => assert_eq!(resp.len(), HEAP_INFO_RESP),
+            REQ_ALLOC => {
+                assert_eq!(resp.len(), ALLOC_RESP);
+                let (id, off, blen) = (le64(&resp, 8), le64(&resp, 16), le64(&resp, 24));
+                let want = le64(req, 16);
+                let heap = le32(req, 8) as usize;
+                let align = heap_params()[heap].min_align;
+                assert_ne!(id, 0);
+                assert!(blen >= want && blen % PAGE == 0 && off % align == 0);
+                assert!(off.checked_add(blen).is_some_and(|e| e <= SHM_SIZE));
+                assert!(mapper.covers(off, blen), "ALLOC range not mapped");
+            }
+            REQ_FREE | REQ_SYNC => assert_eq!(resp.len(), RESP_HDR),
+            other => panic!("OK for request type {other}"),
+        }
+    }
+    let s = dev.stats();
+    let listed = dev.buffers();
+    assert_eq!(s.total.buffers, listed.len() as u64);
+    assert_eq!(s.total.bytes, listed.iter().map(|b| b.len).sum::<u64>());
+    assert_eq!(s.total.mappings, mapper.mapped.len() as u64);
+    assert!(mapper.violations.is_empty(), "{:?}", mapper.violations);
+});
