@@ -58,7 +58,8 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "SIZE", default_value = "4G")]
     pub shm_size: String,
 
-    /// Most live mappings in the window (each costs the VMM a memory slot, ~509 in all).
+    /// Most live mappings in the window, at most 480 (each costs the VMM one of its ~509
+    /// vhost-user memory slots).
     #[arg(long, value_name = "N", default_value_t = 128)]
     pub max_mappings: usize,
 

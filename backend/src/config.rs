@@ -25,6 +25,12 @@ pub enum ConfigError {
     /// Window size not usable.
     #[error("--shm-size {0} must be a power of two of at least 2M")]
     ShmSize(u64),
+    /// More mappings than the front end's memory table can hold.
+    #[error(
+        "--max-mappings {0} exceeds {MAX_MAPPINGS_LIMIT}: every mapping takes one of the \
+         ~509 vhost-user memory slots, which guest RAM regions also use"
+    )]
+    TooManyMappings(usize),
     /// A zero cap.
     #[error("{0} must be at least 1")]
     Zero(&'static str),
@@ -40,6 +46,11 @@ pub enum ConfigError {
     #[error("heap name {0:?} used twice")]
     DuplicateHeap(String),
 }
+
+/// Most live mappings an operator may allow. Each mapping becomes a RAM region that QEMU
+/// pushes into every vhost-user back-end's memory table (509 slots in vhost-user-backend,
+/// and in QEMU's own back-ends); guest RAM takes a few slots too, so keep headroom.
+pub const MAX_MAPPINGS_LIMIT: usize = 480;
 
 /// Where a heap's buffers come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -249,6 +260,9 @@ impl Config {
         if args.max_mappings == 0 {
             return Err(ConfigError::Zero("--max-mappings"));
         }
+        if args.max_mappings > MAX_MAPPINGS_LIMIT {
+            return Err(ConfigError::TooManyMappings(args.max_mappings));
+        }
         if args.max_buffers == 0 {
             return Err(ConfigError::Zero("--max-buffers"));
         }
@@ -389,12 +403,22 @@ mod tests {
     }
 
     #[test]
+    fn mapping_cap_stops_below_the_memory_slots() {
+        let c = cfg(&["--socket-path", "/s", "--max-mappings", "480"]).unwrap();
+        assert_eq!(c.limits.max_mappings, MAX_MAPPINGS_LIMIT);
+        let err = cfg(&["--socket-path", "/s", "--max-mappings", "600"]).unwrap_err();
+        assert_eq!(err, ConfigError::TooManyMappings(600));
+        assert!(err.to_string().contains("memory slots"), "{err}");
+    }
+
+    #[test]
     fn rejects() {
         for argv in [
             &["--shm-size", "4G"][..],
             &["--socket-path", "/s", "--shm-size", "3G"],
             &["--socket-path", "/s", "--shm-size", "1M"],
             &["--socket-path", "/s", "--max-mappings", "0"],
+            &["--socket-path", "/s", "--max-mappings", "481"],
             &["--socket-path", "/s", "--max-buffers", "0"],
             &["--socket-path", "/s", "--max-bytes", "0"],
             &["--socket-path", "/s", "--heap", "a"],

@@ -256,8 +256,6 @@ fn a_spare_arena_is_given_back_when_the_window_needs_the_room() {
 }
 
 #[test]
-#[ignore = "daemon bug: --max-mappings is not checked against GET_MAX_MEM_SLOTS (509): \
-            --max-mappings 600 lets 600 mappings into a 509-slot memory table"]
 fn the_mapping_cap_respects_the_memory_slots_of_the_front_end() {
     // Every mapping is a RAM region in QEMU's memory table, pushed to the daemon's own
     // table, which has GET_MAX_MEM_SLOTS (509) slots, one of them taken by guest RAM. A
