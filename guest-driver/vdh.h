@@ -62,8 +62,9 @@ struct vdh_dev {
 	struct kref ref;
 	struct virtio_device *vdev;	/* only while !removed */
 	struct virtqueue *vq;		/* only while !removed */
-	spinlock_t vq_lock;		/* protects vq, removed, request flags */
+	spinlock_t vq_lock;		/* protects vq, removed, stalled, request flags */
 	bool removed;
+	bool stalled;			/* a request timed out; no answer since */
 	wait_queue_head_t space_wq;	/* woken when descriptors come back */
 	bool has_sync;
 	struct vdh_window *win;

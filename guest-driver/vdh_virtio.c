@@ -187,8 +187,10 @@ static void vdh_vq_done(struct virtqueue *vq)
 	spin_lock_irqsave(&vd->vq_lock, flags);
 	do {
 		virtqueue_disable_cb(vq);
-		while ((r = virtqueue_get_buf(vq, &len)))
+		while ((r = virtqueue_get_buf(vq, &len))) {
+			vd->stalled = false;
 			vdh_req_done(vd, r, len);
+		}
 		if (unlikely(virtqueue_is_broken(vq)))
 			break;
 	} while (!virtqueue_enable_cb(vq));
@@ -224,21 +226,34 @@ static int vdh_queue(struct vdh_dev *vd, struct vdh_req *r, size_t req_len,
 			spin_unlock_irqrestore(&vd->vq_lock, flags);
 			return -ENODEV;
 		}
-		ret = vdh_add(vd, r, req_len, resp_len);
+		/*
+		 * Once a request timed out, fail waiters at once instead of
+		 * letting each wait timeout_ms for a dead back-end. FREE still
+		 * goes out while there is room: it costs nothing to wait for.
+		 */
+		ret = vd->stalled && !r->nowait ? -EIO :
+		      vdh_add(vd, r, req_len, resp_len);
+		if (ret == -ENOSPC && vd->stalled)
+			ret = -EIO;
 		if (ret != -ENOSPC)
 			break;
-		spin_unlock_irqrestore(&vd->vq_lock, flags);
 		if (timeout_ms && time_after(jiffies, deadline)) {
+			vd->stalled = true;
+			spin_unlock_irqrestore(&vd->vq_lock, flags);
 			pr_warn_ratelimited("%s request: queue full, timed out\n",
 					    vdh_req_name(r));
 			return -ETIMEDOUT;
 		}
+		spin_unlock_irqrestore(&vd->vq_lock, flags);
 		wait_event_timeout(vd->space_wq, vdh_may_add(vd), HZ);
 	}
 	notify = !ret && virtqueue_kick_prepare(vd->vq);
 	spin_unlock_irqrestore(&vd->vq_lock, flags);
 	if (notify)
 		virtqueue_notify(vd->vq);
+	if (ret == -EIO)
+		pr_warn_ratelimited("%s request: device not answering\n",
+				    vdh_req_name(r));
 	return ret;
 }
 
@@ -264,8 +279,10 @@ static int vdh_wait(struct vdh_dev *vd, struct vdh_req *r)
 			ret = -EIO;
 		else if (timeout_ms && time_after(jiffies, deadline))
 			ret = -ETIMEDOUT;
-		if (ret)
+		if (ret) {
 			r->abandoned = true;
+			vd->stalled = true;
+		}
 		spin_unlock_irqrestore(&vd->vq_lock, flags);
 		if (ret) {
 			pr_warn_ratelimited("%s request: %s\n", vdh_req_name(r),

@@ -206,6 +206,19 @@ fn main() {
             }
         },
     );
+    // Once one request timed out, the driver must not make every later caller wait
+    // timeout_ms again for a back-end that is gone: they fail at once with EIO.
+    let t0 = Instant::now();
+    let r = alloc(heap, LEN);
+    let took = t0.elapsed();
+    report(
+        "later-requests-fail-fast",
+        match r {
+            Err(libc::EIO) if took < Duration::from_secs(1) => Ok(()),
+            Err(e) => Err(format!("errno {e} after {took:?} (want EIO within 1 s)")),
+            Ok(_) => Err("ALLOC succeeded without a daemon".into()),
+        },
+    );
     let fd0 = held[0].0;
     let r = in_child(deadline, || match sync(fd0, DMA_BUF_SYNC_READ) {
         Ok(()) => match sync(fd0, DMA_BUF_SYNC_READ | DMA_BUF_SYNC_END) {
