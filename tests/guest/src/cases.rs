@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The test cases. Each returns Err(reason) on failure.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -53,12 +53,21 @@ pub const CASES: &[(&str, &str, CaseFn)] = &[
 ];
 
 /// Cases run only when named: they need a special run-guest set-up.
-pub const EXPLICIT_CASES: &[(&str, &str, CaseFn)] = &[(
-    "daemon-death",
-    "the daemon is killed (host hook kill-daemon) while 2000 buffers are held: \
-     releasing them must not hang (run-guest --daemon-may-exit; run it last)",
-    daemon_death,
-)];
+pub const EXPLICIT_CASES: &[(&str, &str, CaseFn)] = &[
+    (
+        "daemon-death",
+        "the daemon is killed (host hook kill-daemon) while 2000 buffers are held: \
+         releasing them must not hang (run-guest --daemon-may-exit; run it last)",
+        daemon_death,
+    ),
+    (
+        "device-reset",
+        "unbinding the driver (a device reset) while buffers are held and mapped releases \
+         every host buffer and mapping; allocation then fails with ENODEV (run it last: \
+         the device stays unbound)",
+        device_reset,
+    ),
+];
 
 fn check(cond: bool, msg: impl FnOnce() -> String) -> Result<(), String> {
     if cond {
@@ -1055,4 +1064,61 @@ fn daemon_death(ctx: &Ctx) -> Result<(), String> {
         t0.elapsed()
     );
     Ok(())
+}
+
+fn device_reset(ctx: &Ctx) -> Result<(), String> {
+    let heap = Heap::open(&ctx.heap).map_err(|e| format!("open {}: {e}", ctx.heap))?;
+    let dname = ctx.daemon_name(&ctx.heap);
+    // Small buffers (arenas) and a large one (its own mapping), mapped and written.
+    let mut held = Vec::new();
+    for (i, len) in [PAGE, PAGE, 64 << 10, 16 << 20].into_iter().enumerate() {
+        let b = heap.alloc(len)?;
+        let m = b.mmap()?;
+        m.fill(i as u64);
+        held.push((b, m));
+    }
+    let before = env::daemon_heap_stats(&dname)?;
+    check(before.buffers == held.len() as u64, || {
+        format!("daemon holds {before:?} for {} buffers", held.len())
+    })?;
+    // The virtio device the heap belongs to: .../virtio_dmaheap/virtioN/heaps/NAME.
+    let dev_dir = env::sysfs_heap(&ctx.heap)?
+        .dir
+        .parent()
+        .and_then(|p| p.parent())
+        .map(|p| p.to_path_buf())
+        .ok_or("no device directory above the heap's sysfs directory")?;
+    let dev = dev_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or("device name")?
+        .to_string();
+    std::fs::write(format!("{}/unbind", env::DRIVER_DIR), &dev)
+        .map_err(|e| format!("unbind {dev}: {e}"))?;
+    // The reset reaches the daemon as GET_VRING_BASE: it must drop every buffer and mapping
+    // of every heap while the guest still holds (revoked) dma-bufs.
+    let mut last = BTreeMap::new();
+    env::wait_until(
+        "the daemon to release everything after the reset",
+        Duration::from_secs(20),
+        || {
+            last = env::daemon_stats()?;
+            Ok(last
+                .values()
+                .all(|h| h.buffers == 0 && h.bytes == 0 && h.mappings.unwrap_or(0) == 0))
+        },
+    )
+    .map_err(|e| format!("{e}: before {before:?}, now {last:?}"))?;
+    let r = heap.alloc_raw(PAGE as u64, rw_cloexec(), 0);
+    check(matches!(r, Err(libc::ENODEV)), || {
+        format!("ALLOC after the reset: {:?}, want ENODEV", r.map(|_| ()))
+    })?;
+    // Releasing the revoked buffers must not hang.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(held);
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(Duration::from_secs(30))
+        .map_err(|_| "releasing the buffers after the reset took more than 30 s".to_string())
 }
