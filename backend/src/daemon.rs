@@ -53,6 +53,9 @@ pub enum DaemonError {
     /// Thread spawning failed.
     #[error("cannot spawn a thread")]
     Thread(#[source] io::Error),
+    /// The idle timer (thread and eventfd) could not be set up or registered.
+    #[error("idle timer")]
+    IdleTimer(#[source] io::Error),
     /// Dropping privileges or installing the syscall filter failed.
     #[error("sandbox")]
     Sandbox(#[source] crate::sandbox::SandboxError),
@@ -132,7 +135,10 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     }
     // Buffer ids are unique for the daemon's lifetime, across connections and resets.
     let ids = Arc::new(AtomicU64::new(1));
-    let shared = Arc::new(Shared::new(Device::new(heaps, cfg.limits.clone(), ids)));
+    // Before the sandbox: this starts the idle timer's thread.
+    let shared = Arc::new(
+        Shared::new(Device::new(heaps, cfg.limits.clone(), ids)).map_err(DaemonError::IdleTimer)?,
+    );
 
     let mut listener = open_listener(&cfg.socket)?;
     let mut cleanup = Vec::new();
@@ -158,8 +164,14 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     loop {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let backend = Arc::new(VhuDmaheap::new(shared.clone(), mem.clone()));
-        let mut daemon = VhostUserDaemon::new("vhost-user-dmaheap".into(), backend, mem)
+        let mut daemon = VhostUserDaemon::new("vhost-user-dmaheap".into(), backend.clone(), mem)
             .map_err(DaemonError::Vhost)?;
+        // One vring worker serves the request queue; the idle timer wakes it too.
+        if let Some(h) = daemon.get_epoll_handlers().first() {
+            backend
+                .register_idle_timer(h)
+                .map_err(DaemonError::IdleTimer)?;
+        }
         daemon.start(&mut listener).map_err(DaemonError::Vhost)?;
         // The device state is fresh: it was reset when the previous front end left.
         info!("front end connected");

@@ -24,6 +24,19 @@ use crate::range::RangeAllocator;
 pub const ARENA_MIN: u64 = 2 << 20;
 const PAGE: u64 = VIRTIO_DMAHEAP_PAGE_SIZE as u64;
 
+/// How long a heap with no live buffer keeps its emptied arenas mapped after the last
+/// ALLOC or FREE, before [`Device::release_idle`] unmaps them.
+///
+/// Keeping the emptied arena as a spare makes the next ALLOC of an alloc/free loop cheap
+/// (no new host allocation, no SHMEM_MAP, no memory-table update in every back end of the
+/// VM). Releasing it soon after the heap went idle keeps the window empty when a guest
+/// frees everything and then resets the device (driver unbind/bind): QEMU 11.1 crashes
+/// when the device is re-initialised after a reset that happened while mappings were
+/// live. A guest that resets within this delay after its last FREE still hits that, so
+/// the delay is kept short: long enough to span the gap between the requests of a busy
+/// allocator, short against anything a human or a script does before an unbind.
+pub const SPARE_IDLE_DELAY: Duration = Duration::from_millis(100);
+
 /// Errors of the device core (shown to operators; guests only see status codes).
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -295,6 +308,10 @@ pub struct Device {
     next_id: Arc<AtomicU64>,
     sync_acked: bool,
     ratelimit: RateLimit,
+    /// Time of the last ALLOC or FREE; `None` once [`Device::release_idle`] made its
+    /// attempt for the current idle period (and after a reset).
+    last_activity: Option<Instant>,
+    spare_idle_delay: Duration,
 }
 
 type Status = u32;
@@ -349,7 +366,63 @@ impl Device {
             next_id,
             sync_acked: true,
             ratelimit: RateLimit::new(),
+            last_activity: None,
+            spare_idle_delay: SPARE_IDLE_DELAY,
         }
+    }
+
+    /// Changes how long idle heaps keep their emptied arenas (default
+    /// [`SPARE_IDLE_DELAY`]).
+    pub fn set_spare_idle_delay(&mut self, delay: Duration) {
+        self.spare_idle_delay = delay;
+    }
+
+    /// When [`Device::release_idle`] should run next: the idle delay after the last ALLOC
+    /// or FREE, if some heap without live buffers still holds arenas. `None`: nothing to
+    /// release (or the attempt for this idle period was made already).
+    pub fn idle_deadline(&self) -> Option<Instant> {
+        let last = self.last_activity?;
+        self.counters
+            .iter()
+            .any(|c| c.buffers == 0 && c.arena_bytes > 0)
+            .then(|| last.checked_add(self.spare_idle_delay))
+            .flatten()
+    }
+
+    /// Unmaps and releases the (empty) arenas of every heap that has no live buffer, if the
+    /// idle deadline has passed at `now`. Returns the number of mappings released.
+    ///
+    /// Must be called only where a [`Mapper`] may send requests (the vring worker of a
+    /// running device). One attempt per idle period: an arena whose unmap fails stays (and
+    /// stays usable); the next ALLOC or FREE starts a new period.
+    pub fn release_idle(&mut self, now: Instant, mapper: &mut dyn Mapper) -> usize {
+        if self.idle_deadline().is_none_or(|d| now < d) {
+            return 0;
+        }
+        self.last_activity = None;
+        let idle: Vec<u64> = self
+            .mappings
+            .iter()
+            .filter(|(_, m)| {
+                m.arena.is_some() && self.counters.get(m.heap).is_some_and(|c| c.buffers == 0)
+            })
+            .map(|(&woff, _)| woff)
+            .collect();
+        let mut released = 0;
+        for woff in idle {
+            if self.release_mapping(woff, mapper) {
+                released += 1;
+            }
+        }
+        for c in &mut self.counters {
+            if c.spare.is_some_and(|w| !self.mappings.contains_key(&w)) {
+                c.spare = None;
+            }
+        }
+        if released > 0 {
+            debug!("idle: released {released} empty arena(s)");
+        }
+        released
     }
 
     /// Logs a warning about a guest's request, rate-limited (a guest must not be able to
@@ -398,6 +471,7 @@ impl Device {
         self.window = RangeAllocator::new(self.limits.shm_size);
         self.counters = vec![HeapCounters::default(); self.heaps.len()];
         self.bytes = 0;
+        self.last_activity = None;
     }
 
     /// Handles one request. `req` is the device-readable part of the chain, `writable` the
@@ -564,6 +638,7 @@ impl Device {
             .ok()
             .filter(|&h| h < self.heaps.len())
             .ok_or(VIRTIO_DMAHEAP_S_NO_HEAP)?;
+        self.last_activity = Some(Instant::now());
         if flags != 0 || len == 0 || !len.is_multiple_of(PAGE) {
             return Err(VIRTIO_DMAHEAP_S_INVAL);
         }
@@ -785,6 +860,7 @@ impl Device {
         let Some(rec) = self.buffers.remove(&id) else {
             return VIRTIO_DMAHEAP_S_NO_BUFFER;
         };
+        self.last_activity = Some(Instant::now());
         self.bytes -= rec.len;
         self.counters[rec.heap].bytes -= rec.len;
         self.counters[rec.heap].buffers -= 1;
@@ -798,29 +874,32 @@ impl Device {
             }
             return VIRTIO_DMAHEAP_S_OK;
         };
+        let heap = rec.heap;
+        // The last buffer of the arena, and the heap has a spare already: give the arena
+        // back. Its memory goes with it, so the range needs no zeroing if the unmap works.
+        if arena.alloc.used() == rec.len
+            && self.counters[heap].spare.is_some_and(|s| s != rec.mapping)
+            && self.release_mapping(rec.mapping, mapper)
+        {
+            return VIRTIO_DMAHEAP_S_OK;
+        }
+        let Some(m) = self.mappings.get_mut(&rec.mapping) else {
+            return VIRTIO_DMAHEAP_S_OK;
+        };
+        let Some(arena) = m.arena.as_mut() else {
+            return VIRTIO_DMAHEAP_S_OK;
+        };
         // Zero now, so the range is clean when handed out again.
         if let Err(e) = m.buf.zero(rec.off, rec.len) {
             error!("buffer {id}: zeroing failed, range not reused: {e}");
             return VIRTIO_DMAHEAP_S_OK;
         }
         arena.alloc.free(rec.off, rec.len);
-        if arena.alloc.is_empty() {
-            let heap = rec.heap;
-            if self.counters[heap].buffers == 0 {
-                // The heap is idle: give everything back, the spare too. This way a guest
-                // that frees all its buffers before resetting the device leaves no mapping
-                // behind (QEMU 11.1 crashes when the device is re-initialised after a reset
-                // with live mappings).
-                if let Some(spare) = self.counters[heap].spare.take() {
-                    self.release_mapping(spare, mapper);
-                }
-                self.release_mapping(rec.mapping, mapper);
-            } else if self.counters[heap].spare.is_none() {
-                // Keep one empty arena mapped for recycling while the heap is in use.
-                self.counters[heap].spare = Some(rec.mapping);
-            } else {
-                self.release_mapping(rec.mapping, mapper);
-            }
+        if arena.alloc.is_empty() && self.counters[heap].spare.is_none() {
+            // Keep one empty arena mapped for recycling, also when the heap becomes idle:
+            // the next ALLOC then needs no SHMEM_MAP. Idle heaps give their arenas back
+            // after SPARE_IDLE_DELAY (release_idle, called by the vring worker).
+            self.counters[heap].spare = Some(rec.mapping);
         }
         VIRTIO_DMAHEAP_S_OK
     }
@@ -935,6 +1014,34 @@ pub(crate) mod tests {
         pub fail_nomem: AtomicU32,
         pub fail_io: AtomicU32,
         pub allocations: AtomicU64,
+        /// Calls of `HostBuffer::zero` on its buffers.
+        pub zeroings: Arc<AtomicU64>,
+    }
+
+    /// A memfd buffer that counts its zeroings.
+    #[derive(Debug)]
+    struct CountedBuffer(Box<dyn HostBuffer>, Arc<AtomicU64>);
+
+    impl HostBuffer for CountedBuffer {
+        fn fd(&self) -> BorrowedFd<'_> {
+            self.0.fd()
+        }
+        fn size(&self) -> u64 {
+            self.0.size()
+        }
+        fn zero(&self, offset: u64, len: u64) -> Result<(), ProviderError> {
+            self.1.fetch_add(1, Ordering::SeqCst);
+            self.0.zero(offset, len)
+        }
+        fn sync(&self, flags: u64) -> Result<(), ProviderError> {
+            self.0.sync(flags)
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ProviderError> {
+            self.0.read_at(offset, buf)
+        }
+        fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), ProviderError> {
+            self.0.write_at(offset, data)
+        }
     }
 
     impl HeapProvider for Arc<FakeProvider> {
@@ -953,7 +1060,8 @@ pub(crate) mod tests {
                 });
             }
             self.allocations.fetch_add(1, Ordering::SeqCst);
-            MemfdProvider::new("fake").allocate(len)
+            let buf = MemfdProvider::new("fake").allocate(len)?;
+            Ok(Box::new(CountedBuffer(buf, self.zeroings.clone())))
         }
 
         fn describe(&self) -> String {
@@ -1404,9 +1512,13 @@ pub(crate) mod tests {
         for id in ids {
             assert_eq!(free(&mut d, &mut m, id), VIRTIO_DMAHEAP_S_OK);
         }
-        // The heap is idle: every arena is given back.
+        // The heap is idle: one emptied arena stays as the spare until the idle deadline.
         let s = d.stats();
-        assert_eq!((s.total.arenas, s.total.buffers), (0, 0));
+        assert_eq!((s.total.arenas, s.total.buffers), (1, 0));
+        assert_eq!(m.unmaps, 1);
+        let deadline = d.idle_deadline().expect("idle spare");
+        assert_eq!(d.release_idle(deadline, &mut m), 1);
+        assert_eq!(d.stats().total.arenas, 0);
         assert_eq!(m.unmaps, 2);
         assert!(m.mapped.is_empty());
         // While the heap is in use, one emptied arena stays mapped as a spare.
@@ -1454,8 +1566,11 @@ pub(crate) mod tests {
         assert_eq!((st, off2), (VIRTIO_DMAHEAP_S_OK, off));
         assert_eq!(d.peek(id2, 0, 8).unwrap(), [0; 8]);
         assert_eq!(m.maps, 1);
-        // Once empty again (and unmappable), it goes.
+        // Once empty again it is the idle spare, and goes at the idle deadline.
         assert_eq!(free(&mut d, &mut m, id2), VIRTIO_DMAHEAP_S_OK);
+        assert_eq!(m.mapped.len(), 1);
+        let deadline = d.idle_deadline().expect("idle spare");
+        assert_eq!(d.release_idle(deadline, &mut m), 1);
         assert!(m.mapped.is_empty());
     }
 
@@ -1558,7 +1673,209 @@ pub(crate) mod tests {
         let s = d.stats();
         assert_eq!(
             (s.total.buffers, s.total.bytes, s.total.mappings),
-            (0, 0, 0)
+            (0, 0, 1),
+            "one spare arena until the idle deadline"
         );
+        let deadline = d.idle_deadline().expect("idle spare");
+        assert_eq!(d.release_idle(deadline, &mut m), 1);
+        assert_eq!(d.stats().total.mappings, 0);
+    }
+
+    const NS: Duration = Duration::from_nanos(1);
+
+    #[test]
+    fn an_idle_heap_keeps_its_emptied_arena_until_the_idle_deadline() {
+        let (mut d, p) = device();
+        let mut m = FakeMapper::default();
+        let before = Instant::now();
+        assert_eq!(d.idle_deadline(), None);
+        let (st, id, off, _) = alloc(&mut d, &mut m, 0, 4096);
+        assert_eq!(st, VIRTIO_DMAHEAP_S_OK);
+        assert_eq!(d.idle_deadline(), None, "a live buffer: not idle");
+        assert_eq!(free(&mut d, &mut m, id), VIRTIO_DMAHEAP_S_OK);
+        assert_eq!((m.maps, m.unmaps, m.mapped.len()), (1, 0, 1));
+        let deadline = d.idle_deadline().expect("idle heap with a spare");
+        assert!(deadline >= before + SPARE_IDLE_DELAY);
+        // Alloc + free + alloc: the spare is reused, no new host allocation or mapping.
+        let (st, id2, off2, _) = alloc(&mut d, &mut m, 0, 4096);
+        assert_eq!((st, off2), (VIRTIO_DMAHEAP_S_OK, off));
+        assert_eq!(d.peek(id2, 0, 4096).unwrap(), vec![0u8; 4096]);
+        assert_eq!((m.maps, p.allocations.load(Ordering::SeqCst)), (1, 1));
+        assert_eq!(free(&mut d, &mut m, id2), VIRTIO_DMAHEAP_S_OK);
+        // Activity moved the deadline; nothing goes before it, everything at it.
+        let deadline2 = d.idle_deadline().expect("idle again");
+        assert!(deadline2 >= deadline);
+        assert_eq!(d.release_idle(before, &mut m), 0);
+        assert_eq!(d.release_idle(deadline2 - NS, &mut m), 0);
+        assert_eq!(m.unmaps, 0);
+        assert_eq!(d.release_idle(deadline2, &mut m), 1);
+        assert_eq!((m.unmaps, m.mapped.len()), (1, 0));
+        assert_eq!(d.stats().total, HeapStats::default());
+        // Done for this idle period.
+        assert_eq!(d.idle_deadline(), None);
+        assert_eq!(d.release_idle(deadline2 + SPARE_IDLE_DELAY * 10, &mut m), 0);
+        // The next ALLOC maps a new arena.
+        assert_eq!(alloc(&mut d, &mut m, 0, 4096).0, VIRTIO_DMAHEAP_S_OK);
+        assert_eq!(m.maps, 2);
+    }
+
+    #[test]
+    fn the_idle_delay_is_configurable() {
+        let (mut d, _) = device();
+        d.set_spare_idle_delay(Duration::from_secs(5));
+        let mut m = FakeMapper::default();
+        let before = Instant::now();
+        let (_, id, _, _) = alloc(&mut d, &mut m, 0, 4096);
+        assert_eq!(free(&mut d, &mut m, id), VIRTIO_DMAHEAP_S_OK);
+        let deadline = d.idle_deadline().unwrap();
+        assert!(deadline >= before + Duration::from_secs(5));
+        assert_eq!(d.release_idle(deadline - NS, &mut m), 0);
+        assert_eq!(d.release_idle(deadline, &mut m), 1);
+    }
+
+    #[test]
+    fn heaps_in_use_keep_their_spare_and_only_idle_heaps_release() {
+        let (mut d, p) = device_with(vec![params("a"), params("b")], limits());
+        let mut m = FakeMapper::default();
+        // Heap 0 stays in use; fill its first arena (2 MiB) so the next buffers need another.
+        let keep: Vec<u64> = (0..2)
+            .map(|_| alloc(&mut d, &mut m, 0, 1 << 20).1)
+            .collect();
+        let (_, other, _, _) = alloc(&mut d, &mut m, 0, 4096);
+        assert_eq!(d.stats().heaps["a"].arenas, 2);
+        assert_eq!(free(&mut d, &mut m, other), VIRTIO_DMAHEAP_S_OK);
+        assert_eq!(
+            d.stats().heaps["a"].arenas,
+            2,
+            "the emptied arena is the spare"
+        );
+        assert_eq!(d.idle_deadline(), None, "heap a is in use");
+        assert_eq!(
+            d.release_idle(Instant::now() + SPARE_IDLE_DELAY * 10, &mut m),
+            0
+        );
+        // Heap 1 goes idle: only its arena is released at the deadline.
+        let (_, b, _, _) = alloc(&mut d, &mut m, 1, 4096);
+        assert_eq!(free(&mut d, &mut m, b), VIRTIO_DMAHEAP_S_OK);
+        let deadline = d.idle_deadline().unwrap();
+        assert_eq!(d.release_idle(deadline, &mut m), 1);
+        let s = d.stats();
+        assert_eq!((s.heaps["a"].arenas, s.heaps["b"].arenas), (2, 0));
+        // Heap 0 goes idle: the arena freed last is given back at once (without zeroing:
+        // its memory goes with it), the spare at the deadline.
+        assert_eq!(free(&mut d, &mut m, keep[0]), VIRTIO_DMAHEAP_S_OK);
+        let z = p.zeroings.load(Ordering::SeqCst);
+        assert_eq!(free(&mut d, &mut m, keep[1]), VIRTIO_DMAHEAP_S_OK);
+        assert_eq!(
+            p.zeroings.load(Ordering::SeqCst),
+            z,
+            "no zeroing of a released arena"
+        );
+        assert_eq!(d.stats().heaps["a"].arenas, 1);
+        let deadline = d.idle_deadline().unwrap();
+        assert_eq!(d.release_idle(deadline, &mut m), 1);
+        assert!(m.mapped.is_empty());
+        assert_eq!(m.maps, m.unmaps);
+    }
+
+    #[test]
+    fn reset_forgets_the_idle_spare_without_unmapping() {
+        let (mut d, _) = device();
+        let mut m = FakeMapper::default();
+        let (_, id, _, _) = alloc(&mut d, &mut m, 0, 4096);
+        assert_eq!(free(&mut d, &mut m, id), VIRTIO_DMAHEAP_S_OK);
+        let deadline = d.idle_deadline().unwrap();
+        d.reset();
+        assert_eq!(d.idle_deadline(), None);
+        assert_eq!(d.release_idle(deadline + SPARE_IDLE_DELAY, &mut m), 0);
+        assert_eq!(m.unmaps, 0);
+        assert_eq!(d.stats().total, HeapStats::default());
+    }
+
+    #[test]
+    fn a_failed_idle_unmap_keeps_the_spare_until_new_activity() {
+        let (mut d, _) = device();
+        let mut m = FakeMapper::default();
+        let (_, id, off, _) = alloc(&mut d, &mut m, 0, 4096);
+        assert_eq!(free(&mut d, &mut m, id), VIRTIO_DMAHEAP_S_OK);
+        struct Refuse;
+        impl Mapper for Refuse {
+            fn map(&mut self, _: BorrowedFd<'_>, _: u64, _: u64, _: u64) -> Result<(), MapError> {
+                Err(MapError::NotRunning)
+            }
+            fn unmap(&mut self, _: u64, _: u64) -> Result<(), MapError> {
+                Err(MapError::NotRunning)
+            }
+        }
+        let deadline = d.idle_deadline().unwrap();
+        assert_eq!(d.release_idle(deadline, &mut Refuse), 0);
+        // One attempt per idle period: no retry loop.
+        assert_eq!(d.idle_deadline(), None);
+        assert_eq!(d.stats().total.arenas, 1);
+        // Still the spare: reused without a new mapping; the next idle period releases it.
+        let (st, id, off2, _) = alloc(&mut d, &mut m, 0, 4096);
+        assert_eq!((st, off2, m.maps), (VIRTIO_DMAHEAP_S_OK, off, 1));
+        assert_eq!(free(&mut d, &mut m, id), VIRTIO_DMAHEAP_S_OK);
+        let deadline = d.idle_deadline().unwrap();
+        assert_eq!(d.release_idle(deadline, &mut m), 1);
+        assert!(m.mapped.is_empty());
+    }
+
+    #[test]
+    fn an_arena_released_on_free_is_not_zeroed_but_a_kept_one_is() {
+        let (mut d, p) = device();
+        let mut m = FakeMapper::default();
+        // Two arenas: fill the first (2 MiB), then one buffer in a second.
+        let a: Vec<u64> = (0..2)
+            .map(|_| alloc(&mut d, &mut m, 0, 1 << 20).1)
+            .collect();
+        let (_, b, _, _) = alloc(&mut d, &mut m, 0, 1 << 20);
+        assert_eq!(d.stats().total.arenas, 2);
+        let z = p.zeroings.load(Ordering::SeqCst);
+        // The second arena empties first: it becomes the spare (zeroed).
+        assert_eq!(free(&mut d, &mut m, b), VIRTIO_DMAHEAP_S_OK);
+        assert_eq!(p.zeroings.load(Ordering::SeqCst), z + 1);
+        // The first one's last buffer: released at once, no zeroing.
+        assert_eq!(free(&mut d, &mut m, a[0]), VIRTIO_DMAHEAP_S_OK);
+        assert_eq!(p.zeroings.load(Ordering::SeqCst), z + 2);
+        assert_eq!(free(&mut d, &mut m, a[1]), VIRTIO_DMAHEAP_S_OK);
+        assert_eq!(
+            p.zeroings.load(Ordering::SeqCst),
+            z + 2,
+            "released, not zeroed"
+        );
+        assert_eq!((d.stats().total.arenas, m.unmaps), (1, 1));
+        // If that unmap fails, the range is zeroed after all (the arena stays in use).
+        let (_, c, _, _) = alloc(&mut d, &mut m, 0, 1 << 20);
+        let (_, e, _, _) = alloc(&mut d, &mut m, 0, 1 << 20);
+        let (_, f, _, _) = alloc(&mut d, &mut m, 0, 1 << 20);
+        assert_eq!(d.stats().total.arenas, 2);
+        assert_eq!(free(&mut d, &mut m, f), VIRTIO_DMAHEAP_S_OK);
+        let z = p.zeroings.load(Ordering::SeqCst);
+        struct RefuseUnmap<'a>(&'a mut FakeMapper);
+        impl Mapper for RefuseUnmap<'_> {
+            fn map(&mut self, fd: BorrowedFd<'_>, o: u64, s: u64, l: u64) -> Result<(), MapError> {
+                self.0.map(fd, o, s, l)
+            }
+            fn unmap(&mut self, _: u64, _: u64) -> Result<(), MapError> {
+                Err(MapError::NotRunning)
+            }
+        }
+        d.poke(e, 0, b"dirty").unwrap();
+        assert_eq!(
+            status_of(&d.handle(&free_bytes(c), 8, &mut RefuseUnmap(&mut m))),
+            VIRTIO_DMAHEAP_S_OK
+        );
+        assert_eq!(
+            status_of(&d.handle(&free_bytes(e), 8, &mut RefuseUnmap(&mut m))),
+            VIRTIO_DMAHEAP_S_OK
+        );
+        assert_eq!(p.zeroings.load(Ordering::SeqCst), z + 2);
+        assert_eq!(d.stats().total.arenas, 2, "unmap refused: both arenas stay");
+        let (_, g, _, _) = alloc(&mut d, &mut m, 0, 1 << 20);
+        let (_, h, _, _) = alloc(&mut d, &mut m, 0, 1 << 20);
+        for id in [g, h] {
+            assert_eq!(d.peek(id, 0, 5).unwrap(), [0; 5]);
+        }
     }
 }

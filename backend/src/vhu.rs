@@ -11,11 +11,17 @@
 //! * no front-end message handler takes the device lock at all (`GET_CONFIG` may arrive
 //!   from a vCPU thread of QEMU holding its big lock while the worker waits for QEMU's
 //!   main loop to acknowledge a map).
+//! * idle heaps give their spare arenas back after [`crate::device::SPARE_IDLE_DELAY`]:
+//!   an [`IdleTimer`] wakes the vring worker (an extra event source of its epoll loop,
+//!   [`IDLE_TIMER_EVENT`]), which unmaps them only if the queue is still started and
+//!   enabled and no reset happened since (the generation check of every map/unmap).
 
 use std::io;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread;
+use std::time::Instant;
 
 use log::{debug, info, warn};
 use vhost::vhost_user::message::{
@@ -23,7 +29,7 @@ use vhost::vhost_user::message::{
     VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
@@ -32,6 +38,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::abi::{MAX_REQ_SIZE, VIRTIO_DMAHEAP_SHM_BUFFERS};
 use crate::device::{Device, MapError, Mapper};
@@ -40,6 +47,113 @@ use crate::device::{Device, MapError, Mapper};
 pub const QUEUE_SIZE: usize = 256;
 /// Number of queues.
 pub const NUM_QUEUES: usize = 1;
+/// Event id of the [`IdleTimer`] in the vring worker's epoll loop (0..NUM_QUEUES are the
+/// queues, NUM_QUEUES is the library's own exit / vring-enable event).
+pub const IDLE_TIMER_EVENT: u16 = NUM_QUEUES as u16 + 1;
+
+#[derive(Debug, Default)]
+struct TimerState {
+    deadline: Option<Instant>,
+    stop: bool,
+}
+
+#[derive(Debug)]
+struct TimerInner {
+    state: Mutex<TimerState>,
+    cv: Condvar,
+    fd: EventFd,
+}
+
+impl TimerInner {
+    fn state(&self) -> MutexGuard<'_, TimerState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn run(&self) {
+        let mut st = self.state();
+        loop {
+            if st.stop {
+                return;
+            }
+            st = match st.deadline {
+                None => self.cv.wait(st).unwrap_or_else(PoisonError::into_inner),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        st.deadline = None;
+                        if let Err(e) = self.fd.write(1) {
+                            warn!("idle timer: cannot signal the vring worker: {e}");
+                        }
+                        st
+                    } else {
+                        self.cv
+                            .wait_timeout(st, d - now)
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .0
+                    }
+                }
+            };
+        }
+    }
+}
+
+/// Makes an eventfd readable at a deadline, for the vring worker's epoll loop.
+///
+/// A thread sleeps on a condition variable until the deadline (the daemon's syscall filter
+/// allows futex and eventfd, not timerfd). Arming is cheap when a deadline is pending
+/// already: a later deadline only updates it (the thread goes back to sleep when it wakes
+/// up early), so a busy queue does not wake the thread at every request. A deadline that
+/// became moot is not cancelled: the worker then finds nothing to do.
+#[derive(Debug)]
+pub struct IdleTimer {
+    inner: Arc<TimerInner>,
+}
+
+impl IdleTimer {
+    /// A timer and its thread (which ends when the timer is dropped).
+    pub fn new() -> io::Result<Self> {
+        let inner = Arc::new(TimerInner {
+            state: Mutex::new(TimerState::default()),
+            cv: Condvar::new(),
+            fd: EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+        });
+        let t = inner.clone();
+        thread::Builder::new()
+            .name("idle-timer".into())
+            .spawn(move || t.run())?;
+        Ok(Self { inner })
+    }
+
+    /// Signals the eventfd at `deadline`, replacing a pending deadline (a later one costs
+    /// no wake-up now: the thread wakes at the old one and goes back to sleep).
+    pub fn arm(&self, deadline: Instant) {
+        let mut st = self.inner.state();
+        let wake = st.deadline.is_none_or(|d| deadline < d);
+        st.deadline = Some(deadline);
+        drop(st);
+        if wake {
+            self.inner.cv.notify_one();
+        }
+    }
+
+    /// Clears the eventfd (the worker does this when it handles the event).
+    fn consume(&self) {
+        // Nothing to read (EAGAIN) is fine: the event may have been consumed already.
+        let _ = self.inner.fd.read();
+    }
+
+    /// The fd to register with the epoll loop.
+    pub fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.inner.fd.as_raw_fd()
+    }
+}
+
+impl Drop for IdleTimer {
+    fn drop(&mut self) {
+        self.inner.state().stop = true;
+        self.inner.cv.notify_one();
+    }
+}
 
 /// The device and its generation, behind one lock.
 #[derive(Debug)]
@@ -57,18 +171,20 @@ pub struct Shared {
     acked_features: AtomicU64,
     config: crate::abi::Config,
     shm_size: u64,
+    timer: IdleTimer,
 }
 
 impl Shared {
-    /// Wraps a device.
-    pub fn new(dev: Device) -> Self {
-        Self {
+    /// Wraps a device; starts the idle timer's thread.
+    pub fn new(dev: Device) -> io::Result<Self> {
+        Ok(Self {
             config: dev.config(),
             shm_size: dev.limits().shm_size,
             slot: Mutex::new(DeviceSlot { dev, gen: 0 }),
             gen: AtomicU64::new(0),
             acked_features: AtomicU64::new(Device::device_features()),
-        }
+            timer: IdleTimer::new()?,
+        })
     }
 
     /// Locks the device, first applying a pending reset.
@@ -198,6 +314,22 @@ impl VhuDmaheap {
     /// Serves every available chain. Never fails for a guest error.
     fn process_queue(&self, vring: &VringRwLock) -> io::Result<()> {
         let backend = self.backend_req();
+        let mut deadline = None;
+        let res = self.serve_available(vring, backend.as_ref(), &mut deadline);
+        if let Some(d) = deadline {
+            self.shared.timer.arm(d);
+        }
+        res
+    }
+
+    /// The loop of [`Self::process_queue`]; leaves in `deadline` the device's idle
+    /// deadline after the last request it served.
+    fn serve_available(
+        &self,
+        vring: &VringRwLock,
+        backend: Option<&Backend>,
+        deadline: &mut Option<Instant>,
+    ) -> io::Result<()> {
         loop {
             let mem = self.mem.memory();
             // Pop with the vring lock held, but never keep it while serving the request:
@@ -220,11 +352,13 @@ impl VhuDmaheap {
                 slot.dev
                     .set_acked_features(self.shared.acked_features.load(Ordering::SeqCst));
                 let mut mapper = ChannelMapper {
-                    backend: backend.as_ref(),
+                    backend,
                     shared: &self.shared,
                     gen,
                 };
-                (serve_chain(&mut slot.dev, chain, &mem, &mut mapper), gen)
+                let used = serve_chain(&mut slot.dev, chain, &mem, &mut mapper);
+                *deadline = slot.dev.idle_deadline();
+                (used, gen)
             };
             {
                 // A request in flight when the ring was stopped (or the device reset) is not
@@ -245,6 +379,51 @@ impl VhuDmaheap {
             }
         }
         Ok(())
+    }
+}
+
+impl VhuDmaheap {
+    /// Registers the idle timer with the epoll loop of the vring worker (call once per
+    /// connection, on the handler that serves the request queue).
+    pub fn register_idle_timer(&self, handler: &VringEpollHandler<Arc<Self>>) -> io::Result<()> {
+        handler.register_listener(
+            self.shared.timer.as_raw_fd(),
+            EventSet::IN,
+            u64::from(IDLE_TIMER_EVENT),
+        )
+    }
+
+    /// The idle timer fired (vring worker thread): unmap the arenas of idle heaps if the
+    /// device still runs. Never fails: there is nothing the event loop could do about it.
+    fn idle_timer_fired(&self, vrings: &[VringRwLock]) {
+        self.shared.timer.consume();
+        // SHMEM_UNMAP only while the queue is started and enabled (QEMU crashes on one for
+        // a stopped device). A stop that comes after this check bumps the generation,
+        // which the mapper checks before sending anything.
+        let running = vrings.first().is_some_and(|v| {
+            let st = v.get_ref();
+            st.get_queue().ready() && st.is_enabled()
+        });
+        if !running {
+            debug!("idle timer: queue not running, nothing released");
+            return;
+        }
+        let backend = self.backend_req();
+        let next = {
+            let mut slot = self.shared.lock();
+            let mut mapper = ChannelMapper {
+                backend: backend.as_ref(),
+                shared: &self.shared,
+                gen: slot.gen,
+            };
+            let released = slot.dev.release_idle(Instant::now(), &mut mapper);
+            debug!("idle timer: {released} mapping(s) released");
+            slot.dev.idle_deadline()
+        };
+        // Requests came in since the timer was armed: wait for the new deadline.
+        if let Some(d) = next {
+            self.shared.timer.arm(d);
+        }
     }
 }
 
@@ -379,6 +558,10 @@ impl VhostUserBackend for VhuDmaheap {
         vrings: &[VringRwLock],
         _thread_id: usize,
     ) -> io::Result<()> {
+        if device_event == IDLE_TIMER_EVENT {
+            self.idle_timer_fired(vrings);
+            return Ok(());
+        }
         if device_event as usize >= NUM_QUEUES {
             return Ok(());
         }
@@ -612,7 +795,7 @@ mod tests {
     #[test]
     fn reset_is_deferred_while_busy_and_maps_are_refused_after_it() {
         let (dev, _) = setup();
-        let shared = Shared::new(dev);
+        let shared = Shared::new(dev).unwrap();
         let mut mapper = FakeMapper::default();
         {
             let mut slot = shared.lock();
@@ -642,11 +825,48 @@ mod tests {
         assert_eq!(mapper.unmaps, 0);
     }
 
+    /// Waits (with a deadline) until the timer's eventfd is signalled; returns the time.
+    fn wait_signalled(t: &IdleTimer) -> Instant {
+        let start = Instant::now();
+        loop {
+            if t.inner.fd.read().is_ok() {
+                return Instant::now();
+            }
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(10),
+                "idle timer never fired"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn idle_timer_fires_at_the_latest_deadline_it_was_given() {
+        use std::time::Duration;
+        let t = IdleTimer::new().unwrap();
+        let start = Instant::now();
+        t.arm(start);
+        wait_signalled(&t);
+        // A later deadline given while one is pending replaces it (no early signal).
+        let d1 = Instant::now() + Duration::from_millis(20);
+        let d2 = d1 + Duration::from_millis(30);
+        t.arm(d1);
+        t.arm(d2);
+        let fired = wait_signalled(&t);
+        assert!(fired >= d2, "fired {:?} before the deadline", d2 - fired);
+        assert!(t.inner.fd.read().is_err(), "signalled once");
+        // An earlier deadline than the pending one wakes the thread up.
+        let far = Instant::now() + Duration::from_secs(3600);
+        t.arm(far);
+        t.arm(Instant::now());
+        wait_signalled(&t);
+    }
+
     #[test]
     fn config_reads_are_bounds_checked() {
         let (dev, _) = setup();
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let b = VhuDmaheap::new(Arc::new(Shared::new(dev)), mem);
+        let b = VhuDmaheap::new(Arc::new(Shared::new(dev).unwrap()), mem);
         let all = b.get_config(0, 16);
         assert_eq!(all.len(), 16);
         assert_eq!(&all[..4], &VIRTIO_DMAHEAP_MAGIC.to_le_bytes());

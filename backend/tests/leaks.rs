@@ -106,7 +106,10 @@ fn alloc_free_cycles_return_fds_and_rss_to_baseline() {
     cycles(&mut fe, 2000, n, 30);
     let took = start.elapsed();
     fe.free_ok(keep.id);
-    let st = daemon.wait_stats("all freed", |s| s.total.buffers == 0);
+    // The spare arena of the now idle heap goes after the idle delay.
+    let st = daemon.wait_stats("all freed, idle spare released", |s| {
+        s.total.buffers == 0 && s.total.mappings == 0
+    });
     assert_eq!((st.total.bytes, st.total.mappings), (0, 0), "{}", st.raw);
     assert_eq!(fe.shm().live_mappings(), 0, "front end still has mappings");
     let end_fds = fd_count(pid);
@@ -134,6 +137,9 @@ fn refused_maps_and_fd_exhaustion_leak_nothing_in_the_daemon() {
     let mut fe = FrontEnd::connect(&daemon);
     let b = fe.alloc_ok(0, 4096);
     fe.free_ok(b.id);
+    // Baseline with nothing mapped: the idle heap's spare arena is released after the idle
+    // delay (while it is mapped, small ALLOCs would reuse it without a SHMEM_MAP).
+    daemon.wait_stats("idle spare released", |st| st.total.mappings == 0);
     let base = fd_count(pid);
     // The front end refuses every SHMEM_MAP.
     fe.refuse_maps(true);
@@ -166,8 +172,10 @@ fn refused_maps_and_fd_exhaustion_leak_nothing_in_the_daemon() {
     assert!(fd_count(pid) <= base, "fds after fd exhaustion");
     let b = fe.alloc_ok(0, 4096);
     fe.free_ok(b.id);
-    let st = daemon.stats();
-    assert_eq!((st.total.buffers, st.total.mappings), (0, 0), "{}", st.raw);
+    // Nothing held once the idle spare arena is released (after the idle delay).
+    daemon.wait_stats("nothing held", |st| {
+        (st.total.buffers, st.total.mappings) == (0, 0)
+    });
 }
 
 /// Sets the daemon's soft RLIMIT_NOFILE; returns the old soft limit.
@@ -391,6 +399,9 @@ fn provider_enomem_and_mmap_failures_give_errors_and_leak_nothing() {
     for id in ids {
         assert_eq!(dev.free(id, &mut m), S_OK);
     }
+    // The idle heap's spare arena goes at the idle deadline.
+    let deadline = dev.idle_deadline().expect("idle spare arena");
+    assert_eq!(dev.release_idle(deadline, &mut m), 1);
     assert_eq!(
         faults.live.load(Ordering::SeqCst),
         0,
