@@ -1,63 +1,47 @@
-//! The virtio-dmaheap wire format, written out again from `spec/virtio_dmaheap.h`.
-//!
-//! The tests deliberately do not use the daemon's own `abi.rs`: encoding the requests
-//! independently from the header is what makes them a check of the ABI.
+//! The virtio-dmaheap wire format as the test front end encodes it: requests are built
+//! byte by byte here (not with the daemon's structs), from the header's constants.
 
-/// `VIRTIO_DMAHEAP_MAGIC`.
-pub const MAGIC: u32 = 0x5041_4844;
-/// `VIRTIO_DMAHEAP_VERSION`.
-pub const VERSION: u32 = 1;
+use std::mem::size_of;
+
+use vhost_user_dmaheap::abi;
+// The constants come from the daemon's mirror of the header, which tests/abi_layout.rs
+// checks field by field against spec/virtio_dmaheap.h: one source of truth, no unchecked
+// copy. The requests themselves are still encoded by hand below.
+pub use vhost_user_dmaheap::abi::{
+    VIRTIO_DMAHEAP_CACHE_CACHED as CACHE_CACHED, VIRTIO_DMAHEAP_CACHE_UNCACHED as CACHE_UNCACHED,
+    VIRTIO_DMAHEAP_CACHE_WC as CACHE_WC, VIRTIO_DMAHEAP_HEAP_F_CONTIGUOUS as HEAP_F_CONTIGUOUS,
+    VIRTIO_DMAHEAP_MAGIC as MAGIC, VIRTIO_DMAHEAP_NAME_LEN as NAME_LEN,
+    VIRTIO_DMAHEAP_REQ_ALLOC as REQ_ALLOC, VIRTIO_DMAHEAP_REQ_ASSIGN_UUID as REQ_ASSIGN_UUID,
+    VIRTIO_DMAHEAP_REQ_FREE as REQ_FREE, VIRTIO_DMAHEAP_REQ_HEAP_INFO as REQ_HEAP_INFO,
+    VIRTIO_DMAHEAP_REQ_SYNC as REQ_SYNC, VIRTIO_DMAHEAP_SYNC_END as SYNC_END,
+    VIRTIO_DMAHEAP_SYNC_READ as SYNC_READ, VIRTIO_DMAHEAP_SYNC_WRITE as SYNC_WRITE,
+    VIRTIO_DMAHEAP_S_INVAL as S_INVAL, VIRTIO_DMAHEAP_S_IOERR as S_IOERR,
+    VIRTIO_DMAHEAP_S_NOMEM as S_NOMEM, VIRTIO_DMAHEAP_S_NO_BUFFER as S_NO_BUFFER,
+    VIRTIO_DMAHEAP_S_NO_HEAP as S_NO_HEAP, VIRTIO_DMAHEAP_S_OK as S_OK,
+    VIRTIO_DMAHEAP_S_QUOTA as S_QUOTA, VIRTIO_DMAHEAP_S_TOO_BIG as S_TOO_BIG,
+    VIRTIO_DMAHEAP_S_UNSUPP as S_UNSUPP, VIRTIO_DMAHEAP_S_WINDOW_FULL as S_WINDOW_FULL,
+    VIRTIO_DMAHEAP_VERSION as VERSION,
+};
+
 /// `VIRTIO_DMAHEAP_PAGE_SIZE`.
-pub const PAGE_SIZE: u64 = 4096;
+pub const PAGE_SIZE: u64 = abi::VIRTIO_DMAHEAP_PAGE_SIZE as u64;
 /// Size of `struct virtio_dmaheap_config`.
-pub const CONFIG_SIZE: usize = 16;
+pub const CONFIG_SIZE: usize = size_of::<abi::Config>();
 
-/// Feature bits.
-pub const F_SYNC: u64 = 1 << 0;
-pub const F_UUID: u64 = 1 << 1;
-
-/// Request types.
-pub const REQ_HEAP_INFO: u32 = 1;
-pub const REQ_ALLOC: u32 = 2;
-pub const REQ_FREE: u32 = 3;
-pub const REQ_SYNC: u32 = 4;
-pub const REQ_ASSIGN_UUID: u32 = 5;
-
-/// Status codes.
-pub const S_OK: u32 = 0;
-pub const S_IOERR: u32 = 1;
-pub const S_INVAL: u32 = 2;
-pub const S_NO_HEAP: u32 = 3;
-pub const S_NO_BUFFER: u32 = 4;
-pub const S_NOMEM: u32 = 5;
-pub const S_QUOTA: u32 = 6;
-pub const S_WINDOW_FULL: u32 = 7;
-pub const S_UNSUPP: u32 = 8;
-pub const S_TOO_BIG: u32 = 9;
-
-/// `virtio_dmaheap_heap_info.flags`.
-pub const HEAP_F_CONTIGUOUS: u32 = 1 << 0;
-/// `virtio_dmaheap_heap_info.cache`.
-pub const CACHE_CACHED: u32 = 0;
-pub const CACHE_UNCACHED: u32 = 1;
-pub const CACHE_WC: u32 = 2;
-pub const NAME_LEN: usize = 32;
-
-/// SYNC flags.
-pub const SYNC_READ: u32 = 1 << 0;
-pub const SYNC_WRITE: u32 = 1 << 1;
-pub const SYNC_END: u32 = 1 << 2;
+/// Feature bits, as masks.
+pub const F_SYNC: u64 = 1 << abi::VIRTIO_DMAHEAP_F_SYNC;
+pub const F_UUID: u64 = 1 << abi::VIRTIO_DMAHEAP_F_UUID;
 
 /// Struct sizes from the header.
-pub const RESP_HDR_SIZE: usize = 8;
-pub const HEAP_INFO_REQ_SIZE: usize = 16;
-pub const HEAP_INFO_RESP_SIZE: usize = 72;
-pub const ALLOC_REQ_SIZE: usize = 24;
-pub const ALLOC_RESP_SIZE: usize = 32;
-pub const FREE_REQ_SIZE: usize = 16;
-pub const SYNC_REQ_SIZE: usize = 24;
-pub const ASSIGN_UUID_REQ_SIZE: usize = 16;
-pub const ASSIGN_UUID_RESP_SIZE: usize = 24;
+pub const RESP_HDR_SIZE: usize = size_of::<abi::RespHdr>();
+pub const HEAP_INFO_REQ_SIZE: usize = size_of::<abi::HeapInfoReq>();
+pub const HEAP_INFO_RESP_SIZE: usize = size_of::<abi::HeapInfoResp>();
+pub const ALLOC_REQ_SIZE: usize = size_of::<abi::AllocReq>();
+pub const ALLOC_RESP_SIZE: usize = size_of::<abi::AllocResp>();
+pub const FREE_REQ_SIZE: usize = size_of::<abi::FreeReq>();
+pub const SYNC_REQ_SIZE: usize = size_of::<abi::SyncReq>();
+pub const ASSIGN_UUID_REQ_SIZE: usize = size_of::<abi::AssignUuidReq>();
+pub const ASSIGN_UUID_RESP_SIZE: usize = size_of::<abi::AssignUuidResp>();
 
 /// Name of a status code, for messages.
 pub fn status_name(status: u32) -> String {

@@ -1,6 +1,6 @@
 //! Shared harness of the fuzz targets: a device core with two small heaps over a
 //! fault-injecting memfd provider, a fake mapper that checks what QEMU checks, and the wire
-//! format written out from spec/virtio_dmaheap.h (not from the daemon's abi.rs).
+//! constants (from the header-checked abi.rs).
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
@@ -14,26 +14,23 @@ use vhost_user_dmaheap::provider::{HeapProvider, HostBuffer, MemfdProvider, Prov
 
 pub const PAGE: u64 = 4096;
 
-pub const REQ_HEAP_INFO: u32 = 1;
-pub const REQ_ALLOC: u32 = 2;
-pub const REQ_FREE: u32 = 3;
-pub const REQ_SYNC: u32 = 4;
-pub const REQ_ASSIGN_UUID: u32 = 5;
+// From the daemon's mirror of spec/virtio_dmaheap.h, which tests/abi_layout.rs checks
+// against the header: no unchecked copy of the wire constants. (Each target compiles this
+// module on its own and uses part of it, hence the allows.)
+#[allow(unused_imports)]
+pub use vhost_user_dmaheap::abi::{
+    VIRTIO_DMAHEAP_REQ_ALLOC as REQ_ALLOC, VIRTIO_DMAHEAP_REQ_FREE as REQ_FREE,
+    VIRTIO_DMAHEAP_REQ_HEAP_INFO as REQ_HEAP_INFO, VIRTIO_DMAHEAP_REQ_SYNC as REQ_SYNC,
+    VIRTIO_DMAHEAP_S_INVAL as S_INVAL, VIRTIO_DMAHEAP_S_IOERR as S_IOERR,
+    VIRTIO_DMAHEAP_S_NOMEM as S_NOMEM, VIRTIO_DMAHEAP_S_NO_BUFFER as S_NO_BUFFER,
+    VIRTIO_DMAHEAP_S_NO_HEAP as S_NO_HEAP, VIRTIO_DMAHEAP_S_OK as S_OK,
+    VIRTIO_DMAHEAP_S_QUOTA as S_QUOTA, VIRTIO_DMAHEAP_S_TOO_BIG as S_TOO_BIG,
+    VIRTIO_DMAHEAP_S_UNSUPP as S_UNSUPP, VIRTIO_DMAHEAP_S_WINDOW_FULL as S_WINDOW_FULL,
+};
 
-pub const S_OK: u32 = 0;
-pub const S_IOERR: u32 = 1;
-pub const S_INVAL: u32 = 2;
-pub const S_NO_HEAP: u32 = 3;
-pub const S_NO_BUFFER: u32 = 4;
-pub const S_NOMEM: u32 = 5;
-pub const S_QUOTA: u32 = 6;
-pub const S_WINDOW_FULL: u32 = 7;
-pub const S_UNSUPP: u32 = 8;
-pub const S_TOO_BIG: u32 = 9;
-
-pub const RESP_HDR: usize = 8;
-pub const HEAP_INFO_RESP: usize = 72;
-pub const ALLOC_RESP: usize = 32;
+pub const RESP_HDR: usize = std::mem::size_of::<vhost_user_dmaheap::abi::RespHdr>();
+pub const HEAP_INFO_RESP: usize = std::mem::size_of::<vhost_user_dmaheap::abi::HeapInfoResp>();
+pub const ALLOC_RESP: usize = std::mem::size_of::<vhost_user_dmaheap::abi::AllocResp>();
 
 /// Window of the fuzzed device (small, so that quotas and WINDOW_FULL are reached).
 pub const SHM_SIZE: u64 = 64 << 20;
