@@ -5,6 +5,8 @@
 # tree (tests/vm/provision), warning-free (W=1, warnings are errors).
 #
 #   guest-driver/build.sh            -> build/guest-driver/virtio_dmaheap.ko
+#   guest-driver/build.sh DIR NAME   -> build/guest-driver/NAME.ko from DIR (e.g. the
+#                                       test-only importer in tests/guest/importer)
 #
 # Environment:
 #   VIRTIO_DMAHEAP_ROOT    the tree      (default /var/cache/virtio-dmaheap/trixie)
@@ -19,6 +21,9 @@ set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
+src=$(cd "${1:-$here}" && pwd)
+name=${2:-virtio_dmaheap}
+sub=${src##*/}
 root=${VIRTIO_DMAHEAP_ROOT:-/var/cache/virtio-dmaheap/trixie}
 kver=${VIRTIO_DMAHEAP_KVER:-7.3.4+deb13-amd64}
 out=${VIRTIO_DMAHEAP_KO_DIR:-$repo/build/guest-driver}
@@ -30,23 +35,23 @@ if [ ! -d "$root/lib/modules/$kver/build" ]; then
 	exit 1
 fi
 
-mkdir -p "$root$bdir/guest-driver" "$root$bdir/spec" "$out"
+mkdir -p "$root$bdir/$sub" "$root$bdir/spec" "$out"
 exec 9>"$root$bdir.lock"
 flock 9
 
 # Mirror the sources (a file removed here must not linger there).
-for f in "$root$bdir"/guest-driver/*.[ch]; do
+for f in "$root$bdir/$sub"/*.[ch]; do
 	[ -e "$f" ] || continue
-	[ -e "$here/${f##*/}" ] || rm -f "$f"
+	[ -e "$src/${f##*/}" ] || rm -f "$f"
 done
-cp -p "$here/Kbuild" "$here"/*.[ch] "$root$bdir/guest-driver/"
+cp -p "$src/Kbuild" "$src"/*.[ch] "$root$bdir/$sub/"
 cp -p "$repo/spec/virtio_dmaheap.h" "$root$bdir/spec/"
 
 log=$root$bdir/build.log
 if ! unshare --mount --propagation private sh -c '
 	mount -t proc proc "$1/proc" &&
-	exec chroot "$1" make -C "/lib/modules/$2/build" M="$3/guest-driver" \
-		W=1 KCFLAGS=-Werror modules' sh "$root" "$kver" "$bdir" \
+	exec chroot "$1" make -C "/lib/modules/$2/build" M="$3/$4" \
+		W=1 KCFLAGS=-Werror modules' sh "$root" "$kver" "$bdir" "$sub" \
 		>"$log" 2>&1; then
 	cat "$log" >&2
 	echo "build.sh: build failed" >&2
@@ -58,6 +63,6 @@ if grep -i 'warning' "$log" >&2; then
 	exit 1
 fi
 
-cp "$root$bdir/guest-driver/virtio_dmaheap.ko" "$out/virtio_dmaheap.ko.tmp"
-mv "$out/virtio_dmaheap.ko.tmp" "$out/virtio_dmaheap.ko"
-echo "$out/virtio_dmaheap.ko"
+cp "$root$bdir/$sub/$name.ko" "$out/$name.ko.tmp"
+mv "$out/$name.ko.tmp" "$out/$name.ko"
+echo "$out/$name.ko"

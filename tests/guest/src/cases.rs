@@ -61,6 +61,12 @@ pub const EXPLICIT_CASES: &[(&str, &str, CaseFn)] = &[
         daemon_death,
     ),
     (
+        "importer",
+        "a kernel importer (tests/guest/importer, insmod first) vmaps, attaches and \
+         DMA-maps buffers and brackets CPU access; its writes show in the user mapping",
+        importer,
+    ),
+    (
         "device-reset",
         "unbinding the driver (a device reset) while buffers are held and mapped releases \
          every host buffer and mapping; allocation then fails with ENODEV (run it last: \
@@ -1121,4 +1127,31 @@ fn device_reset(ctx: &Ctx) -> Result<(), String> {
     });
     rx.recv_timeout(Duration::from_secs(30))
         .map_err(|_| "releasing the buffers after the reset took more than 30 s".to_string())
+}
+
+fn importer(ctx: &Ctx) -> Result<(), String> {
+    const PARAM: &str = "/sys/module/dmaheap_importer/parameters/check";
+    let heap = Heap::open(&ctx.heap).map_err(|e| format!("open {}: {e}", ctx.heap))?;
+    // A sub-allocated small buffer (not at the start of its host mapping), an odd size,
+    // and one large enough for a mapping of its own.
+    for len in [PAGE, 3 * PAGE + (1 << 20), 16 << 20] {
+        let b = heap.alloc(len)?;
+        let m = b.mmap()?;
+        let pattern: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        m.write(0, &pattern);
+        // The module runs its checks in this write and fails it with their errno.
+        std::fs::write(PARAM, b.raw().to_string())
+            .map_err(|e| format!("{len} bytes: kernel importer: {e} (see dmesg)"))?;
+        let (head, tail) = (m.read_vec(0, 8), m.read_vec(len - 8, 8));
+        check(head == b"importer" && tail == b"importer", || {
+            format!(
+                "{len} bytes: the importer's vmap writes are not in the user mapping: \
+                 head {head:?}, tail {tail:?}"
+            )
+        })?;
+        check(m.read_vec(8, len - 16) == pattern[8..len - 8], || {
+            format!("{len} bytes: the importer changed bytes it did not write")
+        })?;
+    }
+    Ok(())
 }

@@ -1,0 +1,190 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Test-only dma-buf importer: what another guest device driver does with a
+ * buffer from a virtio-dmaheap heap. Writing a dma-buf fd to
+ * /sys/module/dmaheap_importer/parameters/check (from the process that owns
+ * the fd) runs the checks below and fails the write with an errno if one
+ * fails (the reason goes to the kernel log).
+ *
+ * The buffer must hold the pattern byte(i) = i % 251. The importer checks it
+ * through a kernel vmap, writes "importer" into the first and the last 8
+ * bytes, and checks that the DMA mapping of an attachment covers the buffer
+ * and that its first page holds what the vmap wrote.
+ */
+
+#define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
+
+#include <linux/dma-buf.h>
+#include <linux/dma-mapping.h>
+#include <linux/highmem.h>
+#include <linux/iosys-map.h>
+#include <linux/module.h>
+#include <linux/platform_device.h>
+#include <linux/scatterlist.h>
+
+#define MARK "importer"
+#define MARK_LEN 8
+
+static struct platform_device *imp_pdev;
+
+static int imp_check_vmap(struct dma_buf *db)
+{
+	struct iosys_map map, again;
+	size_t i;
+	u8 *p;
+	int ret;
+
+	ret = dma_buf_vmap_unlocked(db, &map);
+	if (ret) {
+		pr_err("vmap: %d\n", ret);
+		return ret;
+	}
+	ret = dma_buf_vmap_unlocked(db, &again);
+	if (ret) {
+		pr_err("second vmap: %d\n", ret);
+		goto vunmap;
+	}
+	if (again.vaddr != map.vaddr) {
+		pr_err("second vmap at another address (not refcounted)\n");
+		ret = -EINVAL;
+	}
+	dma_buf_vunmap_unlocked(db, &again);
+	if (ret)
+		goto vunmap;
+	p = map.vaddr;
+	for (i = 0; i < db->size; i++) {
+		if (p[i] != i % 251) {
+			pr_err("vmap byte %zu is %u, want %zu\n", i, p[i], i % 251);
+			ret = -EILSEQ;
+			goto vunmap;
+		}
+	}
+	memcpy(p, MARK, MARK_LEN);
+	memcpy(p + db->size - MARK_LEN, MARK, MARK_LEN);
+vunmap:
+	dma_buf_vunmap_unlocked(db, &map);
+	return ret;
+}
+
+static int imp_check_sgt(struct sg_table *sgt, size_t size)
+{
+	struct scatterlist *sg;
+	size_t total = 0;
+	bool same;
+	void *va;
+	int i;
+
+	for_each_sgtable_dma_sg(sgt, sg, i) {
+		if (!sg_dma_len(sg)) {
+			pr_err("DMA segment %d has length 0\n", i);
+			return -EINVAL;
+		}
+		total += sg_dma_len(sg);
+	}
+	if (total != size) {
+		pr_err("DMA mapping covers %zu bytes of %zu\n", total, size);
+		return -EINVAL;
+	}
+	va = kmap_local_page(sg_page(sgt->sgl));
+	same = !memcmp(va + sgt->sgl->offset, MARK, MARK_LEN);
+	kunmap_local(va);
+	if (!same) {
+		pr_err("the sg_table's first page does not hold what the vmap wrote\n");
+		return -EILSEQ;
+	}
+	return 0;
+}
+
+static int imp_check_attach(struct dma_buf *db)
+{
+	struct dma_buf_attachment *att;
+	struct sg_table *sgt;
+	int ret;
+
+	att = dma_buf_attach(db, &imp_pdev->dev);
+	if (IS_ERR(att)) {
+		pr_err("attach: %ld\n", PTR_ERR(att));
+		return PTR_ERR(att);
+	}
+	sgt = dma_buf_map_attachment_unlocked(att, DMA_BIDIRECTIONAL);
+	if (IS_ERR(sgt)) {
+		ret = PTR_ERR(sgt);
+		pr_err("map_attachment: %d\n", ret);
+		goto detach;
+	}
+	ret = imp_check_sgt(sgt, db->size);
+	dma_buf_unmap_attachment_unlocked(att, sgt, DMA_BIDIRECTIONAL);
+detach:
+	dma_buf_detach(db, att);
+	return ret;
+}
+
+static int imp_check_cpu_access(struct dma_buf *db)
+{
+	int ret;
+
+	ret = dma_buf_begin_cpu_access(db, DMA_BIDIRECTIONAL);
+	if (ret) {
+		pr_err("begin_cpu_access: %d\n", ret);
+		return ret;
+	}
+	ret = dma_buf_end_cpu_access(db, DMA_BIDIRECTIONAL);
+	if (ret)
+		pr_err("end_cpu_access: %d\n", ret);
+	return ret;
+}
+
+static int imp_check(const char *val, const struct kernel_param *kp)
+{
+	struct dma_buf *db;
+	int fd, ret;
+
+	ret = kstrtoint(val, 0, &fd);
+	if (ret)
+		return ret;
+	db = dma_buf_get(fd);
+	if (IS_ERR(db))
+		return PTR_ERR(db);
+	if (db->size < MARK_LEN) {
+		ret = -EINVAL;
+		goto put;
+	}
+	ret = imp_check_vmap(db);
+	if (!ret)
+		ret = imp_check_attach(db);
+	if (!ret)
+		ret = imp_check_cpu_access(db);
+put:
+	dma_buf_put(db);
+	return ret;
+}
+
+static const struct kernel_param_ops imp_check_ops = {
+	.set = imp_check,
+};
+module_param_cb(check, &imp_check_ops, NULL, 0200);
+MODULE_PARM_DESC(check, "write a dma-buf fd to check it (see the file comment)");
+
+static int __init imp_init(void)
+{
+	int ret;
+
+	imp_pdev = platform_device_register_simple(KBUILD_MODNAME, -1, NULL, 0);
+	if (IS_ERR(imp_pdev))
+		return PTR_ERR(imp_pdev);
+	ret = dma_coerce_mask_and_coherent(&imp_pdev->dev, DMA_BIT_MASK(64));
+	if (ret)
+		platform_device_unregister(imp_pdev);
+	return ret;
+}
+module_init(imp_init);
+
+static void __exit imp_exit(void)
+{
+	platform_device_unregister(imp_pdev);
+}
+module_exit(imp_exit);
+
+MODULE_DESCRIPTION("virtio-dmaheap test: a kernel dma-buf importer");
+MODULE_LICENSE("GPL");
+MODULE_IMPORT_NS("DMA_BUF");
