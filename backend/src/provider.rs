@@ -198,18 +198,26 @@ impl HostBuffer for MemfdBuffer {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        check_range(offset, buf.len() as u64, self.size)?;
-        self.file
-            .read_exact_at(buf, offset)
-            .map_err(|e| ProviderError::io("pread", e))
+        file_read_at(&self.file, self.size, offset, buf)
     }
 
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
-        check_range(offset, data.len() as u64, self.size)?;
-        self.file
-            .write_all_at(data, offset)
-            .map_err(|e| ProviderError::io("pwrite", e))
+        file_write_at(&self.file, self.size, offset, data)
     }
+}
+
+/// Bounds-checked `pread` of a buffer's backing file of `size` bytes.
+fn file_read_at(file: &File, size: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
+    check_range(offset, buf.len() as u64, size)?;
+    file.read_exact_at(buf, offset)
+        .map_err(|e| ProviderError::io("pread", e))
+}
+
+/// Bounds-checked `pwrite` to a buffer's backing file of `size` bytes.
+fn file_write_at(file: &File, size: u64, offset: u64, data: &[u8]) -> Result<()> {
+    check_range(offset, data.len() as u64, size)?;
+    file.write_all_at(data, offset)
+        .map_err(|e| ProviderError::io("pwrite", e))
 }
 
 /// `struct dma_heap_allocation_data` from `<linux/dma-heap.h>`.
@@ -497,17 +505,11 @@ impl HostBuffer for Udmabuf {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        check_range(offset, buf.len() as u64, self.size)?;
-        self.memfd
-            .read_exact_at(buf, offset)
-            .map_err(|e| ProviderError::io("pread", e))
+        file_read_at(&self.memfd, self.size, offset, buf)
     }
 
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
-        check_range(offset, data.len() as u64, self.size)?;
-        self.memfd
-            .write_all_at(data, offset)
-            .map_err(|e| ProviderError::io("pwrite", e))
+        file_write_at(&self.memfd, self.size, offset, data)
     }
 }
 
