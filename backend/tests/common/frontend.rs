@@ -611,7 +611,8 @@ fn memfd(name: &str, size: usize) -> File {
     file
 }
 
-fn poll_in(fd: RawFd, timeout: Duration) -> bool {
+/// Waits up to `timeout` for `fd` to become readable.
+pub fn poll_in(fd: RawFd, timeout: Duration) -> bool {
     let mut pfd = libc::pollfd {
         fd,
         events: libc::POLLIN,

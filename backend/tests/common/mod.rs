@@ -15,7 +15,8 @@
 //!   while the device is stopped) is recorded as a violation, and a front end with
 //!   violations fails its test when dropped. Fault injection: refuse or stall SHMEM_MAP,
 //!   refuse SHMEM_UNMAP, cut both channels like a killed VMM.
-//! - [`proto`]: the wire format, written out again from `spec/virtio_dmaheap.h`.
+//! - [`proto`]: the wire format as the front end encodes it by hand, with the constants
+//!   and sizes of the daemon's header-checked `abi.rs`.
 //!
 //! Every test binary uses a different part of it.
 #![allow(dead_code, unused_imports)]

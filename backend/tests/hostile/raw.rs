@@ -15,6 +15,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::common::frontend::poll_in;
+
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserMMap};
 use vhost::vhost_user::{
     Frontend, FrontendReqHandler, HandlerResult, VhostUserFrontend, VhostUserFrontendReqHandler,
@@ -56,18 +58,6 @@ impl VhostUserFrontendReqHandler for AcceptAll {
     fn shmem_unmap(&self, _req: &VhostUserMMap) -> HandlerResult<u64> {
         Ok(0)
     }
-}
-
-fn poll_in(fd: i32, timeout: Duration) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-    // SAFETY: pfd is a valid pollfd array of length 1 for the duration of the call.
-    let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-    rc > 0 && pfd.revents != 0
 }
 
 /// One descriptor: (guest address, len, flags, next).
