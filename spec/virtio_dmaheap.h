@@ -27,6 +27,11 @@
 #define VIRTIO_DMAHEAP_F_SYNC 0
 /* The device accepts VIRTIO_DMAHEAP_REQ_ASSIGN_UUID (reserved; no device offers it yet). */
 #define VIRTIO_DMAHEAP_F_UUID 1
+/*
+ * Buffers belong to a driver session: SESSION_OPEN, SESSION_CLOSE (which can suspend the
+ * session across a device reset), RESERVE and UNRESERVE.
+ */
+#define VIRTIO_DMAHEAP_F_SESSION 2
 
 /* Shared memory region id of the buffer window. */
 #define VIRTIO_DMAHEAP_SHM_BUFFERS 0
@@ -50,6 +55,10 @@ struct virtio_dmaheap_config {
 #define VIRTIO_DMAHEAP_REQ_FREE 3
 #define VIRTIO_DMAHEAP_REQ_SYNC 4		/* needs VIRTIO_DMAHEAP_F_SYNC */
 #define VIRTIO_DMAHEAP_REQ_ASSIGN_UUID 5	/* needs VIRTIO_DMAHEAP_F_UUID */
+#define VIRTIO_DMAHEAP_REQ_SESSION_OPEN 6	/* needs VIRTIO_DMAHEAP_F_SESSION */
+#define VIRTIO_DMAHEAP_REQ_SESSION_CLOSE 7	/* needs VIRTIO_DMAHEAP_F_SESSION */
+#define VIRTIO_DMAHEAP_REQ_RESERVE 8		/* needs VIRTIO_DMAHEAP_F_SESSION */
+#define VIRTIO_DMAHEAP_REQ_UNRESERVE 9		/* needs VIRTIO_DMAHEAP_F_SESSION */
 
 /* Response status codes; each maps to one errno (given in the comment). */
 #define VIRTIO_DMAHEAP_S_OK 0
@@ -62,6 +71,7 @@ struct virtio_dmaheap_config {
 #define VIRTIO_DMAHEAP_S_WINDOW_FULL 7	/* ENOMEM: no free range in the buffer window */
 #define VIRTIO_DMAHEAP_S_UNSUPP 8	/* EOPNOTSUPP: request type not offered */
 #define VIRTIO_DMAHEAP_S_TOO_BIG 9	/* EINVAL: length above the heap's max_size */
+#define VIRTIO_DMAHEAP_S_NO_SESSION 10	/* ENODEV: no open session (or not the one named) */
 
 /*
  * Every request starts with this header. The device-readable part of a chain is exactly
@@ -154,6 +164,44 @@ struct virtio_dmaheap_assign_uuid_req {
 struct virtio_dmaheap_assign_uuid_resp {
 	struct virtio_dmaheap_resp_hdr hdr;
 	__u8 uuid[16];
+};
+
+/*
+ * SESSION_OPEN: open a new session, ending any earlier one, or resume a session that
+ * SESSION_CLOSE suspended.
+ */
+struct virtio_dmaheap_session_open_req {
+	struct virtio_dmaheap_req_hdr hdr;
+	__le64 resume_id;	/* 0: a new session; else the suspended session to resume */
+};
+
+struct virtio_dmaheap_session_open_resp {
+	struct virtio_dmaheap_resp_hdr hdr;
+	__le64 session_id;	/* never 0 */
+};
+
+/* virtio_dmaheap_session_close_req.flags */
+#define VIRTIO_DMAHEAP_CLOSE_SUSPEND (1 << 0)	/* keep the buffers for a resume */
+#define VIRTIO_DMAHEAP_CLOSE_VALID_MASK VIRTIO_DMAHEAP_CLOSE_SUSPEND
+
+/*
+ * SESSION_CLOSE: remove every buffer of the session from the window, then release the
+ * buffers or, with VIRTIO_DMAHEAP_CLOSE_SUSPEND, keep them for SESSION_OPEN(resume_id).
+ */
+struct virtio_dmaheap_session_close_req {
+	struct virtio_dmaheap_req_hdr hdr;
+	__le32 flags;		/* VIRTIO_DMAHEAP_CLOSE_* */
+	__le32 reserved;	/* 0 */
+};
+
+/*
+ * RESERVE / UNRESERVE: keep a window range out of every ALLOC of the session (the driver
+ * still has users of that range from before a reset), and give it back.
+ */
+struct virtio_dmaheap_reserve_req {
+	struct virtio_dmaheap_req_hdr hdr;
+	__le64 offset;		/* multiple of VIRTIO_DMAHEAP_PAGE_SIZE */
+	__le64 len;		/* > 0, multiple of VIRTIO_DMAHEAP_PAGE_SIZE */
 };
 
 #endif /* _UAPI_LINUX_VIRTIO_DMAHEAP_H */

@@ -12,6 +12,9 @@ pub const VIRTIO_ID_DMAHEAP: u32 = 37;
 pub const VIRTIO_DMAHEAP_F_SYNC: u32 = 0;
 /// Feature bit: the device accepts `VIRTIO_DMAHEAP_REQ_ASSIGN_UUID` (never offered yet).
 pub const VIRTIO_DMAHEAP_F_UUID: u32 = 1;
+/// Feature bit: buffers belong to a driver session (`SESSION_OPEN`, `SESSION_CLOSE`,
+/// `RESERVE`, `UNRESERVE`).
+pub const VIRTIO_DMAHEAP_F_SESSION: u32 = 2;
 
 /// Shared memory region id of the buffer window.
 pub const VIRTIO_DMAHEAP_SHM_BUFFERS: u32 = 0;
@@ -33,6 +36,14 @@ pub const VIRTIO_DMAHEAP_REQ_FREE: u32 = 3;
 pub const VIRTIO_DMAHEAP_REQ_SYNC: u32 = 4;
 /// Request type: give a buffer a UUID (needs `VIRTIO_DMAHEAP_F_UUID`).
 pub const VIRTIO_DMAHEAP_REQ_ASSIGN_UUID: u32 = 5;
+/// Request type: open or resume a session (needs `VIRTIO_DMAHEAP_F_SESSION`).
+pub const VIRTIO_DMAHEAP_REQ_SESSION_OPEN: u32 = 6;
+/// Request type: close or suspend the session (needs `VIRTIO_DMAHEAP_F_SESSION`).
+pub const VIRTIO_DMAHEAP_REQ_SESSION_CLOSE: u32 = 7;
+/// Request type: keep a window range out of allocations (needs `VIRTIO_DMAHEAP_F_SESSION`).
+pub const VIRTIO_DMAHEAP_REQ_RESERVE: u32 = 8;
+/// Request type: give a reserved range back (needs `VIRTIO_DMAHEAP_F_SESSION`).
+pub const VIRTIO_DMAHEAP_REQ_UNRESERVE: u32 = 9;
 
 /// Status: success.
 pub const VIRTIO_DMAHEAP_S_OK: u32 = 0;
@@ -54,6 +65,13 @@ pub const VIRTIO_DMAHEAP_S_WINDOW_FULL: u32 = 7;
 pub const VIRTIO_DMAHEAP_S_UNSUPP: u32 = 8;
 /// Status: length above the heap's max_size (EINVAL).
 pub const VIRTIO_DMAHEAP_S_TOO_BIG: u32 = 9;
+/// Status: no open session, or not the session named (ENODEV).
+pub const VIRTIO_DMAHEAP_S_NO_SESSION: u32 = 10;
+
+/// SESSION_CLOSE flag: keep the buffers for a resume.
+pub const VIRTIO_DMAHEAP_CLOSE_SUSPEND: u32 = 1 << 0;
+/// Every SESSION_CLOSE flag this version defines.
+pub const VIRTIO_DMAHEAP_CLOSE_VALID_MASK: u32 = VIRTIO_DMAHEAP_CLOSE_SUSPEND;
 
 /// Heap flag: host-physically contiguous buffers.
 pub const VIRTIO_DMAHEAP_HEAP_F_CONTIGUOUS: u32 = 1 << 0;
@@ -226,6 +244,50 @@ pub struct AssignUuidResp {
     pub uuid: [u8; 16],
 }
 
+/// `struct virtio_dmaheap_session_open_req`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct SessionOpenReq {
+    /// Header, type `VIRTIO_DMAHEAP_REQ_SESSION_OPEN`.
+    pub hdr: ReqHdr,
+    /// 0: a new session; else the suspended session to resume.
+    pub resume_id: Le64,
+}
+
+/// `struct virtio_dmaheap_session_open_resp`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct SessionOpenResp {
+    /// Response header.
+    pub hdr: RespHdr,
+    /// Never 0.
+    pub session_id: Le64,
+}
+
+/// `struct virtio_dmaheap_session_close_req`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct SessionCloseReq {
+    /// Header, type `VIRTIO_DMAHEAP_REQ_SESSION_CLOSE`.
+    pub hdr: ReqHdr,
+    /// `VIRTIO_DMAHEAP_CLOSE_*`.
+    pub flags: Le32,
+    /// 0.
+    pub reserved: Le32,
+}
+
+/// `struct virtio_dmaheap_reserve_req` (RESERVE and UNRESERVE).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReserveReq {
+    /// Header, type `VIRTIO_DMAHEAP_REQ_RESERVE` or `VIRTIO_DMAHEAP_REQ_UNRESERVE`.
+    pub hdr: ReqHdr,
+    /// Start of the range in the window.
+    pub offset: Le64,
+    /// Length of the range.
+    pub len: Le64,
+}
+
 macro_rules! byte_valued {
     ($($t:ty),* $(,)?) => {
         $(
@@ -250,6 +312,10 @@ byte_valued!(
     SyncReq,
     AssignUuidReq,
     AssignUuidResp,
+    SessionOpenReq,
+    SessionOpenResp,
+    SessionCloseReq,
+    ReserveReq,
 );
 
 /// Largest request structure the device accepts.
@@ -260,6 +326,9 @@ pub const MAX_REQ_SIZE: usize = {
         std::mem::size_of::<FreeReq>(),
         std::mem::size_of::<SyncReq>(),
         std::mem::size_of::<AssignUuidReq>(),
+        std::mem::size_of::<SessionOpenReq>(),
+        std::mem::size_of::<SessionCloseReq>(),
+        std::mem::size_of::<ReserveReq>(),
     ];
     let mut max = 0;
     let mut i = 0;

@@ -60,6 +60,18 @@ fn rust_structs() -> Vec<StructDesc> {
             "hdr" => hdr, "buffer_id" => buffer_id,
         }),
         s!("virtio_dmaheap_assign_uuid_resp", AssignUuidResp, { "hdr" => hdr, "uuid" => uuid }),
+        s!("virtio_dmaheap_session_open_req", SessionOpenReq, {
+            "hdr" => hdr, "resume_id" => resume_id,
+        }),
+        s!("virtio_dmaheap_session_open_resp", SessionOpenResp, {
+            "hdr" => hdr, "session_id" => session_id,
+        }),
+        s!("virtio_dmaheap_session_close_req", SessionCloseReq, {
+            "hdr" => hdr, "flags" => flags, "reserved" => reserved,
+        }),
+        s!("virtio_dmaheap_reserve_req", ReserveReq, {
+            "hdr" => hdr, "offset" => offset, "len" => len,
+        }),
     ]
 }
 
@@ -68,6 +80,35 @@ fn rust_consts() -> BTreeMap<&'static str, u64> {
         ("VIRTIO_ID_DMAHEAP", VIRTIO_ID_DMAHEAP.into()),
         ("VIRTIO_DMAHEAP_F_SYNC", VIRTIO_DMAHEAP_F_SYNC.into()),
         ("VIRTIO_DMAHEAP_F_UUID", VIRTIO_DMAHEAP_F_UUID.into()),
+        ("VIRTIO_DMAHEAP_F_SESSION", VIRTIO_DMAHEAP_F_SESSION.into()),
+        (
+            "VIRTIO_DMAHEAP_REQ_SESSION_OPEN",
+            VIRTIO_DMAHEAP_REQ_SESSION_OPEN.into(),
+        ),
+        (
+            "VIRTIO_DMAHEAP_REQ_SESSION_CLOSE",
+            VIRTIO_DMAHEAP_REQ_SESSION_CLOSE.into(),
+        ),
+        (
+            "VIRTIO_DMAHEAP_REQ_RESERVE",
+            VIRTIO_DMAHEAP_REQ_RESERVE.into(),
+        ),
+        (
+            "VIRTIO_DMAHEAP_REQ_UNRESERVE",
+            VIRTIO_DMAHEAP_REQ_UNRESERVE.into(),
+        ),
+        (
+            "VIRTIO_DMAHEAP_S_NO_SESSION",
+            VIRTIO_DMAHEAP_S_NO_SESSION.into(),
+        ),
+        (
+            "VIRTIO_DMAHEAP_CLOSE_SUSPEND",
+            VIRTIO_DMAHEAP_CLOSE_SUSPEND.into(),
+        ),
+        (
+            "VIRTIO_DMAHEAP_CLOSE_VALID_MASK",
+            VIRTIO_DMAHEAP_CLOSE_VALID_MASK.into(),
+        ),
         (
             "VIRTIO_DMAHEAP_SHM_BUFFERS",
             VIRTIO_DMAHEAP_SHM_BUFFERS.into(),
@@ -186,7 +227,7 @@ fn rust_mirror_matches_c_header() {
     let header = root.join("spec/virtio_dmaheap.h");
     let text = std::fs::read_to_string(&header).unwrap();
     let (c_structs, c_defines) = parse_header(&text);
-    assert!(c_structs.len() >= 12, "header parse found {c_structs:?}");
+    assert!(c_structs.len() >= 16, "header parse found {c_structs:?}");
 
     let rust = rust_structs();
     let consts = rust_consts();
