@@ -73,8 +73,11 @@ pub struct DaemonArgs {
 
     /// Unix socket for operators (created with mode 0600; an existing file is replaced):
     /// one request line, one reply. `stats` answers JSON: {"heaps": {NAME: {"bytes",
-    /// "buffers", "mappings", "arenas", "host_bytes"}}, "total": {...}, "limits": {...}}.
-    /// See the `stats` and `ctl` subcommands.
+    /// "buffers", "mappings", "arenas", "host_bytes"}}, "total": {...}, "limits": {...},
+    /// "session": "open"|"suspended"|"closed"|"implicit", "reserved_bytes": N}.
+    /// `prepare-reset` ends the guest's session (every buffer leaves the window and its
+    /// memory is released) so that resetting the VM next is safe with QEMU 11.1. See the
+    /// `stats` and `ctl` subcommands.
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
 
@@ -108,8 +111,8 @@ pub enum Command {
         json: bool,
     },
     /// Send one command line to the control socket and print the reply (exit status 1 on
-    /// an `error` reply). Commands: stats; with --control-debug: buffers, peek ID OFF LEN,
-    /// poke ID OFF HEX.
+    /// an `error` reply). Commands: stats, prepare-reset; with --control-debug: buffers,
+    /// peek ID OFF LEN, poke ID OFF HEX.
     Ctl {
         /// The daemon's control socket.
         #[arg(long, value_name = "PATH")]

@@ -2,12 +2,15 @@
 //! `ctl` subcommands). Protocol: the client sends one line, the daemon answers and closes.
 //! Replies that start with `error` are failures.
 //!
-//! Commands: `stats` (JSON). With `--control-debug` also `buffers` (one line per live
-//! buffer: `ID HEAP OFFSET LEN`, decimal), `peek ID OFF LEN` (hex bytes), `poke ID OFF HEX`.
+//! Commands: `stats` (JSON, from the snapshot the vring worker publishes: it never waits
+//! for the device), `prepare-reset` (end the driver's session: every buffer leaves the
+//! window and its host memory is released, so that resetting the VM next is safe with QEMU
+//! 11.1; the guest's buffers are gone). With `--control-debug` also `buffers` (one line per
+//! live buffer: `ID HEAP OFFSET LEN`, decimal), `peek ID OFF LEN` (hex bytes),
+//! `poke ID OFF HEX`.
 
 use std::fmt::Write as _;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,11 +20,16 @@ use std::time::Duration;
 use log::{info, warn};
 
 use crate::device::Stats;
-use crate::vhu::Shared;
+use crate::handle::{DeviceHandle, HostRequest};
+use crate::vhu::HOST_REQUEST_TIMEOUT;
 
 /// Largest `peek` length.
 pub const MAX_PEEK: u64 = 1 << 20;
 const MAX_LINE: u64 = 4 * MAX_PEEK;
+/// How long debug commands wait for the device lock.
+const LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client waits for the daemon's reply.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Control socket errors.
 #[derive(Debug, thiserror::Error)]
@@ -58,7 +66,7 @@ pub enum ControlError {
 /// Starts the control server thread on `path` (an existing file is replaced).
 pub fn spawn(
     path: &Path,
-    shared: Arc<Shared>,
+    handle: Arc<DeviceHandle>,
     debug: bool,
 ) -> Result<JoinHandle<()>, ControlError> {
     let bind_err = |source| ControlError::Bind {
@@ -70,8 +78,15 @@ pub fn spawn(
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(bind_err(e)),
     }
-    let listener = UnixListener::bind(path).map_err(bind_err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+    // Created 0600 from the start: no window in which another user could connect. (The
+    // umask is process-wide; this runs during start-up, before any other thread creates
+    // files.)
+    // SAFETY: umask() only changes this process's file creation mask; it cannot fail.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let listener = bound.map_err(bind_err)?;
     info!("control socket on {}", path.display());
     thread::Builder::new()
         .name("control".into())
@@ -79,7 +94,7 @@ pub fn spawn(
             for conn in listener.incoming() {
                 match conn {
                     Ok(s) => {
-                        if let Err(e) = serve_one(s, &shared, debug) {
+                        if let Err(e) = serve_one(s, &handle, debug) {
                             warn!("control connection: {e}");
                         }
                     }
@@ -90,12 +105,12 @@ pub fn spawn(
         .map_err(ControlError::Thread)
 }
 
-fn serve_one(stream: UnixStream, shared: &Shared, debug: bool) -> io::Result<()> {
+fn serve_one(stream: UnixStream, handle: &DeviceHandle, debug: bool) -> io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     stream.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut line = String::new();
     BufReader::new((&stream).take(MAX_LINE)).read_line(&mut line)?;
-    let reply = execute(line.trim(), shared, debug);
+    let reply = execute(line.trim(), handle, debug);
     let mut w = &stream;
     w.write_all(reply.as_bytes())?;
     w.flush()
@@ -127,23 +142,30 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 }
 
 /// Executes one command line and returns the reply (newline-terminated).
-pub fn execute(line: &str, shared: &Shared, debug: bool) -> String {
+pub fn execute(line: &str, handle: &DeviceHandle, debug: bool) -> String {
     let words: Vec<&str> = line.split_whitespace().collect();
     let err = |m: &str| format!("error: {m}\n");
+    let busy = || err("the device is busy (the front end is not answering?); try again");
     match words.as_slice() {
-        ["stats"] => {
-            let stats = shared.lock().dev.stats();
-            match serde_json::to_string(&stats) {
-                Ok(j) => j + "\n",
-                Err(e) => err(&e.to_string()),
+        ["stats"] => match serde_json::to_string(&handle.stats()) {
+            Ok(j) => j + "\n",
+            Err(e) => err(&e.to_string()),
+        },
+        ["prepare-reset"] => {
+            match handle.host_request(HostRequest::PrepareReset, HOST_REQUEST_TIMEOUT) {
+                Ok(m) => format!("ok: {m}\n"),
+                Err(e) => err(&e),
             }
         }
         [cmd, ..] if !debug && matches!(*cmd, "buffers" | "peek" | "poke") => {
             err("debug commands need --control-debug")
         }
         ["buffers"] => {
+            let Some(dev) = handle.lock_timeout(LOCK_TIMEOUT) else {
+                return busy();
+            };
             let mut out = String::new();
-            for b in shared.lock().dev.buffers() {
+            for b in dev.buffers() {
                 let _ = writeln!(out, "{} {} {} {}", b.id, b.heap, b.offset, b.len);
             }
             out
@@ -156,7 +178,10 @@ pub fn execute(line: &str, shared: &Shared, debug: bool) -> String {
             if len > MAX_PEEK {
                 return err("peek length above 1 MiB");
             }
-            match shared.lock().dev.peek(id, off, len as usize) {
+            let Some(dev) = handle.lock_timeout(LOCK_TIMEOUT) else {
+                return busy();
+            };
+            match dev.peek(id, off, len as usize) {
                 Ok(b) => hex(&b) + "\n",
                 Err(e) => err(&e.to_string()),
             }
@@ -166,7 +191,10 @@ pub fn execute(line: &str, shared: &Shared, debug: bool) -> String {
             else {
                 return err("usage: poke ID OFF HEX");
             };
-            match shared.lock().dev.poke(id, off, &data) {
+            let Some(dev) = handle.lock_timeout(LOCK_TIMEOUT) else {
+                return busy();
+            };
+            match dev.poke(id, off, &data) {
                 Ok(()) => "ok\n".to_string(),
                 Err(e) => err(&e.to_string()),
             }
@@ -182,6 +210,8 @@ pub fn request(path: &Path, line: &str) -> Result<String, ControlError> {
         source,
     };
     let mut s = UnixStream::connect(path).map_err(cerr)?;
+    s.set_read_timeout(Some(CLIENT_TIMEOUT)).map_err(cerr)?;
+    s.set_write_timeout(Some(CLIENT_TIMEOUT)).map_err(cerr)?;
     s.write_all(format!("{line}\n").as_bytes()).map_err(cerr)?;
     s.shutdown(std::net::Shutdown::Write).map_err(cerr)?;
     let mut reply = String::new();

@@ -17,9 +17,10 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::config::{Config, SocketSpec};
 use crate::control::{self, ControlError};
-use crate::device::{Device, Heap};
+use crate::device::{unpredictable_id_start, Device, Heap};
+use crate::handle::DeviceHandle;
 use crate::provider::ProviderError;
-use crate::vhu::{Shared, VhuDmaheap};
+use crate::vhu::{IdleTimer, VhuDmaheap};
 
 /// Daemon errors.
 #[derive(Debug, thiserror::Error)]
@@ -53,9 +54,9 @@ pub enum DaemonError {
     /// Thread spawning failed.
     #[error("cannot spawn a thread")]
     Thread(#[source] io::Error),
-    /// The idle timer (thread and eventfd) could not be set up or registered.
-    #[error("idle timer")]
-    IdleTimer(#[source] io::Error),
+    /// The idle timer or the worker's eventfds could not be set up or registered.
+    #[error("vring worker events")]
+    WorkerEvents(#[source] io::Error),
     /// Dropping privileges or installing the syscall filter failed.
     #[error("sandbox")]
     Sandbox(#[source] crate::sandbox::SandboxError),
@@ -133,12 +134,16 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         );
         heaps.push(heap);
     }
-    // Buffer ids are unique for the daemon's lifetime, across connections and resets.
-    let ids = Arc::new(AtomicU64::new(1));
-    // Before the sandbox: this starts the idle timer's thread.
-    let shared = Arc::new(
-        Shared::new(Device::new(heaps, cfg.limits.clone(), ids)).map_err(DaemonError::IdleTimer)?,
+    // Buffer ids are unique for the daemon's lifetime, across connections and resets, and
+    // start at an unpredictable value, so that a stale FREE of the guest from an earlier
+    // daemon process cannot free a buffer of this one.
+    let ids = Arc::new(AtomicU64::new(unpredictable_id_start()));
+    let handle = Arc::new(
+        DeviceHandle::new(Device::new(heaps, cfg.limits.clone(), ids))
+            .map_err(DaemonError::WorkerEvents)?,
     );
+    // Before the sandbox: this starts the timer's thread.
+    let timer = Arc::new(IdleTimer::new().map_err(DaemonError::WorkerEvents)?);
 
     let mut listener = open_listener(&cfg.socket)?;
     let mut cleanup = Vec::new();
@@ -146,7 +151,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         cleanup.push(p.clone());
     }
     if let Some(path) = &cfg.control_socket {
-        control::spawn(path, shared.clone(), cfg.control_debug).map_err(DaemonError::Control)?;
+        control::spawn(path, handle.clone(), cfg.control_debug).map_err(DaemonError::Control)?;
         cleanup.push(path.clone());
     }
     spawn_signal_thread(cleanup, signals)?;
@@ -163,17 +168,20 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
 
     loop {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let backend = Arc::new(VhuDmaheap::new(shared.clone(), mem.clone()));
+        let backend = Arc::new(VhuDmaheap::new(handle.clone(), timer.clone(), mem.clone()));
         let mut daemon = VhostUserDaemon::new("vhost-user-dmaheap".into(), backend.clone(), mem)
             .map_err(DaemonError::Vhost)?;
-        // One vring worker serves the request queue; the idle timer wakes it too.
+        // One vring worker serves the request queue; the timer and operator requests wake
+        // it too.
         if let Some(h) = daemon.get_epoll_handlers().first() {
             backend
-                .register_idle_timer(h)
-                .map_err(DaemonError::IdleTimer)?;
+                .register_worker_events(h)
+                .map_err(DaemonError::WorkerEvents)?;
         }
         daemon.start(&mut listener).map_err(DaemonError::Vhost)?;
-        // The device state is fresh: it was reset when the previous front end left.
+        // The device state is fresh: everything was dropped when the previous front end
+        // left.
+        handle.connect();
         info!("front end connected");
         match daemon.wait() {
             Ok(())
@@ -185,7 +193,15 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         for h in daemon.get_epoll_handlers() {
             h.send_exit_event();
         }
+        // Joins the vring worker: nothing can send to the (gone) front end any more.
         drop(daemon);
-        shared.reset();
+        drop(backend);
+        // The front end took its mappings with it: release every host buffer now.
+        handle.disconnect();
+        let st = handle.stats();
+        info!(
+            "released everything of the front end ({} buffers, {} host bytes left)",
+            st.total.buffers, st.total.host_bytes
+        );
     }
 }

@@ -1,10 +1,16 @@
-//! Transport-free device core: parses requests, manages buffers, arenas, the buffer window
-//! and quotas. It knows nothing of vhost; mappings into the shared memory window are asked
-//! for through the [`Mapper`] trait, which the vhost-user layer implements with the
-//! back-end request channel (and tests implement with a fake).
+//! Transport-free device core: parses requests, manages buffers, arenas, the buffer window,
+//! quotas and the driver's session ([`session`]). It knows nothing of vhost; mappings into
+//! the shared memory window are asked for through the [`Mapper`] trait, which the
+//! vhost-user layer implements with the back-end request channel (and tests implement with
+//! a fake).
+
+mod session;
+
+pub use session::SessionState;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::hash::{BuildHasher, RandomState};
 use std::io;
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -72,6 +78,18 @@ pub enum MapError {
     /// The front end refused the request or the channel failed.
     #[error("front end refused the request")]
     Refused(#[source] io::Error),
+}
+
+/// What becomes of a request's descriptor chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// Write these bytes into the writable part (nothing if empty: used length 0) and
+    /// return the chain.
+    Answer(Vec<u8>),
+    /// The ring stopped while the request needed the front end ([`MapError::NotRunning`])
+    /// and nothing of it took effect that a second attempt would repeat: keep the chain and
+    /// serve it again, unchanged, once the ring runs again (a paused VM resumed).
+    Retry,
 }
 
 /// Maps host buffers into the shared memory window (region `VIRTIO_DMAHEAP_SHM_BUFFERS`).
@@ -179,6 +197,8 @@ struct MappingRec {
     buf: Box<dyn HostBuffer>,
     /// Some: an arena; None: a mapping of its own.
     arena: Option<Arena>,
+    /// In the front end's window now (false while the session is suspended).
+    mapped: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -223,6 +243,13 @@ pub struct Stats {
     pub total: HeapStats,
     /// The limits in force.
     pub limits: LimitStats,
+    /// The driver's session: `open`, `suspended`, `closed`, or `implicit` (a driver without
+    /// `VIRTIO_DMAHEAP_F_SESSION`, or none yet).
+    #[serde(default)]
+    pub session: String,
+    /// Bytes of the window the driver reserved (RESERVE).
+    #[serde(default)]
+    pub reserved_bytes: u64,
 }
 
 /// Limits, as shown by `stats`.
@@ -312,9 +339,24 @@ pub struct Device {
     /// attempt for the current idle period (and after a reset).
     last_activity: Option<Instant>,
     spare_idle_delay: Duration,
+    /// The driver negotiated `VIRTIO_DMAHEAP_F_SESSION`.
+    session_acked: bool,
+    session: SessionState,
+    /// Window ranges the driver reserved (RESERVE): start -> length.
+    reservations: BTreeMap<u64, u64>,
+    /// Keys for unpredictable session ids.
+    id_keys: RandomState,
+    sessions_opened: u64,
 }
 
 type Status = u32;
+
+/// Internal status of a request that must be served again once the ring runs
+/// ([`Reply::Retry`]); never sent to the driver.
+const RETRY: Status = u32::MAX;
+
+/// Largest number of reserved window ranges per session.
+pub const MAX_RESERVATIONS: usize = 1024;
 
 fn resp_hdr(status: Status) -> RespHdr {
     RespHdr {
@@ -330,6 +372,21 @@ fn hdr_only(status: Status, writable: usize) -> Vec<u8> {
     } else {
         Vec::new()
     }
+}
+
+/// A reply holding only the response header of `status`, or [`Reply::Retry`].
+fn status_reply(status: Status) -> Reply {
+    if status == RETRY {
+        Reply::Retry
+    } else {
+        Reply::Answer(resp_hdr(status).as_slice().to_vec())
+    }
+}
+
+/// A buffer-id counter that starts at an unpredictable value below 2^62, so that ids of
+/// different daemon processes serving the same VM do not collide (spec A.3).
+pub fn unpredictable_id_start() -> u64 {
+    (RandomState::new().hash_one(0xd1a7_u16) & ((1 << 62) - 1)).max(1)
 }
 
 /// Copies `req` into a `T` if it has exactly `T`'s size.
@@ -368,6 +425,11 @@ impl Device {
             ratelimit: RateLimit::new(),
             last_activity: None,
             spare_idle_delay: SPARE_IDLE_DELAY,
+            session_acked: false,
+            session: SessionState::Open(0),
+            reservations: BTreeMap::new(),
+            id_keys: RandomState::new(),
+            sessions_opened: 0,
         }
     }
 
@@ -404,13 +466,15 @@ impl Device {
             .mappings
             .iter()
             .filter(|(_, m)| {
-                m.arena.is_some() && self.counters.get(m.heap).is_some_and(|c| c.buffers == 0)
+                m.arena.is_some()
+                    && m.mapped
+                    && self.counters.get(m.heap).is_some_and(|c| c.buffers == 0)
             })
             .map(|(&woff, _)| woff)
             .collect();
         let mut released = 0;
         for woff in idle {
-            if self.release_mapping(woff, mapper) {
+            if self.release_mapping(woff, mapper).is_ok() {
                 released += 1;
             }
         }
@@ -438,12 +502,13 @@ impl Device {
 
     /// The virtio feature bits the device offers (device-specific bits only).
     pub fn device_features() -> u64 {
-        1 << VIRTIO_DMAHEAP_F_SYNC
+        (1 << VIRTIO_DMAHEAP_F_SYNC) | (1 << VIRTIO_DMAHEAP_F_SESSION)
     }
 
     /// Records the features the driver accepted.
     pub fn set_acked_features(&mut self, features: u64) {
         self.sync_acked = features & (1 << VIRTIO_DMAHEAP_F_SYNC) != 0;
+        self.session_acked = features & (1 << VIRTIO_DMAHEAP_F_SESSION) != 0;
     }
 
     /// The configuration space.
@@ -456,59 +521,46 @@ impl Device {
         }
     }
 
-    /// Drops every buffer and mapping record without unmapping (the front end already
-    /// dropped its mappings), releasing the host memory.
-    pub fn reset(&mut self) {
-        if !self.buffers.is_empty() || !self.mappings.is_empty() {
-            debug!(
-                "reset: dropping {} buffers, {} mappings",
-                self.buffers.len(),
-                self.mappings.len()
-            );
-        }
-        self.buffers.clear();
-        self.mappings.clear();
-        self.window = RangeAllocator::new(self.limits.shm_size);
-        self.counters = vec![HeapCounters::default(); self.heaps.len()];
-        self.bytes = 0;
-        self.last_activity = None;
+    /// Request and response sizes of a request type this device serves with the features
+    /// negotiated; `None` for an unknown or unoffered type.
+    fn sizes_of(&self, ty: u32) -> Option<(usize, usize)> {
+        use std::mem::size_of;
+        let hdr = size_of::<RespHdr>();
+        Some(match ty {
+            VIRTIO_DMAHEAP_REQ_HEAP_INFO => (size_of::<HeapInfoReq>(), size_of::<HeapInfoResp>()),
+            VIRTIO_DMAHEAP_REQ_ALLOC => (size_of::<AllocReq>(), size_of::<AllocResp>()),
+            VIRTIO_DMAHEAP_REQ_FREE => (size_of::<FreeReq>(), hdr),
+            VIRTIO_DMAHEAP_REQ_SYNC if self.sync_acked => (size_of::<SyncReq>(), hdr),
+            VIRTIO_DMAHEAP_REQ_SESSION_OPEN if self.session_acked => {
+                (size_of::<SessionOpenReq>(), size_of::<SessionOpenResp>())
+            }
+            VIRTIO_DMAHEAP_REQ_SESSION_CLOSE if self.session_acked => {
+                (size_of::<SessionCloseReq>(), hdr)
+            }
+            VIRTIO_DMAHEAP_REQ_RESERVE | VIRTIO_DMAHEAP_REQ_UNRESERVE if self.session_acked => {
+                (size_of::<ReserveReq>(), hdr)
+            }
+            _ => return None,
+        })
     }
 
     /// Handles one request. `req` is the device-readable part of the chain, `writable` the
-    /// size of the device-writable part. Returns the bytes to write (never more than
-    /// `writable`; empty if not even a response header fits).
-    pub fn handle(&mut self, req: &[u8], writable: usize, mapper: &mut dyn Mapper) -> Vec<u8> {
+    /// size of the device-writable part. An answer never holds more than `writable` bytes
+    /// (it is empty if not even a response header fits).
+    pub fn handle(&mut self, req: &[u8], writable: usize, mapper: &mut dyn Mapper) -> Reply {
         let Some(hdr) = req
             .get(..std::mem::size_of::<ReqHdr>())
             .and_then(parse::<ReqHdr>)
         else {
             self.ratelimit
                 .warn(format_args!("request of {} bytes: too short", req.len()));
-            return hdr_only(VIRTIO_DMAHEAP_S_INVAL, writable);
+            return Reply::Answer(hdr_only(VIRTIO_DMAHEAP_S_INVAL, writable));
         };
         let ty = hdr.type_.to_native();
-        let (resp_size, req_size) = match ty {
-            VIRTIO_DMAHEAP_REQ_HEAP_INFO => (
-                std::mem::size_of::<HeapInfoResp>(),
-                std::mem::size_of::<HeapInfoReq>(),
-            ),
-            VIRTIO_DMAHEAP_REQ_ALLOC => (
-                std::mem::size_of::<AllocResp>(),
-                std::mem::size_of::<AllocReq>(),
-            ),
-            VIRTIO_DMAHEAP_REQ_FREE => (
-                std::mem::size_of::<RespHdr>(),
-                std::mem::size_of::<FreeReq>(),
-            ),
-            VIRTIO_DMAHEAP_REQ_SYNC if self.sync_acked => (
-                std::mem::size_of::<RespHdr>(),
-                std::mem::size_of::<SyncReq>(),
-            ),
-            _ => {
-                self.ratelimit
-                    .warn(format_args!("request type {ty}: not supported"));
-                return hdr_only(VIRTIO_DMAHEAP_S_UNSUPP, writable);
-            }
+        let Some((req_size, resp_size)) = self.sizes_of(ty) else {
+            self.ratelimit
+                .warn(format_args!("request type {ty}: not supported"));
+            return Reply::Answer(hdr_only(VIRTIO_DMAHEAP_S_UNSUPP, writable));
         };
         if hdr.reserved.to_native() != 0 || req.len() != req_size || writable < resp_size {
             self.ratelimit.warn(format_args!(
@@ -517,13 +569,23 @@ impl Device {
                 writable,
                 hdr.reserved.to_native()
             ));
-            return hdr_only(VIRTIO_DMAHEAP_S_INVAL, writable);
+            return Reply::Answer(hdr_only(VIRTIO_DMAHEAP_S_INVAL, writable));
+        }
+        if ty != VIRTIO_DMAHEAP_REQ_HEAP_INFO
+            && ty != VIRTIO_DMAHEAP_REQ_SESSION_OPEN
+            && !self.session_ok()
+        {
+            return Reply::Answer(hdr_only(VIRTIO_DMAHEAP_S_NO_SESSION, writable));
         }
         match ty {
-            VIRTIO_DMAHEAP_REQ_HEAP_INFO => self.heap_info(req).as_slice().to_vec(),
-            VIRTIO_DMAHEAP_REQ_ALLOC => self.alloc_req(req, mapper).as_slice().to_vec(),
-            VIRTIO_DMAHEAP_REQ_FREE => resp_hdr(self.free_req(req, mapper)).as_slice().to_vec(),
-            _ => resp_hdr(self.sync_req(req)).as_slice().to_vec(),
+            VIRTIO_DMAHEAP_REQ_HEAP_INFO => Reply::Answer(self.heap_info(req).as_slice().to_vec()),
+            VIRTIO_DMAHEAP_REQ_ALLOC => self.alloc_req(req, mapper),
+            VIRTIO_DMAHEAP_REQ_FREE => status_reply(self.free_req(req, mapper)),
+            VIRTIO_DMAHEAP_REQ_SYNC => status_reply(self.sync_req(req)),
+            VIRTIO_DMAHEAP_REQ_SESSION_OPEN => self.session_open_req(req, mapper),
+            VIRTIO_DMAHEAP_REQ_SESSION_CLOSE => status_reply(self.session_close_req(req, mapper)),
+            VIRTIO_DMAHEAP_REQ_RESERVE => status_reply(self.reserve_req(req)),
+            _ => status_reply(self.unreserve_req(req)),
         }
     }
 
@@ -562,13 +624,13 @@ impl Device {
         resp
     }
 
-    fn alloc_req(&mut self, req: &[u8], mapper: &mut dyn Mapper) -> AllocResp {
+    fn alloc_req(&mut self, req: &[u8], mapper: &mut dyn Mapper) -> Reply {
         let mut resp = AllocResp {
             hdr: resp_hdr(VIRTIO_DMAHEAP_S_INVAL),
             ..Default::default()
         };
         let Some(r) = parse::<AllocReq>(req) else {
-            return resp;
+            return Reply::Answer(resp.as_slice().to_vec());
         };
         match self.alloc(
             r.heap_id.to_native(),
@@ -582,9 +644,10 @@ impl Device {
                 resp.offset = offset.into();
                 resp.len = len.into();
             }
+            Err(RETRY) => return Reply::Retry,
             Err(status) => resp.hdr = resp_hdr(status),
         }
-        resp
+        Reply::Answer(resp.as_slice().to_vec())
     }
 
     fn free_req(&mut self, req: &[u8], mapper: &mut dyn Mapper) -> Status {
@@ -622,6 +685,8 @@ impl Device {
         }
     }
 
+    /// Mapping records: in the window, or kept for a suspended session (which needs them
+    /// back in the window when it resumes).
     fn live_mappings(&self) -> usize {
         self.mappings.len()
     }
@@ -749,36 +814,54 @@ impl Device {
         Ok((woff, off))
     }
 
-    /// Unmaps and releases one spare arena (any heap). Returns true if one was released.
-    fn evict_spare(&mut self, mapper: &mut dyn Mapper) -> bool {
+    /// Unmaps and releases one spare arena (any heap). Returns true if one was released;
+    /// [`RETRY`] if the ring stopped.
+    fn evict_spare(&mut self, mapper: &mut dyn Mapper) -> Result<bool, Status> {
         for heap in 0..self.counters.len() {
             if let Some(woff) = self.counters[heap].spare {
-                self.counters[heap].spare = None;
-                if self.release_mapping(woff, mapper) {
-                    return true;
+                if self.release_mapping(woff, mapper).is_err() {
+                    return Err(RETRY);
                 }
+                self.counters[heap].spare = None;
+                return Ok(true);
             }
         }
-        false
+        Ok(false)
     }
 
-    /// Unmaps the mapping at `woff` and releases its window range and host buffer.
-    /// If the unmap fails the record stays (it still occupies the window).
-    fn release_mapping(&mut self, woff: u64, mapper: &mut dyn Mapper) -> bool {
+    /// Unmaps the mapping at `woff` (if it is in the window) and releases its window range
+    /// and host buffer. Fails only with [`MapError::NotRunning`]: the mapping is still in
+    /// the window then, and its record stays. A refused unmap means the front end no
+    /// longer has the mapping (QEMU refuses an unmap only for a mapping it does not have,
+    /// e.g. after it dropped the window at a reset): it is released all the same.
+    fn release_mapping(&mut self, woff: u64, mapper: &mut dyn Mapper) -> Result<(), MapError> {
         let Some(m) = self.mappings.get(&woff) else {
-            return false;
+            return Ok(());
         };
-        let (len, heap, is_arena) = (m.len, m.heap, m.arena.is_some());
-        if let Err(e) = mapper.unmap(woff, len) {
-            warn!("unmap of window range {woff:#x}+{len:#x} failed: {e}");
-            return false;
+        let (len, heap, is_arena, mapped) = (m.len, m.heap, m.arena.is_some(), m.mapped);
+        if mapped {
+            match mapper.unmap(woff, len) {
+                Ok(()) => {}
+                Err(MapError::NotRunning) => return Err(MapError::NotRunning),
+                Err(e) => self.ratelimit.warn(format_args!(
+                    "unmap of window range {woff:#x}+{len:#x} refused ({e}): the front end \
+                     no longer has it"
+                )),
+            }
         }
-        self.mappings.remove(&woff);
-        self.window.free(woff, len);
+        self.forget_mapping(woff);
         if is_arena {
             self.counters[heap].arena_bytes -= len;
         }
-        true
+        Ok(())
+    }
+
+    /// Drops the record of the mapping at `woff` (already out of the window) and gives its
+    /// window range back.
+    fn forget_mapping(&mut self, woff: u64) {
+        if let Some(m) = self.mappings.remove(&woff) {
+            self.window.free(woff, m.len);
+        }
     }
 
     fn new_mapping(
@@ -788,14 +871,15 @@ impl Device {
         arena: bool,
         mapper: &mut dyn Mapper,
     ) -> Result<u64, Status> {
-        if self.live_mappings() >= self.limits.max_mappings && !self.evict_spare(mapper) {
-            return Err(VIRTIO_DMAHEAP_S_QUOTA);
+        // The mapping cap is a limit of the window (spec 6.2: WINDOW_FULL).
+        if self.live_mappings() >= self.limits.max_mappings && !self.evict_spare(mapper)? {
+            return Err(VIRTIO_DMAHEAP_S_WINDOW_FULL);
         }
         let align = ARENA_MIN.max(self.heaps[heap].params.min_align);
         let woff = match self.window.alloc(size, align) {
             Some(w) => w,
             None => {
-                if !self.evict_spare(mapper) {
+                if !self.evict_spare(mapper)? {
                     return Err(VIRTIO_DMAHEAP_S_WINDOW_FULL);
                 }
                 self.window
@@ -807,10 +891,10 @@ impl Device {
             Ok(b) => b,
             Err(e) => {
                 self.window.free(woff, size);
-                warn!(
-                    "heap {}: host allocation of {size} bytes failed: {e}",
-                    self.heaps[heap].params.name
-                );
+                let name = self.heaps[heap].params.name.clone();
+                self.ratelimit.warn(format_args!(
+                    "heap {name}: host allocation of {size} bytes failed: {e}"
+                ));
                 return Err(match e {
                     ProviderError::NoMemory(_) => VIRTIO_DMAHEAP_S_NOMEM,
                     _ => VIRTIO_DMAHEAP_S_IOERR,
@@ -819,7 +903,12 @@ impl Device {
         };
         if let Err(e) = mapper.map(buf.fd(), 0, woff, size) {
             self.window.free(woff, size);
-            warn!("map of {size} bytes at window offset {woff:#x} failed: {e}");
+            if matches!(e, MapError::NotRunning) {
+                return Err(RETRY);
+            }
+            self.ratelimit.warn(format_args!(
+                "map of {size} bytes at window offset {woff:#x} failed: {e}"
+            ));
             return Err(VIRTIO_DMAHEAP_S_IOERR);
         }
         if arena {
@@ -834,13 +923,15 @@ impl Device {
                 arena: arena.then(|| Arena {
                     alloc: RangeAllocator::new(size),
                 }),
+                mapped: true,
             },
         );
         Ok(woff)
     }
 
-    /// A large buffer's mapping that could not be unmapped stays mapped in the window:
-    /// zero it and use it as an arena for small buffers (its range is never mapped over).
+    /// A large buffer's mapping that could not be unmapped (the ring stopped) stays in the
+    /// window: zero it and use it as an arena for small buffers (its range is never mapped
+    /// over).
     fn adopt_as_arena(&mut self, woff: u64) {
         let Some(m) = self.mappings.get_mut(&woff) else {
             return;
@@ -869,7 +960,8 @@ impl Device {
             return VIRTIO_DMAHEAP_S_OK;
         };
         let Some(arena) = m.arena.as_mut() else {
-            if !self.release_mapping(rec.mapping, mapper) {
+            // The ring stopped: the mapping stays in the window; reuse it for small buffers.
+            if self.release_mapping(rec.mapping, mapper).is_err() {
                 self.adopt_as_arena(rec.mapping);
             }
             return VIRTIO_DMAHEAP_S_OK;
@@ -879,7 +971,7 @@ impl Device {
         // back. Its memory goes with it, so the range needs no zeroing if the unmap works.
         if arena.alloc.used() == rec.len
             && self.counters[heap].spare.is_some_and(|s| s != rec.mapping)
-            && self.release_mapping(rec.mapping, mapper)
+            && self.release_mapping(rec.mapping, mapper).is_ok()
         {
             return VIRTIO_DMAHEAP_S_OK;
         }
@@ -917,7 +1009,7 @@ impl Device {
             .collect();
         for m in self.mappings.values() {
             if let Some(s) = per.get_mut(m.heap) {
-                s.mappings += 1;
+                s.mappings += u64::from(m.mapped);
                 s.host_bytes += m.len;
                 if m.arena.is_some() {
                     s.arenas += 1;
@@ -925,6 +1017,8 @@ impl Device {
             }
         }
         let mut stats = Stats {
+            session: self.session.name().into(),
+            reserved_bytes: self.reservations.values().sum(),
             limits: LimitStats {
                 shm_size: self.limits.shm_size,
                 max_mappings: self.limits.max_mappings as u64,
@@ -1125,7 +1219,10 @@ pub(crate) mod tests {
         }
     }
 
-    fn device_with(heaps: Vec<HeapParams>, limits: Limits) -> (Device, Arc<FakeProvider>) {
+    pub(crate) fn device_with(
+        heaps: Vec<HeapParams>,
+        limits: Limits,
+    ) -> (Device, Arc<FakeProvider>) {
         let p = Arc::new(FakeProvider::default());
         let heaps = heaps
             .into_iter()
@@ -1137,22 +1234,32 @@ pub(crate) mod tests {
         (Device::new(heaps, limits, Arc::new(AtomicU64::new(1))), p)
     }
 
-    fn device() -> (Device, Arc<FakeProvider>) {
+    pub(crate) fn device() -> (Device, Arc<FakeProvider>) {
         device_with(vec![params("system")], limits())
     }
 
-    fn req<T: ByteValued>(v: T) -> Vec<u8> {
+    impl Device {
+        /// [`Device::handle`] for requests that must be answered.
+        pub fn answer(&mut self, req: &[u8], writable: usize, m: &mut dyn Mapper) -> Vec<u8> {
+            match self.handle(req, writable, m) {
+                Reply::Answer(a) => a,
+                Reply::Retry => panic!("request asked for a retry"),
+            }
+        }
+    }
+
+    pub(crate) fn req<T: ByteValued>(v: T) -> Vec<u8> {
         v.as_slice().to_vec()
     }
 
-    fn hdr(ty: u32) -> ReqHdr {
+    pub(crate) fn hdr(ty: u32) -> ReqHdr {
         ReqHdr {
             type_: ty.into(),
             reserved: 0.into(),
         }
     }
 
-    fn alloc_bytes(heap: u32, len: u64) -> Vec<u8> {
+    pub(crate) fn alloc_bytes(heap: u32, len: u64) -> Vec<u8> {
         req(AllocReq {
             hdr: hdr(VIRTIO_DMAHEAP_REQ_ALLOC),
             heap_id: heap.into(),
@@ -1161,7 +1268,7 @@ pub(crate) mod tests {
         })
     }
 
-    fn free_bytes(id: u64) -> Vec<u8> {
+    pub(crate) fn free_bytes(id: u64) -> Vec<u8> {
         req(FreeReq {
             hdr: hdr(VIRTIO_DMAHEAP_REQ_FREE),
             buffer_id: id.into(),
@@ -1177,13 +1284,20 @@ pub(crate) mod tests {
         })
     }
 
-    fn status_of(resp: &[u8]) -> u32 {
+    pub(crate) fn status_of(resp: &[u8]) -> u32 {
         parse::<RespHdr>(&resp[..8]).unwrap().status.to_native()
     }
 
     /// ALLOC through `handle`; returns (status, id, offset, len).
-    fn alloc(d: &mut Device, m: &mut FakeMapper, heap: u32, len: u64) -> (u32, u64, u64, u64) {
-        let resp = d.handle(&alloc_bytes(heap, len), 32, m);
+    pub(crate) fn alloc(
+        d: &mut Device,
+        m: &mut FakeMapper,
+        heap: u32,
+        len: u64,
+    ) -> (u32, u64, u64, u64) {
+        let mut resp = d.answer(&alloc_bytes(heap, len), 32, m);
+        // A failure may be answered with the header only.
+        resp.resize(std::mem::size_of::<AllocResp>(), 0);
         let r = parse::<AllocResp>(&resp).unwrap();
         (
             r.hdr.status.to_native(),
@@ -1193,8 +1307,8 @@ pub(crate) mod tests {
         )
     }
 
-    fn free(d: &mut Device, m: &mut FakeMapper, id: u64) -> u32 {
-        status_of(&d.handle(&free_bytes(id), 8, m))
+    pub(crate) fn free(d: &mut Device, m: &mut FakeMapper, id: u64) -> u32 {
+        status_of(&d.answer(&free_bytes(id), 8, m))
     }
 
     #[test]
@@ -1221,7 +1335,7 @@ pub(crate) mod tests {
                 heap_id: id.into(),
                 reserved: reserved.into(),
             });
-            parse::<HeapInfoResp>(&d.handle(&r, 72, m)).unwrap()
+            parse::<HeapInfoResp>(&d.answer(&r, 72, m)).unwrap()
         };
         let r = info(&mut d, &mut m, 1, 0);
         assert_eq!(r.hdr.status.to_native(), VIRTIO_DMAHEAP_S_OK);
@@ -1308,7 +1422,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn ids_are_never_reused_even_across_reset() {
+    fn ids_are_never_reused_even_across_a_disconnect() {
         let (mut d, _) = device();
         let mut m = FakeMapper::default();
         let mut last = 0;
@@ -1319,20 +1433,20 @@ pub(crate) mod tests {
             last = id;
             assert_eq!(free(&mut d, &mut m, id), VIRTIO_DMAHEAP_S_OK);
         }
-        d.reset();
+        d.disconnect();
         let mut m = FakeMapper::default();
         let (_, id, _, _) = alloc(&mut d, &mut m, 0, 4096);
         assert!(id > last);
     }
 
     #[test]
-    fn reset_drops_everything_without_unmapping() {
+    fn a_disconnect_drops_everything_without_unmapping() {
         let (mut d, _) = device();
         let mut m = FakeMapper::default();
         let (_, id, _, _) = alloc(&mut d, &mut m, 0, 4096);
         alloc(&mut d, &mut m, 0, 32 << 20);
         assert_eq!(m.maps, 2);
-        d.reset();
+        d.disconnect();
         assert_eq!(m.unmaps, 0);
         assert_eq!(d.stats().total, HeapStats::default());
         assert_eq!(free(&mut d, &mut m, id), VIRTIO_DMAHEAP_S_NO_BUFFER);
@@ -1361,13 +1475,13 @@ pub(crate) mod tests {
             len: 4096.into(),
         };
         assert_eq!(
-            status_of(&d.handle(&req(r), 32, &mut m)),
+            status_of(&d.answer(&req(r), 32, &mut m)),
             VIRTIO_DMAHEAP_S_INVAL
         );
         r.flags = 0.into();
         r.hdr.reserved = 1.into();
         assert_eq!(
-            status_of(&d.handle(&req(r), 32, &mut m)),
+            status_of(&d.answer(&req(r), 32, &mut m)),
             VIRTIO_DMAHEAP_S_INVAL
         );
         assert_eq!(m.maps, 0);
@@ -1428,10 +1542,14 @@ pub(crate) mod tests {
         let a = alloc(&mut d, &mut m, 0, big);
         let b = alloc(&mut d, &mut m, 0, big);
         assert_eq!((a.0, b.0), (VIRTIO_DMAHEAP_S_OK, VIRTIO_DMAHEAP_S_OK));
-        assert_eq!(alloc(&mut d, &mut m, 0, big).0, VIRTIO_DMAHEAP_S_QUOTA);
+        // The cap is a limit of the window (spec 6.2): WINDOW_FULL, not QUOTA.
+        assert_eq!(
+            alloc(&mut d, &mut m, 0, big).0,
+            VIRTIO_DMAHEAP_S_WINDOW_FULL
+        );
         assert_eq!(
             alloc(&mut d, &mut m, 0, 4096).0,
-            VIRTIO_DMAHEAP_S_QUOTA,
+            VIRTIO_DMAHEAP_S_WINDOW_FULL,
             "arena needs a mapping"
         );
         assert_eq!(free(&mut d, &mut m, a.1), VIRTIO_DMAHEAP_S_OK);
@@ -1557,7 +1675,7 @@ pub(crate) mod tests {
             }
         }
         assert_eq!(
-            status_of(&d.handle(&free_bytes(id), 8, &mut Refuse(&mut m))),
+            status_of(&d.answer(&free_bytes(id), 8, &mut Refuse(&mut m))),
             VIRTIO_DMAHEAP_S_OK
         );
         // Still mapped: never mapped over, reused for small buffers, zeroed.
@@ -1580,7 +1698,7 @@ pub(crate) mod tests {
         let mut m = FakeMapper::default();
         let (_, id, _, _) = alloc(&mut d, &mut m, 0, 4096);
         let s = |d: &mut Device, m: &mut FakeMapper, id, f| {
-            status_of(&d.handle(&sync_bytes(id, f), 8, m))
+            status_of(&d.answer(&sync_bytes(id, f), 8, m))
         };
         assert_eq!(
             s(&mut d, &mut m, id, VIRTIO_DMAHEAP_SYNC_READ),
@@ -1611,10 +1729,10 @@ pub(crate) mod tests {
         let mut m = FakeMapper::default();
         // Too short for a header.
         assert_eq!(
-            status_of(&d.handle(&[1, 0, 0], 8, &mut m)),
+            status_of(&d.answer(&[1, 0, 0], 8, &mut m)),
             VIRTIO_DMAHEAP_S_INVAL
         );
-        assert!(d.handle(&[], 4, &mut m).is_empty(), "nothing fits");
+        assert!(d.answer(&[], 4, &mut m).is_empty(), "nothing fits");
         // Unknown and unoffered types.
         for ty in [0, 5, 6, u32::MAX] {
             let r = req(AssignUuidReq {
@@ -1622,29 +1740,29 @@ pub(crate) mod tests {
                 buffer_id: 1.into(),
             });
             assert_eq!(
-                status_of(&d.handle(&r, 24, &mut m)),
+                status_of(&d.answer(&r, 24, &mut m)),
                 VIRTIO_DMAHEAP_S_UNSUPP
             );
         }
         // Truncated and oversized requests.
         let a = alloc_bytes(0, 4096);
         assert_eq!(
-            status_of(&d.handle(&a[..20], 32, &mut m)),
+            status_of(&d.answer(&a[..20], 32, &mut m)),
             VIRTIO_DMAHEAP_S_INVAL
         );
         let mut long = a.clone();
         long.push(0);
         assert_eq!(
-            status_of(&d.handle(&long, 32, &mut m)),
+            status_of(&d.answer(&long, 32, &mut m)),
             VIRTIO_DMAHEAP_S_INVAL
         );
         // Response does not fit: header only with INVAL, or nothing; no allocation made.
-        let r = d.handle(&a, 16, &mut m);
+        let r = d.answer(&a, 16, &mut m);
         assert_eq!((r.len(), status_of(&r)), (8, VIRTIO_DMAHEAP_S_INVAL));
-        assert!(d.handle(&a, 7, &mut m).is_empty());
+        assert!(d.answer(&a, 7, &mut m).is_empty());
         assert_eq!(m.maps, 0);
         // Larger writable part is fine: the response has its own size.
-        assert_eq!(d.handle(&a, 4096, &mut m).len(), 32);
+        assert_eq!(d.answer(&a, 4096, &mut m).len(), 32);
     }
 
     #[test]
@@ -1779,13 +1897,13 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn reset_forgets_the_idle_spare_without_unmapping() {
+    fn a_disconnect_forgets_the_idle_spare_without_unmapping() {
         let (mut d, _) = device();
         let mut m = FakeMapper::default();
         let (_, id, _, _) = alloc(&mut d, &mut m, 0, 4096);
         assert_eq!(free(&mut d, &mut m, id), VIRTIO_DMAHEAP_S_OK);
         let deadline = d.idle_deadline().unwrap();
-        d.reset();
+        d.disconnect();
         assert_eq!(d.idle_deadline(), None);
         assert_eq!(d.release_idle(deadline + SPARE_IDLE_DELAY, &mut m), 0);
         assert_eq!(m.unmaps, 0);
@@ -1863,11 +1981,11 @@ pub(crate) mod tests {
         }
         d.poke(e, 0, b"dirty").unwrap();
         assert_eq!(
-            status_of(&d.handle(&free_bytes(c), 8, &mut RefuseUnmap(&mut m))),
+            status_of(&d.answer(&free_bytes(c), 8, &mut RefuseUnmap(&mut m))),
             VIRTIO_DMAHEAP_S_OK
         );
         assert_eq!(
-            status_of(&d.handle(&free_bytes(e), 8, &mut RefuseUnmap(&mut m))),
+            status_of(&d.answer(&free_bytes(e), 8, &mut RefuseUnmap(&mut m))),
             VIRTIO_DMAHEAP_S_OK
         );
         assert_eq!(p.zeroings.load(Ordering::SeqCst), z + 2);

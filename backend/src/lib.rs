@@ -10,6 +10,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod device;
+pub mod handle;
 pub mod provider;
 pub mod range;
 pub mod sandbox;

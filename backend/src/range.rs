@@ -71,6 +71,33 @@ impl RangeAllocator {
         Some(aligned)
     }
 
+    /// Allocates exactly `[start, start + len)` if all of it is free. Returns false (and
+    /// changes nothing) otherwise.
+    pub fn alloc_at(&mut self, start: u64, len: u64) -> bool {
+        let Some(end) = start.checked_add(len) else {
+            return false;
+        };
+        if len == 0 || end > self.size {
+            return false;
+        }
+        let Some((fs, fl)) = self.free.range(..=start).next_back().map(|(&s, &l)| (s, l)) else {
+            return false;
+        };
+        let fend = fs + fl;
+        if fend < end {
+            return false;
+        }
+        self.free.remove(&fs);
+        if fs < start {
+            self.free.insert(fs, start - fs);
+        }
+        if fend > end {
+            self.free.insert(end, fend - end);
+        }
+        self.used += len;
+        true
+    }
+
     /// Returns `[start, start + len)` to the free list. The caller guarantees that it was
     /// allocated; a range overlapping a free range is refused (returns false).
     pub fn free(&mut self, start: u64, len: u64) -> bool {
@@ -136,6 +163,24 @@ mod tests {
         assert_eq!(r.free.len(), 1);
         assert_eq!(r.alloc(1 << 20, 4096), Some(0));
         assert_eq!(r.alloc(4096, 4096), None);
+    }
+
+    #[test]
+    fn alloc_at_takes_exactly_a_free_range() {
+        let mut r = RangeAllocator::new(1 << 20);
+        assert!(r.alloc_at(8192, 4096));
+        assert!(!r.alloc_at(8192, 4096), "taken already");
+        assert!(!r.alloc_at(4096, 8192), "overlaps the taken range");
+        assert!(!r.alloc_at((1 << 20) - 4096, 8192), "past the end");
+        assert!(!r.alloc_at(u64::MAX - 1, 4), "overflow");
+        assert!(!r.alloc_at(0, 0));
+        assert_eq!(r.used(), 4096);
+        // First fit goes around it.
+        assert_eq!(r.alloc(8192, 4096), Some(0));
+        assert_eq!(r.alloc(8192, 4096), Some(12288));
+        assert!(r.alloc_at(20480, (1 << 20) - 20480), "the whole tail");
+        assert!(r.free(8192, 4096));
+        assert!(r.alloc_at(8192, 4096));
     }
 
     #[test]

@@ -298,14 +298,14 @@ fn mapping_and_window_floods() {
     for _ in 0..20 {
         match fe.alloc(0, 12 << 20) {
             Ok(b) => held.push(b.id),
-            Err(s) => assert_eq!(s, S_QUOTA, "mapping cap"),
+            Err(s) => assert_eq!(s, S_WINDOW_FULL, "mapping cap"),
         }
     }
     assert_eq!(held.len(), 3);
     assert_eq!(fe.shm().live_mappings(), 3);
     assert_eq!(
         fe.alloc(0, 4096),
-        Err(S_QUOTA),
+        Err(S_WINDOW_FULL),
         "an arena needs a mapping too"
     );
     for id in held.drain(..) {

@@ -172,7 +172,7 @@ fn ring_indices_wrap_around() {
         assert_eq!(FrontEnd::status_of(&c, "HEAP_INFO"), S_OK);
         n += 1;
     }
-    let next = fe.stop_queue();
+    let next = fe.pause();
     assert_eq!(
         next,
         u32::from(base.wrapping_add(n as u16)),

@@ -1,14 +1,22 @@
 //! The device state machine: arbitrary sequences of ALLOC / FREE / SYNC / HEAP_INFO /
-//! reset with arbitrary fields, host writes into buffers, and injected host faults
-//! (provider ENOMEM/EIO, SHMEM_MAP and SHMEM_UNMAP refused), against the device core with
-//! a memfd provider and a fake mapper.
+//! SESSION_OPEN (new or resume) / SESSION_CLOSE (release or suspend) / RESERVE /
+//! UNRESERVE / disconnect with arbitrary fields, host writes into buffers, the operator
+//! ending the session, and injected faults (provider ENOMEM/EIO, SHMEM_MAP refused,
+//! SHMEM_UNMAP refused as for a mapping the front end no longer has, the ring stopped so
+//! that requests needing the front end are retried), against the device core with a
+//! memfd provider and a fake mapper.
 //!
 //! A model of the live buffers is checked after every step:
 //! * every status is a defined code, and the one the spec prescribes where it is certain
 //!   (FREE/SYNC of a freed or never-allocated id: NO_BUFFER; FREE of a live id: OK);
 //! * no two live buffers overlap in the window; every live buffer is inside the window,
 //!   aligned to its heap's min_align, page-granular and backed by live mappings;
-//! * ids are never 0 and never reused, even across resets;
+//! * ids are never 0 and never reused, even across sessions and disconnects;
+//! * a request the device asks to retry (ring stopped) changed nothing visible, and is
+//!   answered in full once the ring runs; session requests follow the state machine of
+//!   spec 6.9 (NO_SESSION outside an open session, resume only of the suspended id); a
+//!   suspended session keeps its buffers out of the window and gets them back, with their
+//!   bytes, at the same offsets; no buffer overlaps a reserved range;
 //! * the device's byte and buffer counters equal the sums over the live buffers, per heap
 //!   and in total, and stay within the quotas; mappings within the mapping cap;
 //! * a new buffer reads as zero where an earlier buffer had written (freed ranges are
@@ -23,6 +31,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use arbitrary::Arbitrary;
 use common::*;
 use libfuzzer_sys::fuzz_target;
+use vhost_user_dmaheap::device::{Device, Reply};
 
 #[derive(Debug, Arbitrary)]
 enum Len {
@@ -69,14 +78,46 @@ enum Op {
         page: u16,
         byte: u8,
     },
-    Reset,
+    Disconnect,
+    Open(Resume),
+    Close {
+        suspend: bool,
+        bad_flags: bool,
+    },
+    Reserve {
+        page: u16,
+        pages: u16,
+    },
+    Unreserve(u8),
+    HostEndsSession,
+    Stop(bool),
     FailAlloc {
         nomem: bool,
         count: u8,
     },
     FailMap(u8),
     FailUnmap(u8),
-    Features(bool),
+    Features {
+        sync: bool,
+        session: bool,
+    },
+}
+
+#[derive(Debug, Arbitrary)]
+enum Resume {
+    New,
+    /// The last session the device opened.
+    Last,
+    Raw(u64),
+}
+
+/// The session as the model sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Session {
+    /// Open; id 0 is the implicit session (no SESSION feature, or not opened yet).
+    Open(u64),
+    Suspended(u64),
+    Closed,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -93,6 +134,27 @@ struct Model {
     /// Window pages an earlier buffer wrote non-zero bytes to.
     dirty: BTreeSet<u64>,
     sync: bool,
+    session_acked: bool,
+    session: Session,
+    last_session: u64,
+    /// Reserved window ranges: offset -> len.
+    reserved: BTreeMap<u64, u64>,
+    /// Bytes written by the host into live buffers: (id, offset) -> byte.
+    written: BTreeMap<(u64, u64), u8>,
+}
+
+impl Model {
+    fn session_ok(&self) -> bool {
+        !self.session_acked || matches!(self.session, Session::Open(id) if id != 0)
+    }
+
+    /// Every live buffer and reservation is gone (the session ended).
+    fn end_session(&mut self) {
+        self.freed.extend(self.live.keys());
+        self.live.clear();
+        self.reserved.clear();
+        self.written.clear();
+    }
 }
 
 impl Model {
@@ -114,6 +176,25 @@ fn status(resp: &[u8], writable: usize) -> u32 {
     check_response(resp, writable).expect("a resp_hdr fits")
 }
 
+/// Serves a request; a retry must have left the device's counters as they were.
+fn run(dev: &mut Device, req: &[u8], writable: usize, mapper: &mut FakeMapper) -> Vec<u8> {
+    let before = dev.stats();
+    let mapped_before = mapper.mapped.clone();
+    match dev.handle(req, writable, mapper) {
+        Reply::Answer(a) => a,
+        Reply::Retry => {
+            assert!(mapper.stopped, "retry while the ring runs");
+            let type_ = le32(req, 0);
+            if type_ == REQ_ALLOC {
+                assert_eq!(dev.stats(), before, "a retried ALLOC had an effect");
+                assert_eq!(mapper.mapped, mapped_before);
+            }
+            let (a, _) = serve(dev, req, writable, mapper);
+            a
+        }
+    }
+}
+
 fuzz_target!(|ops: Vec<Op>| {
     let (mut dev, faults) = device();
     let params = heap_params();
@@ -124,6 +205,11 @@ fuzz_target!(|ops: Vec<Op>| {
         seen: BTreeSet::new(),
         dirty: BTreeSet::new(),
         sync: true,
+        session_acked: false,
+        session: Session::Open(0),
+        last_session: 0,
+        reserved: BTreeMap::new(),
+        written: BTreeMap::new(),
     };
     for op in ops.iter().take(256) {
         match op {
@@ -131,10 +217,17 @@ fuzz_target!(|ops: Vec<Op>| {
                 let heap = u32::from(*heap % 3);
                 let flags = u32::from(*flags % 2);
                 let want = len.get();
-                let resp = dev.handle(&alloc_req(heap, flags, want), ALLOC_RESP, &mut mapper);
+                let resp = run(
+                    &mut dev,
+                    &alloc_req(heap, flags, want),
+                    ALLOC_RESP,
+                    &mut mapper,
+                );
                 let st = status(&resp, ALLOC_RESP);
                 let h = heap as usize;
-                let expect_err = if h >= params.len() {
+                let expect_err = if !m.session_ok() {
+                    Some(S_NO_SESSION)
+                } else if h >= params.len() {
                     Some(S_NO_HEAP)
                 } else if flags != 0 || want == 0 || want % PAGE != 0 {
                     Some(S_INVAL)
@@ -175,6 +268,12 @@ fuzz_target!(|ops: Vec<Op>| {
                         b.len
                     );
                 }
+                for (&ro, &rl) in &m.reserved {
+                    assert!(
+                        end <= ro || ro + rl <= off,
+                        "buffer {id} {off:#x}+{blen:#x} inside reserved {ro:#x}+{rl:#x}"
+                    );
+                }
                 // Zeroed: every page an earlier buffer dirtied reads 0 now.
                 let dirty: Vec<u64> = m.dirty.range(off..end).copied().collect();
                 for page in dirty {
@@ -193,10 +292,16 @@ fuzz_target!(|ops: Vec<Op>| {
             }
             Op::Free(id) => {
                 let id = m.pick(id);
-                let st = status(&dev.handle(&free_req(id), RESP_HDR, &mut mapper), RESP_HDR);
-                if m.live.remove(&id).is_some() {
+                let st = status(
+                    &run(&mut dev, &free_req(id), RESP_HDR, &mut mapper),
+                    RESP_HDR,
+                );
+                if !m.session_ok() {
+                    assert_eq!(st, S_NO_SESSION, "FREE outside a session");
+                } else if m.live.remove(&id).is_some() {
                     assert_eq!(st, S_OK, "FREE of live buffer {id}");
                     m.freed.push(id);
+                    m.written.retain(|&(i, _), _| i != id);
                 } else {
                     assert_eq!(st, S_NO_BUFFER, "FREE of dead buffer {id}");
                 }
@@ -204,12 +309,14 @@ fuzz_target!(|ops: Vec<Op>| {
             Op::Sync { id, flags } => {
                 let id = m.pick(id);
                 let st = status(
-                    &dev.handle(&sync_req(id, *flags), RESP_HDR, &mut mapper),
+                    &run(&mut dev, &sync_req(id, *flags), RESP_HDR, &mut mapper),
                     RESP_HDR,
                 );
                 let valid = flags & !7 == 0 && flags & 3 != 0;
                 if !m.sync {
                     assert_eq!(st, S_UNSUPP);
+                } else if !m.session_ok() {
+                    assert_eq!(st, S_NO_SESSION);
                 } else if !valid {
                     assert_eq!(st, S_INVAL, "SYNC flags {flags:#x}");
                 } else if m.live.contains_key(&id) {
@@ -219,7 +326,7 @@ fuzz_target!(|ops: Vec<Op>| {
                 }
             }
             Op::HeapInfo(heap) => {
-                let resp = dev.handle(&heap_info_req(*heap), HEAP_INFO_RESP, &mut mapper);
+                let resp = run(&mut dev, &heap_info_req(*heap), HEAP_INFO_RESP, &mut mapper);
                 let st = status(&resp, HEAP_INFO_RESP);
                 if (*heap as usize) < params.len() {
                     assert_eq!((st, resp.len()), (S_OK, HEAP_INFO_RESP));
@@ -234,18 +341,155 @@ fuzz_target!(|ops: Vec<Op>| {
                     let off = (u64::from(*page) * PAGE) % b.len;
                     dev.poke(id, off, &[byte | 1]).expect("poke a live buffer");
                     m.dirty.insert(b.off + off);
+                    m.written.insert((id, off), byte | 1);
                 } else {
                     assert!(dev.poke(id, 0, &[1]).is_err(), "poke of dead buffer {id}");
                 }
             }
-            Op::Reset => {
-                dev.reset();
-                // The front end drops every mapping itself; the memory goes with them.
+            Op::Disconnect => {
+                dev.disconnect();
+                // The front end went away with its mappings; the memory goes with them.
                 mapper.mapped.clear();
-                m.freed.extend(m.live.keys());
-                m.live.clear();
+                mapper.stopped = false;
+                m.end_session();
                 m.dirty.clear();
+                m.session = Session::Open(0);
             }
+            Op::Open(resume) => {
+                let rid = match resume {
+                    Resume::New => 0,
+                    Resume::Last => m.last_session,
+                    Resume::Raw(v) => *v,
+                };
+                let resp = run(
+                    &mut dev,
+                    &session_open_req(rid),
+                    SESSION_OPEN_RESP,
+                    &mut mapper,
+                );
+                let st = status(&resp, SESSION_OPEN_RESP);
+                if !m.session_acked {
+                    assert_eq!(st, S_UNSUPP);
+                    continue;
+                }
+                let resumable = rid != 0
+                    && matches!(m.session, Session::Suspended(s) | Session::Open(s) if s == rid);
+                if rid == 0 {
+                    assert_eq!(st, S_OK, "new session");
+                    let id = le64(&resp, 8);
+                    assert!(id != 0 && id != m.last_session, "session id {id:#x}");
+                    assert!(
+                        mapper.mapped.is_empty(),
+                        "left in the window: {:x?}",
+                        mapper.mapped
+                    );
+                    m.end_session();
+                    m.session = Session::Open(id);
+                    m.last_session = id;
+                } else if resumable {
+                    if st == S_IOERR {
+                        // A refused remap ends the session.
+                        m.end_session();
+                        m.session = Session::Closed;
+                        continue;
+                    }
+                    assert_eq!((st, le64(&resp, 8)), (S_OK, rid), "resume of {rid:#x}");
+                    m.session = Session::Open(rid);
+                    for (&(id, off), &byte) in &m.written {
+                        assert_eq!(dev.peek(id, off, 1).expect("peek"), [byte], "lost byte");
+                    }
+                } else {
+                    assert_eq!(st, S_NO_SESSION, "resume of {rid:#x} in {:?}", m.session);
+                }
+            }
+            Op::Close { suspend, bad_flags } => {
+                let flags = if *bad_flags { 2 } else { u32::from(*suspend) };
+                let st = status(
+                    &run(&mut dev, &session_close_req(flags), RESP_HDR, &mut mapper),
+                    RESP_HDR,
+                );
+                if !m.session_acked {
+                    assert_eq!(st, S_UNSUPP);
+                } else if !m.session_ok() {
+                    assert_eq!(st, S_NO_SESSION);
+                } else if *bad_flags {
+                    assert_eq!(st, S_INVAL);
+                } else {
+                    assert_eq!(st, S_OK, "close");
+                    assert!(
+                        mapper.mapped.is_empty(),
+                        "left in the window: {:x?}",
+                        mapper.mapped
+                    );
+                    let Session::Open(id) = m.session else {
+                        unreachable!()
+                    };
+                    if *suspend {
+                        m.session = Session::Suspended(id);
+                    } else {
+                        m.end_session();
+                        m.session = Session::Closed;
+                    }
+                }
+            }
+            Op::Reserve { page, pages } => {
+                let off = u64::from(*page) * PAGE * 4;
+                let len = u64::from(*pages % 512) * PAGE;
+                let req = reserve_req(REQ_RESERVE, off, len);
+                let st = status(&run(&mut dev, &req, RESP_HDR, &mut mapper), RESP_HDR);
+                if !m.session_acked {
+                    assert_eq!(st, S_UNSUPP);
+                } else if !m.session_ok() {
+                    assert_eq!(st, S_NO_SESSION);
+                } else if len == 0 || off + len > SHM_SIZE {
+                    assert_eq!(st, S_INVAL, "reserve {off:#x}+{len:#x}");
+                } else if st == S_OK {
+                    for (&ro, &rl) in &m.reserved {
+                        assert!(off + len <= ro || ro + rl <= off, "reserved twice");
+                    }
+                    for b in m.live.values() {
+                        assert!(off + len <= b.off || b.off + b.len <= off, "over a buffer");
+                    }
+                    m.reserved.insert(off, len);
+                } else {
+                    assert!(matches!(st, S_WINDOW_FULL | S_QUOTA), "reserve: {st}");
+                }
+            }
+            Op::Unreserve(n) => {
+                let pick = if m.reserved.is_empty() {
+                    None
+                } else {
+                    m.reserved
+                        .iter()
+                        .nth(usize::from(*n) % m.reserved.len())
+                        .map(|(&o, &l)| (o, l))
+                };
+                let (off, len) = pick.unwrap_or((PAGE * u64::from(*n), PAGE));
+                let req = reserve_req(REQ_UNRESERVE, off, len);
+                let st = status(&run(&mut dev, &req, RESP_HDR, &mut mapper), RESP_HDR);
+                if !m.session_acked {
+                    assert_eq!(st, S_UNSUPP);
+                } else if !m.session_ok() {
+                    assert_eq!(st, S_NO_SESSION);
+                } else if pick.is_some() {
+                    assert_eq!(st, S_OK, "unreserve {off:#x}+{len:#x}");
+                    m.reserved.remove(&off);
+                } else {
+                    assert_eq!(st, S_INVAL, "unreserve of nothing");
+                }
+            }
+            Op::HostEndsSession => {
+                let was_stopped = mapper.stopped;
+                match dev.end_session_by_host(&mut mapper) {
+                    Ok(_) => {
+                        assert!(mapper.mapped.is_empty());
+                        m.end_session();
+                        m.session = Session::Closed;
+                    }
+                    Err(_) => assert!(was_stopped, "the host could not end the session"),
+                }
+            }
+            Op::Stop(stopped) => mapper.stopped = *stopped,
             Op::FailAlloc { nomem, count } => {
                 let c = u32::from(count % 4);
                 if *nomem {
@@ -256,9 +500,12 @@ fuzz_target!(|ops: Vec<Op>| {
             }
             Op::FailMap(n) => mapper.fail_maps = u32::from(n % 4),
             Op::FailUnmap(n) => mapper.fail_unmaps = u32::from(n % 4),
-            Op::Features(sync) => {
-                dev.set_acked_features(u64::from(*sync));
+            Op::Features { sync, session } => {
+                dev.set_acked_features(
+                    (u64::from(*sync) << F_SYNC) | (u64::from(*session) << F_SESSION),
+                );
                 m.sync = *sync;
+                m.session_acked = *session;
             }
         }
 
@@ -286,12 +533,15 @@ fuzz_target!(|ops: Vec<Op>| {
             let l = m.live.get(&b.id).expect("listed buffer is live");
             assert_eq!((b.offset, b.len), (l.off, l.len));
         }
-        for (id, b) in &m.live {
-            assert!(
-                mapper.covers(b.off, b.len),
-                "buffer {id} not backed by a mapping"
-            );
+        if !matches!(m.session, Session::Suspended(_)) {
+            for (id, b) in &m.live {
+                assert!(
+                    mapper.covers(b.off, b.len),
+                    "buffer {id} not backed by a mapping"
+                );
+            }
         }
+        assert_eq!(s.reserved_bytes, m.reserved.values().sum::<u64>());
         assert!(mapper.violations.is_empty(), "{:?}", mapper.violations);
     }
 });

@@ -20,7 +20,7 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let (mut dev, _faults) = device();
     let mut mapper = FakeMapper::default();
-    let first = dev.handle(&alloc_req(0, 0, PAGE), ALLOC_RESP, &mut mapper);
+    let (first, _) = serve(&mut dev, &alloc_req(0, 0, PAGE), ALLOC_RESP, &mut mapper);
     assert_eq!(check_response(&first, ALLOC_RESP), Some(S_OK));
 
     let mut rest = data;
@@ -33,9 +33,9 @@ fuzz_target!(|data: &[u8]| {
         let req = &rest[..take];
         rest = &rest[take..];
 
-        dev.set_acked_features(u64::from(features & 1));
+        dev.set_acked_features(u64::from(features & 3));
         let before = dev.stats();
-        let resp = dev.handle(req, writable, &mut mapper);
+        let (resp, _) = serve(&mut dev, req, writable, &mut mapper);
         let Some(status) = check_response(&resp, writable) else {
             assert_eq!(
                 dev.stats(),
@@ -50,6 +50,7 @@ fuzz_target!(|data: &[u8]| {
             let full = match ty {
                 REQ_HEAP_INFO => HEAP_INFO_RESP,
                 REQ_ALLOC => ALLOC_RESP,
+                REQ_SESSION_OPEN => SESSION_OPEN_RESP,
                 _ => RESP_HDR,
             };
             assert!(
@@ -78,7 +79,13 @@ fuzz_target!(|data: &[u8]| {
                 assert!(off.checked_add(blen).is_some_and(|e| e <= SHM_SIZE));
                 assert!(mapper.covers(off, blen), "ALLOC range not mapped");
             }
-            REQ_FREE | REQ_SYNC => assert_eq!(resp.len(), RESP_HDR),
+            REQ_FREE | REQ_SYNC | REQ_SESSION_CLOSE | REQ_RESERVE | REQ_UNRESERVE => {
+                assert_eq!(resp.len(), RESP_HDR)
+            }
+            REQ_SESSION_OPEN => {
+                assert_eq!(resp.len(), SESSION_OPEN_RESP);
+                assert_ne!(le64(&resp, 8), 0, "session id 0");
+            }
             other => panic!("OK for request type {other}"),
         }
     }

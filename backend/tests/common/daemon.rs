@@ -458,6 +458,9 @@ pub struct Counters {
 pub struct Stats {
     pub heaps: std::collections::BTreeMap<String, Counters>,
     pub total: Counters,
+    /// `open`, `suspended`, `closed` or `implicit`.
+    pub session: String,
+    pub reserved_bytes: u64,
     pub raw: String,
 }
 
@@ -503,9 +506,20 @@ impl Stats {
             .or_else(|| v.get("totals"))
             .and_then(counters)
             .unwrap_or_else(|| panic!("stats reply has no totals: {reply}"));
+        let session = v
+            .get("session")
+            .and_then(|s| s.as_str())
+            .unwrap_or_else(|| panic!("stats reply has no session: {reply}"))
+            .to_owned();
+        let reserved_bytes = v
+            .get("reserved_bytes")
+            .and_then(|s| s.as_u64())
+            .unwrap_or_else(|| panic!("stats reply has no reserved_bytes: {reply}"));
         Stats {
             heaps,
             total,
+            session,
+            reserved_bytes,
             raw: reply.to_owned(),
         }
     }

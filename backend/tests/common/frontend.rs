@@ -2,7 +2,7 @@
 //! negotiation, guest memory shared through a memfd, one split virtqueue built by hand,
 //! and the shared memory window where SHMEM_MAP / SHMEM_UNMAP land.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -89,7 +89,8 @@ pub struct ShmWindow {
     pub events: Vec<ShmEvent>,
     /// Refuse SHMEM_MAP while set (fault injection).
     pub refuse_maps: bool,
-    /// Refuse SHMEM_UNMAP while set (fault injection).
+    /// Refuse SHMEM_UNMAP while set, as QEMU does for a mapping it no longer has (fault
+    /// injection: the mapping is dropped and the unmap refused).
     pub refuse_unmaps: bool,
     /// The ring is enabled (between SET_VRING_ENABLE 1 and the stop): the only time QEMU
     /// copes with SHMEM_MAP / SHMEM_UNMAP.
@@ -106,6 +107,13 @@ pub struct ShmWindow {
     /// ADD_MEM_REG / REM_MEM_REG messages the daemon acknowledged.
     pub mem_regions_added: usize,
     pub mem_regions_removed: usize,
+    /// Mappings the last device reset dropped: QEMU refuses an unmap of one with an error
+    /// (no crash), so a late unmap of them is not a violation.
+    dropped_at_reset: BTreeSet<(u64, u64)>,
+    /// Device resets that found mappings in the window. QEMU 11.1.3 then dies with
+    /// SIGSEGV when the driver starts the device again (its vhost-user memory table still
+    /// lists the dropped regions); the driver prevents it with SESSION_CLOSE.
+    pub resets_with_live_mappings: usize,
 }
 
 impl std::fmt::Debug for ShmWindow {
@@ -155,6 +163,8 @@ impl ShmWindow {
             max_mem_slots: u64::MAX,
             mem_regions_added: 0,
             mem_regions_removed: 0,
+            dropped_at_reset: BTreeSet::new(),
+            resets_with_live_mappings: 0,
         }
     }
 
@@ -451,7 +461,12 @@ impl VhostUserFrontendReqHandlerMut for ShmWindow {
                 len,
                 accepted: false,
             });
-            return Err(std::io::Error::from_raw_os_error(libc::EBUSY));
+            if self.maps.get(&shm_offset).is_some_and(|m| m.len == len) {
+                self.remove_mem_region(shm_offset, len);
+                self.maps.remove(&shm_offset);
+                self.unmap_range(shm_offset, len);
+            }
+            return Err(std::io::Error::from_raw_os_error(libc::EFAULT));
         }
         let found = self.maps.get(&shm_offset).is_some_and(|m| m.len == len);
         self.events.push(ShmEvent::Unmap {
@@ -459,6 +474,9 @@ impl VhostUserFrontendReqHandlerMut for ShmWindow {
             len,
             accepted: found,
         });
+        if !found && self.dropped_at_reset.remove(&(shm_offset, len)) {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        }
         if !found {
             self.violations.push(format!(
                 "SHMEM_UNMAP {shm_offset:#x}+{len:#x} matches no mapping (live: {:x?})",
@@ -586,6 +604,8 @@ pub struct FrontEnd {
     pub config: Config,
     pub queue_started: bool,
     mem_table_sent: bool,
+    /// The avail index the daemon reported at the last pause.
+    paused_base: Option<u16>,
 }
 
 impl std::fmt::Debug for FrontEnd {
@@ -657,6 +677,16 @@ impl FrontEnd {
 
     fn handshake_with(stream: UnixStream, device_features: u64) -> FrontEnd {
         Self::handshake_full(stream, device_features, wanted_protocol_features())
+    }
+
+    /// [`FrontEnd::connect_acking`] the session feature, and SESSION_OPEN as the guest
+    /// driver does at probe. Returns the front end and the session id.
+    pub fn connect_session(daemon: &Daemon) -> (FrontEnd, u64) {
+        let mut fe = Self::connect_acking(daemon, F_SYNC | F_SESSION);
+        let id = fe
+            .open_session(0)
+            .unwrap_or_else(|s| panic!("SESSION_OPEN: {}", status_name(s)));
+        (fe, id)
     }
 
     /// [`FrontEnd::connect`] for an older or different VMM that acks only `protocol` of the
@@ -804,6 +834,7 @@ impl FrontEnd {
             config,
             queue_started: false,
             mem_table_sent: false,
+            paused_base: None,
         }
     }
 
@@ -848,6 +879,11 @@ impl FrontEnd {
         // SET_VRING_ADDR) both start at `base`.
         self.mem.write_obj(base, Self::gpa(AVAIL_GPA + 2)).unwrap();
         self.mem.write_obj(base, Self::gpa(USED_GPA + 2)).unwrap();
+        self.set_ring(base);
+    }
+
+    /// SET_VRING_NUM/BASE/ADDR/KICK/CALL of the ring in guest memory, as it is.
+    fn set_ring(&mut self, base: u16) {
         let _ = self.call.read();
         let fe = &mut self.fe;
         fe.set_vring_num(0, QUEUE_SIZE).expect("SET_VRING_NUM");
@@ -875,17 +911,45 @@ impl FrontEnd {
         self.queue_started = true;
     }
 
-    /// What QEMU does at a guest device reset: disable and stop the ring (GET_VRING_BASE),
-    /// then drop every window mapping on its own. Returns the ring base the daemon reported.
-    pub fn stop_queue(&mut self) -> u32 {
+    /// What QEMU does when the VM is paused (QMP `stop`): disable and stop the ring
+    /// (GET_VRING_BASE); the window keeps its mappings. Returns the ring base the daemon
+    /// reported.
+    pub fn pause(&mut self) -> u32 {
         self.shm().running = false;
         self.fe
             .set_vring_enable(0, false)
             .expect("SET_VRING_ENABLE 0");
         let base = self.fe.get_vring_base(0).expect("GET_VRING_BASE");
         self.queue_started = false;
+        self.paused_base = u16::try_from(base).ok();
+        base
+    }
+
+    /// What QEMU does when a paused VM continues (QMP `cont`): the device starts again
+    /// with the same ring, at the avail index the daemon reported (the used index is read
+    /// back from guest memory).
+    pub fn resume(&mut self) {
+        let base = self.paused_base.take().expect("resume without a pause");
+        self.fe
+            .set_features(self.acked_features)
+            .expect("SET_FEATURES");
+        self.set_ring(base);
+        self.enable_queue();
+    }
+
+    /// What QEMU does at a guest device reset: stops the ring like [`FrontEnd::pause`],
+    /// then drops every window mapping on its own. Returns the ring base the daemon
+    /// reported. The driver then starts the device on a fresh ring ([`FrontEnd::start_queue`]).
+    pub fn reset_device(&mut self) -> u32 {
+        let base = self.pause();
+        self.paused_base = None;
         let dropped = self.shm().drop_all();
-        // QEMU's memory listener then removes the regions from the daemon's memory table.
+        if !dropped.is_empty() {
+            self.shm().resets_with_live_mappings += 1;
+        }
+        self.shm().dropped_at_reset.extend(dropped.iter().copied());
+        // A QEMU without the 11.1.3 bug then removes the regions from the daemon's memory
+        // table (11.1.3 keeps them listed and crashes at the next start instead).
         for (off, len) in dropped {
             let info = self.shm().region_info(off, len, 0, -1);
             match self.fe.remove_mem_region(&info) {
@@ -938,7 +1002,8 @@ impl FrontEnd {
         self.shm().refuse_maps = refuse;
     }
 
-    /// Fault injection: refuse (or accept again) SHMEM_UNMAP.
+    /// Fault injection: refuse (or accept again) SHMEM_UNMAP, as QEMU does for a mapping it
+    /// no longer has.
     pub fn refuse_unmaps(&self, refuse: bool) {
         self.shm().refuse_unmaps = refuse;
     }
@@ -1191,6 +1256,31 @@ impl FrontEnd {
     pub fn free_ok(&mut self, buffer_id: u64) {
         let s = self.free(buffer_id);
         assert_eq!(s, S_OK, "FREE {buffer_id}: {}", status_name(s));
+    }
+
+    /// SESSION_OPEN; the session id, or the status.
+    pub fn open_session(&mut self, resume_id: u64) -> Result<u64, u32> {
+        let c = self.request(&session_open_req(resume_id), SESSION_OPEN_RESP_SIZE as u32);
+        let status = Self::status_of(&c, &format!("SESSION_OPEN {resume_id:#x}"));
+        if status != S_OK {
+            return Err(status);
+        }
+        assert_eq!(c.used_len as usize, SESSION_OPEN_RESP_SIZE);
+        let id = le64(&c.written, 8);
+        assert_ne!(id, 0, "SESSION_OPEN answered session id 0");
+        Ok(id)
+    }
+
+    /// SESSION_CLOSE with `flags`; the status.
+    pub fn close_session(&mut self, flags: u32) -> u32 {
+        let c = self.request(&session_close_req(flags), RESP_HDR_SIZE as u32);
+        Self::status_of(&c, &format!("SESSION_CLOSE {flags:#x}"))
+    }
+
+    /// RESERVE (or UNRESERVE with `ty`); the status.
+    pub fn reserve(&mut self, ty: u32, offset: u64, len: u64) -> u32 {
+        let c = self.request(&reserve_req(ty, offset, len), RESP_HDR_SIZE as u32);
+        Self::status_of(&c, &format!("RESERVE/UNRESERVE {offset:#x}+{len:#x}"))
     }
 
     pub fn sync(&mut self, buffer_id: u64, flags: u32) -> u32 {

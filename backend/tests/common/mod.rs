@@ -26,5 +26,5 @@ pub mod frontend;
 pub mod proto;
 
 pub use daemon::{Counters, Daemon, Stats, DEADLINE};
-pub use frontend::{Completion, FrontEnd, Seg, POISON};
+pub use frontend::{parse_alloc, Completion, FrontEnd, Seg, POISON};
 pub use proto::*;

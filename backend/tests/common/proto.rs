@@ -22,6 +22,12 @@ pub use vhost_user_dmaheap::abi::{
     VIRTIO_DMAHEAP_S_UNSUPP as S_UNSUPP, VIRTIO_DMAHEAP_S_WINDOW_FULL as S_WINDOW_FULL,
     VIRTIO_DMAHEAP_VERSION as VERSION,
 };
+pub use vhost_user_dmaheap::abi::{
+    VIRTIO_DMAHEAP_CLOSE_SUSPEND as CLOSE_SUSPEND, VIRTIO_DMAHEAP_REQ_RESERVE as REQ_RESERVE,
+    VIRTIO_DMAHEAP_REQ_SESSION_CLOSE as REQ_SESSION_CLOSE,
+    VIRTIO_DMAHEAP_REQ_SESSION_OPEN as REQ_SESSION_OPEN,
+    VIRTIO_DMAHEAP_REQ_UNRESERVE as REQ_UNRESERVE, VIRTIO_DMAHEAP_S_NO_SESSION as S_NO_SESSION,
+};
 
 /// `VIRTIO_DMAHEAP_PAGE_SIZE`.
 pub const PAGE_SIZE: u64 = abi::VIRTIO_DMAHEAP_PAGE_SIZE as u64;
@@ -31,6 +37,7 @@ pub const CONFIG_SIZE: usize = size_of::<abi::Config>();
 /// Feature bits, as masks.
 pub const F_SYNC: u64 = 1 << abi::VIRTIO_DMAHEAP_F_SYNC;
 pub const F_UUID: u64 = 1 << abi::VIRTIO_DMAHEAP_F_UUID;
+pub const F_SESSION: u64 = 1 << abi::VIRTIO_DMAHEAP_F_SESSION;
 
 /// Struct sizes from the header.
 pub const RESP_HDR_SIZE: usize = size_of::<abi::RespHdr>();
@@ -42,6 +49,7 @@ pub const FREE_REQ_SIZE: usize = size_of::<abi::FreeReq>();
 pub const SYNC_REQ_SIZE: usize = size_of::<abi::SyncReq>();
 pub const ASSIGN_UUID_REQ_SIZE: usize = size_of::<abi::AssignUuidReq>();
 pub const ASSIGN_UUID_RESP_SIZE: usize = size_of::<abi::AssignUuidResp>();
+pub const SESSION_OPEN_RESP_SIZE: usize = size_of::<abi::SessionOpenResp>();
 
 /// Name of a status code, for messages.
 pub fn status_name(status: u32) -> String {
@@ -56,6 +64,7 @@ pub fn status_name(status: u32) -> String {
         S_WINDOW_FULL => "WINDOW_FULL",
         S_UNSUPP => "UNSUPP",
         S_TOO_BIG => "TOO_BIG",
+        S_NO_SESSION => "NO_SESSION",
         other => return format!("unknown status {other}"),
     };
     format!("{name} ({status})")
@@ -112,6 +121,19 @@ pub fn sync_req(buffer_id: u64, flags: u32) -> Vec<u8> {
 
 pub fn assign_uuid_req(buffer_id: u64) -> Vec<u8> {
     req_hdr(REQ_ASSIGN_UUID, 0).u64(buffer_id).build()
+}
+
+pub fn session_open_req(resume_id: u64) -> Vec<u8> {
+    req_hdr(REQ_SESSION_OPEN, 0).u64(resume_id).build()
+}
+
+pub fn session_close_req(flags: u32) -> Vec<u8> {
+    req_hdr(REQ_SESSION_CLOSE, 0).u32(flags).u32(0).build()
+}
+
+/// RESERVE or UNRESERVE (`ty`).
+pub fn reserve_req(ty: u32, offset: u64, len: u64) -> Vec<u8> {
+    req_hdr(ty, 0).u64(offset).u64(len).build()
 }
 
 pub fn le32(b: &[u8], off: usize) -> u32 {

@@ -9,7 +9,9 @@ use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use vhost_user_dmaheap::device::{CacheMode, Device, Heap, HeapParams, Limits, MapError, Mapper};
+use vhost_user_dmaheap::device::{
+    CacheMode, Device, Heap, HeapParams, Limits, MapError, Mapper, Reply,
+};
 use vhost_user_dmaheap::provider::{HeapProvider, HostBuffer, MemfdProvider, ProviderError};
 
 pub const PAGE: u64 = 4096;
@@ -17,6 +19,14 @@ pub const PAGE: u64 = 4096;
 // From the daemon's mirror of spec/virtio_dmaheap.h, which tests/abi_layout.rs checks
 // against the header: no unchecked copy of the wire constants. (Each target compiles this
 // module on its own and uses part of it, hence the allows.)
+#[allow(unused_imports)]
+pub use vhost_user_dmaheap::abi::{
+    VIRTIO_DMAHEAP_CLOSE_SUSPEND as CLOSE_SUSPEND, VIRTIO_DMAHEAP_F_SESSION as F_SESSION,
+    VIRTIO_DMAHEAP_F_SYNC as F_SYNC, VIRTIO_DMAHEAP_REQ_RESERVE as REQ_RESERVE,
+    VIRTIO_DMAHEAP_REQ_SESSION_CLOSE as REQ_SESSION_CLOSE,
+    VIRTIO_DMAHEAP_REQ_SESSION_OPEN as REQ_SESSION_OPEN,
+    VIRTIO_DMAHEAP_REQ_UNRESERVE as REQ_UNRESERVE, VIRTIO_DMAHEAP_S_NO_SESSION as S_NO_SESSION,
+};
 #[allow(unused_imports)]
 pub use vhost_user_dmaheap::abi::{
     VIRTIO_DMAHEAP_REQ_ALLOC as REQ_ALLOC, VIRTIO_DMAHEAP_REQ_FREE as REQ_FREE,
@@ -31,6 +41,8 @@ pub use vhost_user_dmaheap::abi::{
 pub const RESP_HDR: usize = std::mem::size_of::<vhost_user_dmaheap::abi::RespHdr>();
 pub const HEAP_INFO_RESP: usize = std::mem::size_of::<vhost_user_dmaheap::abi::HeapInfoResp>();
 pub const ALLOC_RESP: usize = std::mem::size_of::<vhost_user_dmaheap::abi::AllocResp>();
+pub const SESSION_OPEN_RESP: usize =
+    std::mem::size_of::<vhost_user_dmaheap::abi::SessionOpenResp>();
 
 /// Window of the fuzzed device (small, so that quotas and WINDOW_FULL are reached).
 pub const SHM_SIZE: u64 = 64 << 20;
@@ -76,13 +88,15 @@ impl HeapProvider for FaultProvider {
 }
 
 /// A mapper that behaves like QEMU: refuses overlaps and out-of-window ranges, and can
-/// be told to refuse maps and unmaps.
+/// be told to refuse maps, to refuse unmaps (as QEMU does for a mapping it no longer has:
+/// the mapping goes), or that the ring stopped (every request is `NotRunning`).
 #[derive(Debug, Default)]
 pub struct FakeMapper {
     /// Live mappings: offset -> len.
     pub mapped: BTreeMap<u64, u64>,
     pub fail_maps: u32,
     pub fail_unmaps: u32,
+    pub stopped: bool,
     /// Protocol violations seen (the device asked for something QEMU rejects).
     pub violations: Vec<String>,
 }
@@ -95,6 +109,9 @@ impl Mapper for FakeMapper {
         shm_offset: u64,
         len: u64,
     ) -> Result<(), MapError> {
+        if self.stopped {
+            return Err(MapError::NotRunning);
+        }
         if self.fail_maps > 0 {
             self.fail_maps -= 1;
             return Err(MapError::Refused(io::Error::other("injected refusal")));
@@ -121,9 +138,15 @@ impl Mapper for FakeMapper {
     }
 
     fn unmap(&mut self, shm_offset: u64, len: u64) -> Result<(), MapError> {
-        if self.fail_unmaps > 0 {
+        if self.stopped {
+            return Err(MapError::NotRunning);
+        }
+        if self.fail_unmaps > 0 && self.mapped.get(&shm_offset) == Some(&len) {
             self.fail_unmaps -= 1;
-            return Err(MapError::Refused(io::Error::other("injected refusal")));
+            self.mapped.remove(&shm_offset);
+            return Err(MapError::Refused(io::Error::other(
+                "injected: no such mapping",
+            )));
         }
         if self.mapped.get(&shm_offset) != Some(&len) {
             self.violations
@@ -248,6 +271,48 @@ pub fn sync_req(id: u64, flags: u32) -> Vec<u8> {
     v
 }
 
+/// Handles a request like the vring worker does: a request that asks for a retry (the
+/// ring stopped) is served again once the ring runs (`mapper.stopped` cleared). Returns
+/// the answer and whether a retry happened; a retry must have changed nothing visible.
+pub fn serve(
+    dev: &mut Device,
+    req: &[u8],
+    writable: usize,
+    mapper: &mut FakeMapper,
+) -> (Vec<u8>, bool) {
+    match dev.handle(req, writable, mapper) {
+        Reply::Answer(a) => (a, false),
+        Reply::Retry => {
+            assert!(mapper.stopped, "a retry while the ring runs");
+            mapper.stopped = false;
+            match dev.handle(req, writable, mapper) {
+                Reply::Answer(a) => (a, true),
+                Reply::Retry => panic!("a retry with the ring running"),
+            }
+        }
+    }
+}
+
+pub fn session_open_req(resume: u64) -> Vec<u8> {
+    let mut v = hdr(REQ_SESSION_OPEN, 0);
+    v.extend_from_slice(&resume.to_le_bytes());
+    v
+}
+
+pub fn session_close_req(flags: u32) -> Vec<u8> {
+    let mut v = hdr(REQ_SESSION_CLOSE, 0);
+    v.extend_from_slice(&flags.to_le_bytes());
+    v.extend_from_slice(&0u32.to_le_bytes());
+    v
+}
+
+pub fn reserve_req(ty: u32, off: u64, len: u64) -> Vec<u8> {
+    let mut v = hdr(ty, 0);
+    v.extend_from_slice(&off.to_le_bytes());
+    v.extend_from_slice(&len.to_le_bytes());
+    v
+}
+
 /// Checks what holds for every response, whatever the request: returns the status, or
 /// None when nothing was written.
 pub fn check_response(resp: &[u8], writable: usize) -> Option<u32> {
@@ -268,7 +333,7 @@ pub fn check_response(resp: &[u8], writable: usize) -> Option<u32> {
         "no resp_hdr in {writable} writable bytes"
     );
     let status = le32(resp, 0);
-    assert!(status <= S_TOO_BIG, "undefined status {status}");
+    assert!(status <= S_NO_SESSION, "undefined status {status}");
     assert_eq!(le32(resp, 4), 0, "resp_hdr.reserved not 0");
     Some(status)
 }
