@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
- * virtio-dmaheap guest driver: shared definitions of its three parts,
- * vdh_virtio.c (device, requests, buffer window), vdh_heap.c (dma-heaps and
- * their sysfs directories) and vdh_buffer.c (allocation and dma-buf ops).
+ * virtio-dmaheap guest driver: shared definitions of its parts,
+ * vdh_queue.c (requests), vdh_virtio.c (device life cycle, sessions, buffer
+ * window), vdh_heap.c (dma-heaps and their sysfs directories) and
+ * vdh_buffer.c (allocation and dma-buf ops).
  */
 #ifndef VDH_H
 #define VDH_H
@@ -12,20 +13,29 @@
 #include <linux/list.h>
 #include <linux/memremap.h>
 #include <linux/mutex.h>
+#include <linux/rwsem.h>
 #include <linux/spinlock.h>
 #include <linux/types.h>
 #include <linux/virtio.h>
 #include <linux/wait.h>
+#include <linux/workqueue.h>
 
 #include "virtio_dmaheap.h"
 
 struct dma_heap_ops;
 struct vdh_heap_kobj;
+struct vdh_req;
 
 /* More heaps than dma-heap minors make no sense. */
 #define VDH_MAX_HEAPS		64
 
-/* The buffer window: struct pages over the shared memory region. */
+/*
+ * The buffer window: struct pages over the shared memory region. It outlives
+ * the device bindings while buffers use it. Buffers revoked while a kernel
+ * user can still reach their range (a vmap, a DMA mapping) stay on the
+ * quarantine list; every new session of a device on this window reserves
+ * their ranges, so that no new buffer is placed where old users still write.
+ */
 struct vdh_window {
 	struct kref ref;
 	struct list_head node;		/* in vdh_windows */
@@ -33,6 +43,9 @@ struct vdh_window {
 	phys_addr_t base;
 	u64 size;
 	struct dev_pagemap pgmap;
+	struct mutex lock;		/* protects quarantine, owner */
+	struct list_head quarantine;	/* of vdh_buffer.qnode */
+	struct vdh_dev *owner;		/* whose session holds the reservations */
 };
 
 /* What the device said about a heap (HEAP_INFO), in CPU byte order. */
@@ -57,16 +70,32 @@ struct vdh_heap {
 	atomic_t buffers_used;
 };
 
+/* Which requests may go to the device. */
+enum vdh_state {
+	VDH_RUNNING,	/* any request */
+	VDH_OPENING,	/* starting a session: SESSION_OPEN, RESERVE, HEAP_INFO */
+	VDH_CLOSING,	/* only SESSION_CLOSE; FREEs wait */
+	VDH_FROZEN,	/* no queue (suspended): FREEs wait for the resumed session */
+	VDH_REMOVED,	/* no queue, for good: FREEs are dropped */
+};
+
 /* One bound virtio device; outlives the binding while buffers use it. */
 struct vdh_dev {
 	struct kref ref;
-	struct virtio_device *vdev;	/* only while !removed */
-	struct virtqueue *vq;		/* only while !removed */
-	spinlock_t vq_lock;		/* protects vq, removed, stalled, request flags */
-	bool removed;
+	struct virtio_device *vdev;	/* only while bound */
+	struct virtqueue *vq;		/* only in VDH_RUNNING and VDH_CLOSING */
+	spinlock_t vq_lock;		/* protects vq, state, stalled, pending, request flags */
+	enum vdh_state state;
 	bool stalled;			/* a request timed out; no answer since */
 	wait_queue_head_t space_wq;	/* woken when descriptors come back */
+	struct list_head pending;	/* requests sent without waiting, not yet queued */
 	bool has_sync;
+	bool has_session;
+	u64 session;			/* open (or suspended) session, 0: none */
+	bool suspended;			/* SESSION_CLOSE suspended the session at freeze */
+	struct mutex life_lock;		/* serialises remove, freeze, restore, recovery */
+	struct rw_semaphore alloc_sem;	/* read: an allocation; write: its session changes */
+	struct work_struct recover_work; /* the device ended the session: start a new one */
 	struct vdh_window *win;
 	u32 num_heaps;
 	struct vdh_heap **heaps;	/* NULL slot: heap not registered */
@@ -77,14 +106,27 @@ struct vdh_dev {
 	bool revoked;
 };
 
-/* vdh_virtio.c */
-void vdh_dev_put(struct vdh_dev *vd);
+/* vdh_queue.c */
+int vdh_queue_start(struct vdh_dev *vd, enum vdh_state state);
+void vdh_queue_stop(struct vdh_dev *vd, enum vdh_state state);
+void vdh_set_state(struct vdh_dev *vd, enum vdh_state state);
+void vdh_drop_pending(struct vdh_dev *vd);
+struct vdh_req *vdh_free_req_alloc(void);
+void vdh_free_req_discard(struct vdh_req *r);
+void vdh_remote_free(struct vdh_dev *vd, struct vdh_req *r, u64 id);
 int vdh_remote_heap_info(struct vdh_dev *vd, u32 heap_id,
 			 struct virtio_dmaheap_heap_info *info);
 int vdh_remote_alloc(struct vdh_dev *vd, u32 heap_id, size_t len,
 		     struct virtio_dmaheap_alloc_resp *resp);
-void vdh_remote_free(struct vdh_dev *vd, u64 id);
 int vdh_remote_sync(struct vdh_dev *vd, u64 id, u32 flags);
+int vdh_remote_session_open(struct vdh_dev *vd, u64 resume_id, u64 *id);
+int vdh_remote_session_close(struct vdh_dev *vd, u32 flags);
+int vdh_remote_reserve(struct vdh_dev *vd, u64 offset, u64 len);
+void vdh_remote_unreserve(struct vdh_dev *vd, u64 offset, u64 len);
+
+/* vdh_virtio.c */
+void vdh_dev_put(struct vdh_dev *vd);
+void vdh_session_lost(struct vdh_dev *vd);
 
 /* vdh_heap.c */
 int vdh_heaps_probe(struct vdh_dev *vd);
@@ -95,5 +137,7 @@ struct vdh_dev *vdh_heap_get_dev(struct vdh_heap *vh,
 /* vdh_buffer.c */
 extern const struct dma_heap_ops vdh_heap_ops;
 void vdh_buffers_revoke(struct vdh_dev *vd);
+int vdh_window_reserve(struct vdh_window *win, struct vdh_dev *vd);
+void vdh_window_disown(struct vdh_window *win, struct vdh_dev *vd);
 
 #endif /* VDH_H */

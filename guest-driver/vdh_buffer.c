@@ -4,6 +4,14 @@
  * physically contiguous range of the buffer window, so its sg_table, user
  * mappings and vmap are built from a pfn and a length, the way the system
  * and CMA heaps build theirs from their pages.
+ *
+ * Revocation: when the buffer's session ends (device removed, session lost or
+ * not resumed) the buffer is revoked: user mappings are zapped and, since they
+ * are filled by a fault handler that checks the revoked flag, can never come
+ * back; new mmaps, attachments, DMA mappings and vmaps are refused. Kernel
+ * users that mapped the buffer before (a vmap, a DMA mapping) cannot be
+ * forced out: such a buffer is quarantined in its window, and every later
+ * session reserves its range until the last of those users lets go.
  */
 
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
@@ -27,22 +35,31 @@
 
 /* Largest scatterlist segment; sg->length is 32 bits. */
 #define VDH_SEG_MAX		SZ_1G
+/* Pages a fault maps at once (TTM does 16): fewer faults on a first touch. */
+#define VDH_FAULT_AROUND	512
 
 struct vdh_buffer {
 	struct vdh_heap *vh;
 	struct vdh_dev *vd;
 	struct dma_buf *dmabuf;
 	struct list_head node;		/* in vd->buffers */
-	struct mutex lock;		/* protects attachments, vmap, revoked */
+	struct mutex lock;		/* protects attachments, vmap, dma_mapped, revoked */
 	struct list_head attachments;
+	struct vdh_req *free_req;	/* the FREE, allocated with the buffer */
 	u64 id;
+	u64 session;			/* the session the device allocated it in */
+	u64 offset;			/* in the window */
 	u32 cache;			/* VIRTIO_DMAHEAP_CACHE_* */
 	unsigned long pfn;
 	size_t len;
 	pgoff_t pagecount;
 	int vmap_cnt;
 	void *vaddr;
+	int dma_mapped;			/* attachments with a DMA mapping */
 	bool revoked;
+	struct list_head qnode;		/* in the window's quarantine */
+	bool quarantined;		/* protected by the window's lock */
+	bool reserved;			/* idem: the window owner's session reserved it */
 };
 
 struct vdh_attachment {
@@ -110,6 +127,12 @@ static int vdh_buf_attach(struct dma_buf *dmabuf,
 	attachment->priv = a;
 
 	mutex_lock(&buf->lock);
+	if (buf->revoked) {
+		mutex_unlock(&buf->lock);
+		sg_free_table(&a->table);
+		kfree(a);
+		return -ENODEV;
+	}
 	list_add(&a->list, &buf->attachments);
 	mutex_unlock(&buf->lock);
 	return 0;
@@ -128,26 +151,84 @@ static void vdh_buf_detach(struct dma_buf *dmabuf,
 	kfree(a);
 }
 
+static bool vdh_buf_reachable(struct vdh_buffer *buf)
+{
+	lockdep_assert_held(&buf->lock);
+	return buf->vmap_cnt || buf->dma_mapped;
+}
+
+/*
+ * A revoked buffer that kernel users can still reach: keep its range out of
+ * every later session of the window. Called with buf->lock held.
+ */
+static void vdh_buf_quarantine(struct vdh_buffer *buf)
+{
+	struct vdh_window *win = buf->vd->win;
+
+	lockdep_assert_held(&buf->lock);
+	mutex_lock(&win->lock);
+	if (!buf->quarantined) {
+		list_add_tail(&buf->qnode, &win->quarantine);
+		buf->quarantined = true;
+		buf->reserved = false;
+	}
+	mutex_unlock(&win->lock);
+}
+
+/* Its last kernel user let go: new buffers may use the range again. */
+static void vdh_buf_unquarantine(struct vdh_buffer *buf)
+{
+	struct vdh_window *win = buf->vd->win;
+
+	mutex_lock(&win->lock);
+	if (buf->quarantined) {
+		list_del(&buf->qnode);
+		buf->quarantined = false;
+		if (buf->reserved && win->owner)
+			vdh_remote_unreserve(win->owner, buf->offset, buf->len);
+		buf->reserved = false;
+	}
+	mutex_unlock(&win->lock);
+}
+
+/* Called with buf->lock held after a kernel user let go. */
+static void vdh_buf_put_user(struct vdh_buffer *buf)
+{
+	lockdep_assert_held(&buf->lock);
+	if (buf->revoked && !vdh_buf_reachable(buf))
+		vdh_buf_unquarantine(buf);
+}
+
 static struct sg_table *vdh_buf_map(struct dma_buf_attachment *attachment,
 				    enum dma_data_direction dir)
 {
 	struct vdh_attachment *a = attachment->priv;
+	struct vdh_buffer *buf = attachment->dmabuf->priv;
 	int ret;
 
-	ret = dma_map_sgtable(attachment->dev, &a->table, dir, 0);
-	if (ret)
-		return ERR_PTR(ret);
-	a->mapped = true;
-	return &a->table;
+	mutex_lock(&buf->lock);
+	ret = buf->revoked ? -ENODEV :
+	      dma_map_sgtable(attachment->dev, &a->table, dir, 0);
+	if (!ret) {
+		a->mapped = true;
+		buf->dma_mapped++;
+	}
+	mutex_unlock(&buf->lock);
+	return ret ? ERR_PTR(ret) : &a->table;
 }
 
 static void vdh_buf_unmap(struct dma_buf_attachment *attachment,
 			  struct sg_table *table, enum dma_data_direction dir)
 {
 	struct vdh_attachment *a = attachment->priv;
+	struct vdh_buffer *buf = attachment->dmabuf->priv;
 
-	a->mapped = false;
 	dma_unmap_sgtable(attachment->dev, table, dir, 0);
+	mutex_lock(&buf->lock);
+	a->mapped = false;
+	buf->dma_mapped--;
+	vdh_buf_put_user(buf);
+	mutex_unlock(&buf->lock);
 }
 
 static u32 vdh_sync_flags(enum dma_data_direction dir)
@@ -171,11 +252,14 @@ static int vdh_buf_sync_host(struct vdh_buffer *buf,
 	u32 flags = vdh_sync_flags(dir);
 	int ret;
 
-	if (!buf->vd->has_sync || !flags)
+	if (!buf->vd->has_sync || !flags || READ_ONCE(buf->revoked))
 		return 0;
 	ret = vdh_remote_sync(buf->vd, buf->id, flags | end);
-	/* Without a device there is no host side left to synchronise. */
-	return ret == -ENODEV ? 0 : ret;
+	/*
+	 * Without a device (removed, or suspended: the session's buffers are out
+	 * of the window) there is no host side left to synchronise.
+	 */
+	return ret == -ENODEV || ret == -EAGAIN ? 0 : ret;
 }
 
 static int vdh_buf_begin_cpu_access(struct dma_buf *dmabuf,
@@ -218,42 +302,67 @@ static int vdh_buf_end_cpu_access(struct dma_buf *dmabuf,
 	return vdh_buf_sync_host(buf, dir, VIRTIO_DMAHEAP_SYNC_END);
 }
 
-/* Only reached after remove() zapped the mapping: the host memory is gone. */
+/*
+ * Fill user mappings on fault, under the buffer lock, so that once the buffer
+ * is revoked (and its mappings zapped) no page of it can be mapped again, not
+ * even by an mmap that raced with the revocation. Maps up to
+ * VDH_FAULT_AROUND pages around the fault.
+ */
 static vm_fault_t vdh_vm_fault(struct vm_fault *vmf)
 {
-	return VM_FAULT_SIGBUS;
+	struct vm_area_struct *vma = vmf->vma;
+	struct vdh_buffer *buf = vma->vm_private_data;
+	unsigned long first, last, addr;
+	vm_fault_t ret = VM_FAULT_SIGBUS;
+	pgoff_t pgoff;
+
+	if (vmf->pgoff >= buf->pagecount)
+		return VM_FAULT_SIGBUS;
+	first = max(vma->vm_start,
+		    ALIGN_DOWN(vmf->address, VDH_FAULT_AROUND * PAGE_SIZE));
+	last = min(vma->vm_end, first + VDH_FAULT_AROUND * PAGE_SIZE);
+
+	mutex_lock(&buf->lock);
+	if (buf->revoked)
+		goto unlock;
+	ret = vmf_insert_mixed(vma, vmf->address, buf->pfn + vmf->pgoff);
+	if (ret & VM_FAULT_ERROR)
+		goto unlock;
+	/* Best effort around it; a page that fails is faulted in later. */
+	for (addr = first; addr < last; addr += PAGE_SIZE) {
+		pgoff = vma->vm_pgoff + ((addr - vma->vm_start) >> PAGE_SHIFT);
+		if (addr == vmf->address || pgoff >= buf->pagecount)
+			continue;
+		if (vmf_insert_mixed(vma, addr, buf->pfn + pgoff) & VM_FAULT_ERROR)
+			break;
+	}
+unlock:
+	mutex_unlock(&buf->lock);
+	return ret;
 }
 
 static const struct vm_operations_struct vdh_vm_ops = {
 	.fault = vdh_vm_fault,
 };
 
-/*
- * Like the system heap: map everything at once, shared or private (a private
- * mapping copies on write).
- */
+/* Shared or private, like the system heap (a private mapping copies on write). */
 static int vdh_buf_mmap(struct dma_buf *dmabuf, struct vm_area_struct *vma)
 {
 	struct vdh_buffer *buf = dmabuf->priv;
 	unsigned long npages = vma_pages(vma);
-	int ret;
 
 	if (vma->vm_pgoff >= buf->pagecount ||
 	    npages > buf->pagecount - vma->vm_pgoff)
 		return -EINVAL;
+	/* The fault handler decides; this only spares a doomed mapping. */
+	if (READ_ONCE(buf->revoked))
+		return -ENODEV;
 
-	mutex_lock(&buf->lock);
-	if (buf->revoked) {
-		ret = -ENODEV;
-		goto unlock;
-	}
+	vm_flags_set(vma, VM_IO | VM_MIXEDMAP | VM_DONTEXPAND | VM_DONTDUMP);
+	vma->vm_page_prot = vdh_pgprot(buf->cache, vma->vm_page_prot);
 	vma->vm_ops = &vdh_vm_ops;
-	ret = remap_pfn_range(vma, vma->vm_start, buf->pfn + vma->vm_pgoff,
-			      npages << PAGE_SHIFT,
-			      vdh_pgprot(buf->cache, vma->vm_page_prot));
-unlock:
-	mutex_unlock(&buf->lock);
-	return ret;
+	vma->vm_private_data = buf;
+	return 0;
 }
 
 static void *vdh_buf_do_vmap(struct vdh_buffer *buf)
@@ -280,6 +389,10 @@ static int vdh_buf_vmap(struct dma_buf *dmabuf, struct iosys_map *map)
 	int ret = 0;
 
 	mutex_lock(&buf->lock);
+	if (buf->revoked) {
+		ret = -ENODEV;
+		goto unlock;
+	}
 	if (!buf->vmap_cnt) {
 		vaddr = vdh_buf_do_vmap(buf);
 		if (IS_ERR(vaddr)) {
@@ -304,6 +417,7 @@ static void vdh_buf_vunmap(struct dma_buf *dmabuf, struct iosys_map *map)
 		vunmap(buf->vaddr);
 		buf->vaddr = NULL;
 	}
+	vdh_buf_put_user(buf);
 	mutex_unlock(&buf->lock);
 	iosys_map_clear(map);
 }
@@ -315,12 +429,17 @@ static void vdh_buf_release(struct dma_buf *dmabuf)
 
 	if (WARN(buf->vmap_cnt, "%s: buffer still mapped in the kernel\n", __func__))
 		vunmap(buf->vaddr);
+	vdh_buf_unquarantine(buf);
 
 	mutex_lock(&vd->buffers_lock);
 	list_del(&buf->node);
 	mutex_unlock(&vd->buffers_lock);
 
-	vdh_remote_free(vd, buf->id);
+	/* A buffer of an ended session is gone on the device already. */
+	if (buf->session == READ_ONCE(vd->session))
+		vdh_remote_free(vd, buf->free_req, buf->id);
+	else
+		vdh_free_req_discard(buf->free_req);
 	atomic64_sub(buf->len, &buf->vh->bytes_used);
 	atomic_dec(&buf->vh->buffers_used);
 	mutex_destroy(&buf->lock);
@@ -341,13 +460,18 @@ static const struct dma_buf_ops vdh_buf_ops = {
 	.release = vdh_buf_release,
 };
 
-/* Zap the user mappings of a buffer whose host memory went away. */
+/*
+ * The buffer's session ended: zap its user mappings (the fault handler maps
+ * nothing any more) and quarantine it while kernel users can reach it.
+ */
 static void vdh_buf_revoke(struct vdh_buffer *buf)
 {
 	struct file *file;
 
 	mutex_lock(&buf->lock);
 	buf->revoked = true;
+	if (vdh_buf_reachable(buf))
+		vdh_buf_quarantine(buf);
 	mutex_unlock(&buf->lock);
 
 	/* The file may be on its way out: release() then waits for us. */
@@ -404,12 +528,40 @@ unlock:
 	return ret;
 }
 
+/* The allocation itself, with vd->alloc_sem held: no session change meanwhile. */
+static int vdh_buf_alloc(struct vdh_buffer *buf, struct vdh_heap_props *props,
+			 u32 fd_flags)
+{
+	struct virtio_dmaheap_alloc_resp resp;
+	struct vdh_dev *vd = buf->vd;
+	int ret;
+
+	ret = vdh_remote_alloc(vd, props->id, buf->len, &resp);
+	if (ret)
+		return ret;
+	buf->id = le64_to_cpu(resp.buffer_id);
+	buf->session = vd->session;
+	ret = vdh_check_alloc(vd, buf->len, props->min_align, &resp);
+	if (ret)
+		goto free_remote;
+	buf->offset = le64_to_cpu(resp.offset);
+	buf->pfn = PHYS_PFN(vd->win->base + buf->offset);
+	ret = vdh_buf_export(buf, fd_flags);
+	if (ret)
+		goto free_remote;
+	return 0;
+
+free_remote:
+	vdh_remote_free(vd, buf->free_req, buf->id);
+	buf->free_req = NULL;
+	return ret;
+}
+
 static struct dma_buf *vdh_heap_allocate(struct dma_heap *heap,
 					 unsigned long len, u32 fd_flags,
 					 u64 heap_flags)
 {
 	struct vdh_heap *vh = dma_heap_get_drvdata(heap);
-	struct virtio_dmaheap_alloc_resp resp;
 	struct vdh_heap_props props;
 	struct vdh_buffer *buf;
 	struct vdh_dev *vd;
@@ -426,7 +578,12 @@ static struct dma_buf *vdh_heap_allocate(struct dma_heap *heap,
 	buf = kzalloc(sizeof(*buf), GFP_KERNEL);
 	if (!buf)
 		goto put_dev;
+	/* Its FREE, so that releasing the buffer never needs memory. */
+	buf->free_req = vdh_free_req_alloc();
+	if (!buf->free_req)
+		goto free_buffer;
 	INIT_LIST_HEAD(&buf->attachments);
+	INIT_LIST_HEAD(&buf->qnode);
 	mutex_init(&buf->lock);
 	buf->vh = vh;
 	buf->vd = vd;
@@ -434,25 +591,20 @@ static struct dma_buf *vdh_heap_allocate(struct dma_heap *heap,
 	buf->pagecount = len >> PAGE_SHIFT;
 	buf->cache = props.cache;
 
-	ret = vdh_remote_alloc(vd, props.id, len, &resp);
+	ret = down_read_killable(&vd->alloc_sem);
 	if (ret)
 		goto free_buffer;
-	buf->id = le64_to_cpu(resp.buffer_id);
-	ret = vdh_check_alloc(vd, len, props.min_align, &resp);
+	ret = vdh_buf_alloc(buf, &props, fd_flags);
+	up_read(&vd->alloc_sem);
 	if (ret)
-		goto free_remote;
-	buf->pfn = PHYS_PFN(vd->win->base + le64_to_cpu(resp.offset));
-
-	ret = vdh_buf_export(buf, fd_flags);
-	if (ret)
-		goto free_remote;
+		goto free_buffer;
 	atomic64_add(len, &vh->bytes_used);
 	atomic_inc(&vh->buffers_used);
 	return buf->dmabuf;
 
-free_remote:
-	vdh_remote_free(vd, buf->id);
 free_buffer:
+	if (buf->free_req)
+		vdh_free_req_discard(buf->free_req);
 	mutex_destroy(&buf->lock);
 	kfree(buf);
 put_dev:
@@ -464,7 +616,7 @@ const struct dma_heap_ops vdh_heap_ops = {
 	.allocate = vdh_heap_allocate,
 };
 
-/* The device is gone: revoke every buffer it handed out. */
+/* The session ends: revoke every buffer it handed out. */
 void vdh_buffers_revoke(struct vdh_dev *vd)
 {
 	struct vdh_buffer *buf;
@@ -474,4 +626,51 @@ void vdh_buffers_revoke(struct vdh_dev *vd)
 	list_for_each_entry(buf, &vd->buffers, node)
 		vdh_buf_revoke(buf);
 	mutex_unlock(&vd->buffers_lock);
+}
+
+/* ---- quarantine: window ranges of revoked buffers ----------------------- */
+
+/*
+ * A new session of @vd begins on @win: reserve the range of every quarantined
+ * buffer in it. Without sessions (@vd NULL) nothing can be reserved: -EBUSY
+ * while anything is quarantined.
+ */
+int vdh_window_reserve(struct vdh_window *win, struct vdh_dev *vd)
+{
+	struct vdh_buffer *buf;
+	int ret = 0;
+
+	mutex_lock(&win->lock);
+	if (!vd) {
+		ret = list_empty(&win->quarantine) ? 0 : -EBUSY;
+		goto unlock;
+	}
+	win->owner = vd;
+	list_for_each_entry(buf, &win->quarantine, qnode) {
+		ret = vdh_remote_reserve(vd, buf->offset, buf->len);
+		if (ret) {
+			dev_err(&vd->vdev->dev,
+				"cannot keep window range %#llx+%#zx of an old buffer out of new buffers: %d\n",
+				buf->offset, buf->len, ret);
+			break;
+		}
+		buf->reserved = true;
+	}
+unlock:
+	mutex_unlock(&win->lock);
+	return ret;
+}
+
+/* @vd's session ends: its reservations go with it. */
+void vdh_window_disown(struct vdh_window *win, struct vdh_dev *vd)
+{
+	struct vdh_buffer *buf;
+
+	mutex_lock(&win->lock);
+	if (win->owner == vd) {
+		win->owner = NULL;
+		list_for_each_entry(buf, &win->quarantine, qnode)
+			buf->reserved = false;
+	}
+	mutex_unlock(&win->lock);
 }
