@@ -43,6 +43,16 @@ const PAGE: u64 = VIRTIO_DMAHEAP_PAGE_SIZE as u64;
 /// allocator, short against anything a human or a script does before an unbind.
 pub const SPARE_IDLE_DELAY: Duration = Duration::from_millis(100);
 
+/// Most mappings of freed large buffers a heap keeps (zeroed) for the next large ALLOC.
+///
+/// Every `SHMEM_MAP` or `SHMEM_UNMAP` that QEMU 11.1.3 reads after the VM began to pause
+/// crashes it (spec A.5), and the guest's requests submitted just before a pause are
+/// served while QEMU is stopping its vCPUs. So the common paths must not map at all:
+/// small buffers come from arenas, and a guest that frees and allocates large buffers of
+/// the same size (frame buffers) reuses these. They go at the idle delay like spare
+/// arenas, and first when the window or the mapping cap is short.
+pub const MAX_LARGE_SPARES: usize = 4;
+
 /// Errors of the device core (shown to operators; guests only see status codes).
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -211,12 +221,14 @@ struct BufferRec {
     len: u64,
 }
 
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 struct HeapCounters {
     bytes: u64,
     buffers: u64,
     arena_bytes: u64,
     spare: Option<u64>,
+    /// Window offsets of zeroed mappings of freed large buffers, oldest first.
+    large_spares: Vec<u64>,
 }
 
 /// Counters of one heap, as shown by `stats`.
@@ -446,7 +458,7 @@ impl Device {
         let last = self.last_activity?;
         self.counters
             .iter()
-            .any(|c| c.buffers == 0 && c.arena_bytes > 0)
+            .any(|c| (c.buffers == 0 && c.arena_bytes > 0) || !c.large_spares.is_empty())
             .then(|| last.checked_add(self.spare_idle_delay))
             .flatten()
     }
@@ -462,7 +474,7 @@ impl Device {
             return 0;
         }
         self.last_activity = None;
-        let idle: Vec<u64> = self
+        let mut idle: Vec<u64> = self
             .mappings
             .iter()
             .filter(|(_, m)| {
@@ -472,8 +484,11 @@ impl Device {
             })
             .map(|(&woff, _)| woff)
             .collect();
+        for c in &mut self.counters {
+            idle.append(&mut c.large_spares);
+        }
         let mut released = 0;
-        for woff in idle {
+        for &woff in &idle {
             if self.release_mapping(woff, mapper).is_ok() {
                 released += 1;
             }
@@ -483,8 +498,16 @@ impl Device {
                 c.spare = None;
             }
         }
+        // A large spare whose unmap the stop prevented stays in the window: keep it a spare.
+        for woff in idle {
+            if let Some(m) = self.mappings.get(&woff) {
+                if m.arena.is_none() {
+                    self.counters[m.heap].large_spares.push(woff);
+                }
+            }
+        }
         if released > 0 {
-            debug!("idle: released {released} empty arena(s)");
+            debug!("idle: released {released} spare mapping(s)");
         }
         released
     }
@@ -736,6 +759,8 @@ impl Device {
 
         let (mapping, off) = if rlen <= params.small_limit() {
             self.alloc_in_arena(heap, rlen, &params, mapper)?
+        } else if let Some(woff) = self.take_large_spare(heap, rlen) {
+            (woff, 0)
         } else {
             (self.new_mapping(heap, rlen, false, mapper)?, 0)
         };
@@ -814,9 +839,49 @@ impl Device {
         Ok((woff, off))
     }
 
-    /// Unmaps and releases one spare arena (any heap). Returns true if one was released;
-    /// [`RETRY`] if the ring stopped.
+    /// A zeroed mapping of a freed large buffer that fits `rlen` without wasting more than
+    /// half of it (the smallest such), taken off the heap's spares.
+    fn take_large_spare(&mut self, heap: usize, rlen: u64) -> Option<u64> {
+        let mappings = &self.mappings;
+        let spares = &mut self.counters[heap].large_spares;
+        let (i, _) = spares
+            .iter()
+            .enumerate()
+            .filter_map(|(i, w)| mappings.get(w).map(|m| (i, m.len)))
+            .filter(|&(_, len)| len >= rlen && len / 2 <= rlen)
+            .min_by_key(|&(_, len)| len)?;
+        Some(spares.remove(i))
+    }
+
+    /// Keeps the mapping of a freed large buffer, zeroed, for the next large ALLOC of the
+    /// heap. False if the heap keeps enough spares already or zeroing failed.
+    fn keep_large_spare(&mut self, heap: usize, woff: u64) -> bool {
+        if self.counters[heap].large_spares.len() >= MAX_LARGE_SPARES {
+            return false;
+        }
+        let Some(m) = self.mappings.get(&woff) else {
+            return false;
+        };
+        if let Err(e) = m.buf.zero(0, m.len) {
+            error!("mapping {woff:#x}: zeroing failed, not reused: {e}");
+            return false;
+        }
+        self.counters[heap].large_spares.push(woff);
+        true
+    }
+
+    /// Unmaps and releases one spare mapping (any heap; large spares first). Returns true
+    /// if one was released; [`RETRY`] if the ring stopped.
     fn evict_spare(&mut self, mapper: &mut dyn Mapper) -> Result<bool, Status> {
+        for heap in 0..self.counters.len() {
+            if let Some(&woff) = self.counters[heap].large_spares.first() {
+                if self.release_mapping(woff, mapper).is_err() {
+                    return Err(RETRY);
+                }
+                self.counters[heap].large_spares.remove(0);
+                return Ok(true);
+            }
+        }
         for heap in 0..self.counters.len() {
             if let Some(woff) = self.counters[heap].spare {
                 if self.release_mapping(woff, mapper).is_err() {
@@ -960,6 +1025,9 @@ impl Device {
             return VIRTIO_DMAHEAP_S_OK;
         };
         let Some(arena) = m.arena.as_mut() else {
+            if self.keep_large_spare(rec.heap, rec.mapping) {
+                return VIRTIO_DMAHEAP_S_OK;
+            }
             // The ring stopped: the mapping stays in the window; reuse it for small buffers.
             if self.release_mapping(rec.mapping, mapper).is_err() {
                 self.adopt_as_arena(rec.mapping);
@@ -1386,8 +1454,8 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn big_buffer_gets_own_mapping_and_unmaps_on_free() {
-        let (mut d, _) = device();
+    fn a_big_buffer_gets_a_mapping_of_its_own_kept_as_a_spare_until_idle() {
+        let (mut d, p) = device();
         let mut m = FakeMapper::default();
         let small_limit = params("x").small_limit();
         let (st, id, off, len) = alloc(&mut d, &mut m, 0, small_limit + 4096);
@@ -1395,11 +1463,54 @@ pub(crate) mod tests {
         assert_eq!(len, small_limit + 4096);
         assert_eq!(off % ARENA_MIN, 0);
         assert!(m.mapped.contains(&(off, len)));
+        d.poke(id, len - 8, b"old data").unwrap();
         assert_eq!(free(&mut d, &mut m, id), VIRTIO_DMAHEAP_S_OK);
-        assert!(m.mapped.is_empty());
-        assert_eq!(m.unmaps, 1);
         assert_eq!(free(&mut d, &mut m, id), VIRTIO_DMAHEAP_S_NO_BUFFER);
+        // Kept (zeroed) for the next large buffer: no SHMEM_UNMAP, no SHMEM_MAP.
+        assert_eq!((m.maps, m.unmaps, m.mapped.len()), (1, 0, 1));
+        let s = d.stats().total;
+        assert_eq!((s.buffers, s.bytes, s.mappings), (0, 0, 1));
+        let allocations = p.allocations.load(Ordering::SeqCst);
+        let (st, id2, off2, _) = alloc(&mut d, &mut m, 0, small_limit + 4096);
+        assert_eq!((st, off2, m.maps), (VIRTIO_DMAHEAP_S_OK, off, 1));
+        assert_eq!(p.allocations.load(Ordering::SeqCst), allocations);
+        assert_eq!(d.peek(id2, len - 8, 8).unwrap(), [0; 8], "not zeroed");
+        // A buffer that would waste more than half of it gets a mapping of its own.
+        assert_eq!(free(&mut d, &mut m, id2), VIRTIO_DMAHEAP_S_OK);
+        let big = alloc(&mut d, &mut m, 0, 2 * (small_limit + 8192));
+        let small = alloc(&mut d, &mut m, 0, small_limit / 2 + 4096);
+        assert_eq!(
+            (big.0, small.0, m.maps),
+            (VIRTIO_DMAHEAP_S_OK, VIRTIO_DMAHEAP_S_OK, 3)
+        );
+        assert_ne!(big.2, off);
+        for id in [big.1, small.1] {
+            assert_eq!(free(&mut d, &mut m, id), VIRTIO_DMAHEAP_S_OK);
+        }
+        // At the idle deadline everything goes.
+        let deadline = d.idle_deadline().expect("spares to release");
+        assert_eq!(d.release_idle(deadline, &mut m), 3);
+        assert!(m.mapped.is_empty());
         assert_eq!(d.stats().total, HeapStats::default());
+    }
+
+    #[test]
+    fn large_spares_are_bounded_and_go_first_when_the_window_is_short() {
+        let mut l = limits();
+        l.shm_size = 128 << 20;
+        l.max_bytes = 128 << 20;
+        let (mut d, _) = device_with(vec![params("a")], l);
+        let mut m = FakeMapper::default();
+        let ids: Vec<u64> = (0..MAX_LARGE_SPARES + 2)
+            .map(|_| alloc(&mut d, &mut m, 0, 16 << 20).1)
+            .collect();
+        for id in ids {
+            assert_eq!(free(&mut d, &mut m, id), VIRTIO_DMAHEAP_S_OK);
+        }
+        assert_eq!(m.mapped.len(), MAX_LARGE_SPARES, "bounded");
+        // A buffer that needs the whole window: the spares make room.
+        let (st, _, off, _) = alloc(&mut d, &mut m, 0, 64 << 20);
+        assert_eq!((st, off % (64 << 20)), (VIRTIO_DMAHEAP_S_OK, 0));
     }
 
     #[test]
@@ -1660,10 +1771,18 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_refused_unmap_turns_the_range_into_an_arena() {
+    fn a_large_mapping_the_stop_kept_in_the_window_turns_into_an_arena() {
         let (mut d, _) = device();
         let mut m = FakeMapper::default();
+        // Enough large spares already: the next freed one would be unmapped.
+        let spares: Vec<u64> = (0..MAX_LARGE_SPARES)
+            .map(|_| alloc(&mut d, &mut m, 0, 16 << 20).1)
+            .collect();
         let (_, id, off, len) = alloc(&mut d, &mut m, 0, 32 << 20);
+        for s in spares {
+            assert_eq!(free(&mut d, &mut m, s), VIRTIO_DMAHEAP_S_OK);
+        }
+        let maps = m.maps;
         d.poke(id, 0, b"old data").unwrap();
         struct Refuse<'a>(&'a mut FakeMapper);
         impl Mapper for Refuse<'_> {
@@ -1683,12 +1802,12 @@ pub(crate) mod tests {
         let (st, id2, off2, _) = alloc(&mut d, &mut m, 0, 4096);
         assert_eq!((st, off2), (VIRTIO_DMAHEAP_S_OK, off));
         assert_eq!(d.peek(id2, 0, 8).unwrap(), [0; 8]);
-        assert_eq!(m.maps, 1);
+        assert_eq!(m.maps, maps);
         // Once empty again it is the idle spare, and goes at the idle deadline.
         assert_eq!(free(&mut d, &mut m, id2), VIRTIO_DMAHEAP_S_OK);
-        assert_eq!(m.mapped.len(), 1);
+        assert_eq!(m.mapped.len(), 1 + MAX_LARGE_SPARES);
         let deadline = d.idle_deadline().expect("idle spare");
-        assert_eq!(d.release_idle(deadline, &mut m), 1);
+        assert_eq!(d.release_idle(deadline, &mut m), 1 + MAX_LARGE_SPARES);
         assert!(m.mapped.is_empty());
     }
 

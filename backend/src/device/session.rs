@@ -290,9 +290,16 @@ impl Device {
         self.last_activity = None;
     }
 
-    /// Releases the arenas that hold no buffer (already out of the window), so that a
-    /// suspended session keeps only memory that holds data.
+    /// Releases the arenas that hold no buffer and the spare large mappings (already out
+    /// of the window), so that a suspended session keeps only memory that holds data.
     fn drop_empty_arenas(&mut self) {
+        for c in &mut self.counters {
+            for woff in std::mem::take(&mut c.large_spares) {
+                if let Some(m) = self.mappings.remove(&woff) {
+                    self.window.free(woff, m.len);
+                }
+            }
+        }
         let empty: Vec<u64> = self
             .mappings
             .iter()
