@@ -10,6 +10,12 @@
  * through a kernel vmap, writes "importer" into the first and the last 8
  * bytes, and checks that the DMA mapping of an attachment covers the buffer
  * and that its first page holds what the vmap wrote.
+ *
+ * A kernel user that keeps a buffer: writing a dma-buf fd to "hold" takes a
+ * reference, a vmap and a DMA-mapped attachment and keeps them (one buffer at
+ * a time); writing a byte value to "poke" fills the held buffer through its
+ * vmap, as a driver that kept writing after the buffer's device went away
+ * would; writing anything to "release" lets it go.
  */
 
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
@@ -26,6 +32,13 @@
 #define MARK_LEN 8
 
 static struct platform_device *imp_pdev;
+
+/* The buffer "hold" keeps. */
+static DEFINE_MUTEX(imp_lock);
+static struct dma_buf *imp_held;
+static struct iosys_map imp_held_map;
+static struct dma_buf_attachment *imp_held_att;
+static struct sg_table *imp_held_sgt;
 
 static int imp_check_vmap(struct dma_buf *db)
 {
@@ -165,6 +178,111 @@ static const struct kernel_param_ops imp_check_ops = {
 module_param_cb(check, &imp_check_ops, NULL, 0200);
 MODULE_PARM_DESC(check, "write a dma-buf fd to check it (see the file comment)");
 
+static void imp_release_held(void)
+{
+	lockdep_assert_held(&imp_lock);
+	if (!imp_held)
+		return;
+	dma_buf_unmap_attachment_unlocked(imp_held_att, imp_held_sgt, DMA_BIDIRECTIONAL);
+	dma_buf_detach(imp_held, imp_held_att);
+	dma_buf_vunmap_unlocked(imp_held, &imp_held_map);
+	dma_buf_put(imp_held);
+	imp_held = NULL;
+}
+
+static int imp_hold_locked(struct dma_buf *db)
+{
+	int ret;
+
+	lockdep_assert_held(&imp_lock);
+	ret = dma_buf_vmap_unlocked(db, &imp_held_map);
+	if (ret)
+		return ret;
+	imp_held_att = dma_buf_attach(db, &imp_pdev->dev);
+	if (IS_ERR(imp_held_att)) {
+		ret = PTR_ERR(imp_held_att);
+		goto vunmap;
+	}
+	imp_held_sgt = dma_buf_map_attachment_unlocked(imp_held_att, DMA_BIDIRECTIONAL);
+	if (IS_ERR(imp_held_sgt)) {
+		ret = PTR_ERR(imp_held_sgt);
+		goto detach;
+	}
+	imp_held = db;
+	return 0;
+
+detach:
+	dma_buf_detach(db, imp_held_att);
+vunmap:
+	dma_buf_vunmap_unlocked(db, &imp_held_map);
+	return ret;
+}
+
+static int imp_hold(const char *val, const struct kernel_param *kp)
+{
+	struct dma_buf *db;
+	int fd, ret;
+
+	ret = kstrtoint(val, 0, &fd);
+	if (ret)
+		return ret;
+	db = dma_buf_get(fd);
+	if (IS_ERR(db))
+		return PTR_ERR(db);
+	mutex_lock(&imp_lock);
+	imp_release_held();
+	ret = imp_hold_locked(db);
+	mutex_unlock(&imp_lock);
+	if (ret) {
+		pr_err("hold: %d\n", ret);
+		dma_buf_put(db);
+	}
+	return ret;
+}
+
+static const struct kernel_param_ops imp_hold_ops = {
+	.set = imp_hold,
+};
+module_param_cb(hold, &imp_hold_ops, NULL, 0200);
+MODULE_PARM_DESC(hold, "write a dma-buf fd to keep a vmap and a DMA mapping of it");
+
+static int imp_poke(const char *val, const struct kernel_param *kp)
+{
+	u8 byte;
+	int ret;
+
+	ret = kstrtou8(val, 0, &byte);
+	if (ret)
+		return ret;
+	mutex_lock(&imp_lock);
+	if (imp_held)
+		memset(imp_held_map.vaddr, byte, imp_held->size);
+	else
+		ret = -ENOENT;
+	mutex_unlock(&imp_lock);
+	return ret;
+}
+
+static const struct kernel_param_ops imp_poke_ops = {
+	.set = imp_poke,
+};
+module_param_cb(poke, &imp_poke_ops, NULL, 0200);
+MODULE_PARM_DESC(poke, "write a byte value to fill the held buffer through its vmap");
+
+static int imp_release(const char *val, const struct kernel_param *kp)
+{
+	mutex_lock(&imp_lock);
+	imp_release_held();
+	mutex_unlock(&imp_lock);
+	return 0;
+}
+
+static const struct kernel_param_ops imp_release_ops = {
+	.set = imp_release,
+};
+module_param_cb(release, &imp_release_ops, NULL, 0200);
+MODULE_PARM_DESC(release, "write anything to let the held buffer go");
+
 static int __init imp_init(void)
 {
 	int ret;
@@ -181,6 +299,9 @@ module_init(imp_init);
 
 static void __exit imp_exit(void)
 {
+	mutex_lock(&imp_lock);
+	imp_release_held();
+	mutex_unlock(&imp_lock);
 	platform_device_unregister(imp_pdev);
 }
 module_exit(imp_exit);

@@ -73,6 +73,52 @@ pub const EXPLICIT_CASES: &[(&str, &str, CaseFn)] = &[
          the device stays unbound)",
         device_reset,
     ),
+    (
+        "pause-resume",
+        "QMP stop/cont six times while buffers are held and others allocated and freed: \
+         bytes, daemon records and counters intact, alloc/free keep working, nothing leaks",
+        crate::lifecycle::pause_resume,
+    ),
+    (
+        "suspend-resume",
+        "suspend to idle (woken by the ACPI power button) with buffers held and in flight: \
+         the session is suspended and resumed, the bytes survive in the old mappings",
+        crate::lifecycle::suspend_resume,
+    ),
+    (
+        "rebind",
+        "driver unbind and bind with buffers held and a kernel user keeping a vmap and a DMA \
+         mapping: everything released on the host, user mappings revoked, VM alive, new \
+         buffers zeroed and never where the kernel user still writes",
+        crate::lifecycle::rebind,
+    ),
+    (
+        "killable",
+        "with the daemon stopped (host hooks stop-daemon/cont-daemon), a fatal signal ends \
+         a waiting ALLOC and SYNC at once; the abandoned ALLOC leaks nothing",
+        crate::lifecycle::killable,
+    ),
+    (
+        "reboot",
+        "reboot the guest with buffers held (does not return; then run after-reboot)",
+        crate::lifecycle::reboot,
+    ),
+    (
+        "after-reboot",
+        "after a reboot: the daemon holds nothing of before, allocation works",
+        crate::lifecycle::after_restart,
+    ),
+    (
+        "reset",
+        "the host ends the session (prepare-reset) and resets the VM with buffers held \
+         (does not return; then run after-reset)",
+        crate::lifecycle::reset,
+    ),
+    (
+        "after-reset",
+        "after a host reset: the daemon holds nothing of before, allocation works",
+        crate::lifecycle::after_restart,
+    ),
 ];
 
 fn check(cond: bool, msg: impl FnOnce() -> String) -> Result<(), String> {

@@ -132,6 +132,40 @@ pub fn daemon_stats() -> Result<BTreeMap<String, HeapStats>, String> {
     Ok(out)
 }
 
+/// The daemon's totals, session state and reserved window bytes (`stats`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overview {
+    pub buffers: u64,
+    pub bytes: u64,
+    pub mappings: u64,
+    pub host_bytes: u64,
+    /// `open`, `suspended`, `closed` or `implicit`.
+    pub session: String,
+    pub reserved_bytes: u64,
+}
+
+pub fn daemon_overview() -> Result<Overview, String> {
+    let text = host::call(&["stats"])?;
+    let v = json::parse(text.trim()).map_err(|e| format!("stats: {e} in {text:?}"))?;
+    let num = |v: Option<&json::Value>, k: &str| {
+        v.and_then(|v| v.get(k))
+            .and_then(json::Value::as_u64)
+            .ok_or_else(|| format!("stats: no {k} in {text:?}"))
+    };
+    let total = v.get("total");
+    Ok(Overview {
+        buffers: num(total, "buffers")?,
+        bytes: num(total, "bytes")?,
+        mappings: num(total, "mappings")?,
+        host_bytes: num(total, "host_bytes")?,
+        session: match v.get("session") {
+            Some(json::Value::Str(s)) => s.clone(),
+            _ => return Err(format!("stats: no session in {text:?}")),
+        },
+        reserved_bytes: num(Some(&v), "reserved_bytes")?,
+    })
+}
+
 /// The limits the daemon reports in `stats`.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {

@@ -6,6 +6,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -35,6 +36,57 @@ pub fn call(args: &[&str]) -> Result<String, String> {
 
 /// Run a host hook; its exit status and output.
 pub fn call_status(args: &[&str]) -> Result<(i32, String), String> {
+    call_timeout(args, TIMEOUT)
+}
+
+/// After a guest suspend the hook port is dead (the guest's virtio-serial driver resets
+/// the device and QEMU does not say again that the host end is open): ask run-guest, with
+/// a marker on the console, to make QEMU connect the port again; wait until a hook answers.
+pub fn reconnect() -> Result<(), String> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").map_err(|e| e.to_string())?;
+    let nonce = cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("rg.nonce="))
+        .ok_or("no rg.nonce on the kernel command line")?;
+    let mut last = String::new();
+    for _ in 0..5 {
+        std::fs::write("/dev/console", format!("@@RG-{nonce} HOOK-RECONNECT\n"))
+            .map_err(|e| format!("/dev/console: {e}"))?;
+        match call_timeout(&["boot"], Duration::from_secs(5)) {
+            Ok(_) => return Ok(()),
+            Err(e) => last = e,
+        }
+    }
+    Err(format!("the host hooks did not come back: {last}"))
+}
+
+/// Writes all of `data` to the non-blocking port before `deadline`.
+fn write_all(port: &mut Port, data: &[u8], deadline: Instant) -> Result<(), String> {
+    let mut done = 0;
+    while done < data.len() {
+        match port.file.write(&data[done..]) {
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err("timed out writing to the host hook port".into());
+                }
+                let mut pfd = libc::pollfd {
+                    fd: port.file.as_raw_fd(),
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(100) as i32) };
+            }
+            Err(e) => return Err(format!("write {HOOK_PATH}: {e}")),
+        }
+    }
+    Ok(())
+}
+
+/// Run a host hook, waiting at most `timeout` for it; its exit status and output.
+pub fn call_timeout(args: &[&str], timeout: Duration) -> Result<(i32, String), String> {
     let mut guard = PORT
         .lock()
         .map_err(|_| "host port lock poisoned".to_string())?;
@@ -42,6 +94,7 @@ pub fn call_status(args: &[&str]) -> Result<(i32, String), String> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
+            .custom_flags(libc::O_NONBLOCK)
             .open(HOOK_PATH)
             .map_err(|e| format!("open {HOOK_PATH}: {e} (not booted by run-guest?)"))?;
         *guard = Some(Port {
@@ -54,15 +107,24 @@ pub fn call_status(args: &[&str]) -> Result<(i32, String), String> {
     let id = port.next_id;
     port.next_id += 1;
     let req = format!("{id} {}\n", args.join(" "));
-    port.file
-        .write_all(req.as_bytes())
-        .map_err(|e| format!("write {HOOK_PATH}: {e}"))?;
-    let deadline = Instant::now() + TIMEOUT;
-    let header = read_line(port, deadline)?;
-    let f: Vec<&str> = header.split_whitespace().collect();
-    if f.len() != 3 || f[0] != id.to_string() {
-        return Err(format!("bad host reply header {header:?} to request {id}"));
-    }
+    let deadline = Instant::now() + timeout;
+    write_all(port, req.as_bytes(), deadline)?;
+    let (header, f) = loop {
+        let header = read_line(port, deadline)?;
+        let f: Vec<String> = header.split_whitespace().map(str::to_string).collect();
+        let rid: Option<u64> = f.first().and_then(|r| r.parse().ok());
+        match (f.len(), rid) {
+            (3, Some(r)) if r == id => break (header, f),
+            // The late reply to a request that timed out: skip it and its lines.
+            (3, Some(r)) if r < id => {
+                let n: usize = f[2].parse().unwrap_or(0);
+                for _ in 0..n {
+                    read_line(port, deadline)?;
+                }
+            }
+            _ => return Err(format!("bad host reply header {header:?} to request {id}")),
+        }
+    };
     let status: i32 = f[1]
         .parse()
         .map_err(|_| format!("bad status in {header:?}"))?;
@@ -98,10 +160,11 @@ fn read_line(port: &mut Port, deadline: Instant) -> Result<String, String> {
             continue;
         }
         let mut buf = [0u8; 4096];
-        let n = port
-            .file
-            .read(&mut buf)
-            .map_err(|e| format!("read {HOOK_PATH}: {e}"))?;
+        let n = match port.file.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(format!("read {HOOK_PATH}: {e}")),
+        };
         if n == 0 {
             // The host side is not connected right now; poll again until the deadline.
             std::thread::sleep(Duration::from_millis(10));

@@ -13,6 +13,7 @@ mod cases;
 mod env;
 mod host;
 mod json;
+mod lifecycle;
 mod sys;
 
 use std::process::ExitCode;
