@@ -109,6 +109,9 @@ pub enum Command {
         /// Print the raw JSON reply.
         #[arg(long)]
         json: bool,
+        /// Give up after this many seconds without a reply.
+        #[arg(long, value_name = "SECS", default_value_t = 30)]
+        timeout: u64,
     },
     /// Send one command line to the control socket and print the reply (exit status 1 on
     /// an `error` reply). Commands: stats, prepare-reset; with --control-debug: buffers,
@@ -117,6 +120,9 @@ pub enum Command {
         /// The daemon's control socket.
         #[arg(long, value_name = "PATH")]
         control_socket: PathBuf,
+        /// Give up after this many seconds without a reply.
+        #[arg(long, value_name = "SECS", default_value_t = 30)]
+        timeout: u64,
         /// The command and its arguments.
         #[arg(required = true, num_args = 1.., trailing_var_arg = true)]
         command: Vec<String>,

@@ -28,8 +28,6 @@ pub const MAX_PEEK: u64 = 1 << 20;
 const MAX_LINE: u64 = 4 * MAX_PEEK;
 /// How long debug commands wait for the device lock.
 const LOCK_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a client waits for the daemon's reply.
-pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Control socket errors.
 #[derive(Debug, thiserror::Error)]
@@ -203,15 +201,15 @@ pub fn execute(line: &str, handle: &DeviceHandle, debug: bool) -> String {
     }
 }
 
-/// Sends one command line and returns the reply.
-pub fn request(path: &Path, line: &str) -> Result<String, ControlError> {
+/// Sends one command line and returns the reply, waiting at most `timeout` for it.
+pub fn request(path: &Path, line: &str, timeout: Duration) -> Result<String, ControlError> {
     let cerr = |source| ControlError::Connect {
         path: path.to_path_buf(),
         source,
     };
     let mut s = UnixStream::connect(path).map_err(cerr)?;
-    s.set_read_timeout(Some(CLIENT_TIMEOUT)).map_err(cerr)?;
-    s.set_write_timeout(Some(CLIENT_TIMEOUT)).map_err(cerr)?;
+    s.set_read_timeout(Some(timeout)).map_err(cerr)?;
+    s.set_write_timeout(Some(timeout)).map_err(cerr)?;
     s.write_all(format!("{line}\n").as_bytes()).map_err(cerr)?;
     s.shutdown(std::net::Shutdown::Write).map_err(cerr)?;
     let mut reply = String::new();
@@ -223,8 +221,8 @@ pub fn request(path: &Path, line: &str) -> Result<String, ControlError> {
 }
 
 /// `stats` subcommand: prints a table, or the JSON with `json`.
-pub fn client_stats(path: &Path, json: bool) -> Result<(), ControlError> {
-    let reply = request(path, "stats")?;
+pub fn client_stats(path: &Path, json: bool, timeout: Duration) -> Result<(), ControlError> {
+    let reply = request(path, "stats", timeout)?;
     if json {
         print!("{reply}");
         return Ok(());

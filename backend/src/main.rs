@@ -1,6 +1,7 @@
 //! `vhost-user-dmaheap`: the daemon and its client subcommands.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use log::error;
@@ -16,11 +17,18 @@ fn main() -> ExitCode {
         Some(Command::Stats {
             control_socket,
             json,
-        }) => control::client_stats(&control_socket, json).map_err(Into::into),
+            timeout,
+        }) => control::client_stats(&control_socket, json, Duration::from_secs(timeout))
+            .map_err(Into::into),
         Some(Command::Ctl {
             control_socket,
+            timeout,
             command,
-        }) => match control::request(&control_socket, &command.join(" ")) {
+        }) => match control::request(
+            &control_socket,
+            &command.join(" "),
+            Duration::from_secs(timeout),
+        ) {
             Ok(reply) => {
                 print!("{reply}");
                 Ok(())

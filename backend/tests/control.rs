@@ -222,3 +222,75 @@ fn a_silent_control_client_does_not_block_others() {
     fe.free_ok(b.id);
     drop(silent);
 }
+
+#[test]
+fn stats_answer_while_the_worker_waits_for_the_front_end() {
+    // The worker holds the device while QEMU has not acknowledged a SHMEM_MAP: `stats`
+    // answers from its snapshot, debug commands give up with an error.
+    let daemon = Daemon::spawn(["--heap", "a=memfd", "--shm-size", "64M"]);
+    let mut fe = FrontEnd::connect(&daemon);
+    let held = fe.alloc_ok(0, 4 * KIB);
+    fe.stall_maps(true);
+    let head = fe.submit(&[
+        Seg::R(alloc_req(0, 0, 32 * MIB)),
+        Seg::W(ALLOC_RESP_SIZE as u32),
+    ]);
+    fe.kick();
+    let start = std::time::Instant::now();
+    while fe.stalled_maps() == 0 {
+        assert!(start.elapsed() < DEADLINE, "the ALLOC never sent SHMEM_MAP");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let t0 = std::time::Instant::now();
+    let st = daemon.stats();
+    let took = t0.elapsed();
+    eprintln!(
+        "stats while a SHMEM_MAP is pending, in {took:?}: {}",
+        st.raw
+    );
+    assert!(
+        took < std::time::Duration::from_secs(2),
+        "stats took {took:?}"
+    );
+    assert_eq!(st.total.buffers, 1, "{}", st.raw);
+    let reply = daemon.control("buffers");
+    assert!(reply.starts_with("error"), "buffers while busy: {reply}");
+    fe.stall_maps(false);
+    let c = fe.wait(head);
+    parse_alloc(&c, "the stalled ALLOC").unwrap();
+    assert!(daemon.control("buffers").contains(&held.id.to_string()));
+}
+
+#[test]
+fn clients_give_up_on_a_silent_daemon() {
+    // A control socket that accepts and never answers (a hung daemon).
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("silent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let keep = std::thread::spawn(move || {
+        // Accept both clients and keep them waiting, answering nothing.
+        let conns: Vec<_> = listener.incoming().take(2).collect();
+        drop(conns);
+    });
+    let bin = common::daemon::daemon_bin();
+    let p = path.display().to_string();
+    for args in [
+        vec!["stats", "--control-socket", &p, "--timeout", "1"],
+        vec!["ctl", "--control-socket", &p, "--timeout", "1", "stats"],
+    ] {
+        let t0 = std::time::Instant::now();
+        let out = std::process::Command::new(bin)
+            .args(&args)
+            .output()
+            .unwrap();
+        let took = t0.elapsed();
+        let err = String::from_utf8_lossy(&out.stderr);
+        eprintln!("{args:?}: {} after {took:?}: {err}", out.status);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(
+            took < std::time::Duration::from_secs(4),
+            "{args:?} took {took:?}"
+        );
+    }
+    keep.join().unwrap();
+}
