@@ -80,10 +80,16 @@ pub const EXPLICIT_CASES: &[(&str, &str, CaseFn)] = &[
         crate::lifecycle::pause_resume,
     ),
     (
-        "suspend-resume",
+        "suspend-to-idle",
         "suspend to idle (woken by the ACPI power button) with buffers held and in flight: \
          the session is suspended and resumed, the bytes survive in the old mappings",
-        crate::lifecycle::suspend_resume,
+        crate::lifecycle::suspend_to_idle,
+    ),
+    (
+        "suspend-to-ram",
+        "suspend to RAM (S3, woken by QMP system_wakeup) with buffers held and in flight: \
+         the session is suspended and resumed, the bytes survive in the old mappings",
+        crate::lifecycle::suspend_to_ram,
     ),
     (
         "rebind",

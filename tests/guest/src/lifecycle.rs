@@ -222,24 +222,31 @@ fn dmesg() -> String {
         .unwrap_or_default()
 }
 
-/// Suspends to idle until the host's power button press wakes the guest.
-fn suspend_to_idle() -> Result<(), String> {
+/// Suspends the guest (`freeze`: to idle, woken by the host pressing the power button;
+/// `mem`: to RAM, woken by QMP system_wakeup) and waits until it runs again.
+fn suspend(state: &str) -> Result<(), String> {
+    let (wake, stop) = match state {
+        "freeze" => (["wake-presses", "start"], Some(["wake-presses", "stop"])),
+        _ => (["s3-wake", "start"], None),
+    };
     let mut last = String::new();
     for attempt in 0..5 {
         // A press while the kernel is entering suspend aborts it: then again.
-        host::call(&["wake-presses", "start"])?;
+        host::call(&wake)?;
         let t0 = Instant::now();
         let r = std::fs::OpenOptions::new()
             .write(true)
             .open("/sys/power/state")
-            .and_then(|mut f| f.write_all(b"freeze"));
+            .and_then(|mut f| f.write_all(state.as_bytes()));
         // The hook port is dead after a suspend (virtio-serial): reconnect it first.
         host::reconnect()?;
-        host::call(&["wake-presses", "stop"])?;
+        if let Some(stop) = stop {
+            host::call(&stop)?;
+        }
         match r {
             Ok(()) => {
                 eprintln!(
-                    "  suspend-resume: suspended and woken in {:.1?} (attempt {attempt})",
+                    "  suspend {state}: suspended and woken in {:.1?} (attempt {attempt})",
                     t0.elapsed()
                 );
                 return Ok(());
@@ -247,19 +254,28 @@ fn suspend_to_idle() -> Result<(), String> {
             Err(e) => last = e.to_string(),
         }
     }
-    Err(format!("suspend to idle failed 5 times: {last}"))
+    Err(format!("suspend {state} failed 5 times: {last}"))
 }
 
-pub fn suspend_resume(ctx: &Ctx) -> Result<(), String> {
+pub fn suspend_to_idle(ctx: &Ctx) -> Result<(), String> {
     arm_power_button()?;
+    suspend_case(ctx, "freeze")
+}
+
+pub fn suspend_to_ram(ctx: &Ctx) -> Result<(), String> {
+    suspend_case(ctx, "mem")
+}
+
+/// Buffers held and in flight survive a guest suspend in `state`.
+fn suspend_case(ctx: &Ctx, state: &str) -> Result<(), String> {
     let heap = open_heap(ctx)?;
     let base = env::daemon_overview()?.buffers;
     let held = hold_all(&heap)?;
     let churn = Churn::start(&ctx.heap, &[PAGE, 16 << 20]);
     let resumed_before = dmesg().matches("session resumed").count();
-    suspend_to_idle()?;
+    suspend(state)?;
     let n = churn.finish()?;
-    eprintln!("  suspend-resume: {n} buffers allocated and freed around the suspend");
+    eprintln!("  suspend {state}: {n} buffers allocated and freed around the suspend");
     let resumed = dmesg().matches("session resumed").count();
     check(resumed == resumed_before + 1, || {
         format!(
