@@ -16,6 +16,7 @@
 #include <linux/rwsem.h>
 #include <linux/spinlock.h>
 #include <linux/types.h>
+#include <linux/version.h>
 #include <linux/virtio.h>
 #include <linux/wait.h>
 #include <linux/workqueue.h>
@@ -25,6 +26,13 @@
 struct dma_heap_ops;
 struct vdh_heap_kobj;
 struct vdh_req;
+
+/* system_wq and system_unbound_wq are deprecated since 6.17. */
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 17, 0)
+#define vdh_wq	system_dfl_wq
+#else
+#define vdh_wq	system_unbound_wq
+#endif
 
 /* More heaps than dma-heap minors make no sense. */
 #define VDH_MAX_HEAPS		64
@@ -68,6 +76,37 @@ struct vdh_heap {
 	struct vdh_heap_props props;
 	atomic64_t bytes_used;
 	atomic_t buffers_used;
+	atomic64_t bytes_pooled;	/* freed buffers kept for reuse */
+	atomic_t buffers_pooled;
+};
+
+/*
+ * A buffer: a range of the window the device allocated, exported as a
+ * dma-buf; or, between a release and its reuse, a freed buffer in the pool.
+ */
+struct vdh_buffer {
+	struct vdh_heap *vh;
+	struct vdh_dev *vd;
+	struct dma_buf *dmabuf;
+	struct list_head node;		/* in vd->buffers, or in vd->pool */
+	struct mutex lock;		/* protects attachments, vmap, dma_mapped, revoked */
+	struct list_head attachments;
+	struct vdh_req *free_req;	/* the FREE, allocated with the buffer */
+	u64 id;
+	u64 session;			/* the session the device allocated it in */
+	u64 offset;			/* in the window */
+	u32 cache;			/* VIRTIO_DMAHEAP_CACHE_* */
+	unsigned long pfn;
+	size_t len;
+	pgoff_t pagecount;
+	int vmap_cnt;
+	void *vaddr;
+	int dma_mapped;			/* attachments with a DMA mapping */
+	bool revoked;
+	struct list_head qnode;		/* in the window's quarantine */
+	bool quarantined;		/* protected by the window's lock */
+	bool reserved;			/* idem: the window owner's session reserved it */
+	unsigned long pooled_at;	/* jiffies: when it went into vd->pool */
 };
 
 /* Which requests may go to the device. */
@@ -104,6 +143,10 @@ struct vdh_dev {
 	struct mutex buffers_lock;	/* protects buffers, revoked */
 	struct list_head buffers;
 	bool revoked;
+	spinlock_t pool_lock;		/* protects pool, pool_count */
+	struct list_head pool;		/* of vdh_buffer.node, newest first */
+	unsigned int pool_count;
+	struct delayed_work pool_work;	/* frees what stayed unused too long */
 };
 
 /* vdh_queue.c */
@@ -136,8 +179,17 @@ struct vdh_dev *vdh_heap_get_dev(struct vdh_heap *vh,
 
 /* vdh_buffer.c */
 extern const struct dma_heap_ops vdh_heap_ops;
+void vdh_buf_destroy(struct vdh_buffer *buf);
 void vdh_buffers_revoke(struct vdh_dev *vd);
 int vdh_window_reserve(struct vdh_window *win, struct vdh_dev *vd);
 void vdh_window_disown(struct vdh_window *win, struct vdh_dev *vd);
+
+/* vdh_pool.c */
+void vdh_pool_init(struct vdh_dev *vd);
+bool vdh_pool_put(struct vdh_buffer *buf);
+struct vdh_buffer *vdh_pool_get(struct vdh_dev *vd, struct vdh_heap *vh,
+				size_t len);
+bool vdh_pool_flush(struct vdh_dev *vd);
+void vdh_pool_drop(struct vdh_dev *vd);
 
 #endif /* VDH_H */

@@ -38,30 +38,6 @@
 /* Pages a fault maps at once (TTM does 16): fewer faults on a first touch. */
 #define VDH_FAULT_AROUND	512
 
-struct vdh_buffer {
-	struct vdh_heap *vh;
-	struct vdh_dev *vd;
-	struct dma_buf *dmabuf;
-	struct list_head node;		/* in vd->buffers */
-	struct mutex lock;		/* protects attachments, vmap, dma_mapped, revoked */
-	struct list_head attachments;
-	struct vdh_req *free_req;	/* the FREE, allocated with the buffer */
-	u64 id;
-	u64 session;			/* the session the device allocated it in */
-	u64 offset;			/* in the window */
-	u32 cache;			/* VIRTIO_DMAHEAP_CACHE_* */
-	unsigned long pfn;
-	size_t len;
-	pgoff_t pagecount;
-	int vmap_cnt;
-	void *vaddr;
-	int dma_mapped;			/* attachments with a DMA mapping */
-	bool revoked;
-	struct list_head qnode;		/* in the window's quarantine */
-	bool quarantined;		/* protected by the window's lock */
-	bool reserved;			/* idem: the window owner's session reserved it */
-};
-
 struct vdh_attachment {
 	struct device *dev;
 	struct sg_table table;
@@ -422,29 +398,45 @@ static void vdh_buf_vunmap(struct dma_buf *dmabuf, struct iosys_map *map)
 	iosys_map_clear(map);
 }
 
+/*
+ * Free a buffer that no dma-buf uses any more, on the device too unless its
+ * session ended (the device has forgotten it then) or the caller already
+ * dropped its FREE.
+ */
+void vdh_buf_destroy(struct vdh_buffer *buf)
+{
+	struct vdh_dev *vd = buf->vd;
+
+	if (buf->free_req && buf->session == READ_ONCE(vd->session))
+		vdh_remote_free(vd, buf->free_req, buf->id);
+	else
+		vdh_free_req_discard(buf->free_req);
+	mutex_destroy(&buf->lock);
+	kfree(buf);
+	vdh_dev_put(vd);
+}
+
 static void vdh_buf_release(struct dma_buf *dmabuf)
 {
 	struct vdh_buffer *buf = dmabuf->priv;
 	struct vdh_dev *vd = buf->vd;
+	bool pooled;
 
-	if (WARN(buf->vmap_cnt, "%s: buffer still mapped in the kernel\n", __func__))
+	if (WARN(buf->vmap_cnt, "%s: buffer still mapped in the kernel\n", __func__)) {
 		vunmap(buf->vaddr);
+		buf->revoked = true;	/* never reuse what a kernel user may write */
+	}
 	vdh_buf_unquarantine(buf);
-
-	mutex_lock(&vd->buffers_lock);
-	list_del(&buf->node);
-	mutex_unlock(&vd->buffers_lock);
-
-	/* A buffer of an ended session is gone on the device already. */
-	if (buf->session == READ_ONCE(vd->session))
-		vdh_remote_free(vd, buf->free_req, buf->id);
-	else
-		vdh_free_req_discard(buf->free_req);
 	atomic64_sub(buf->len, &buf->vh->bytes_used);
 	atomic_dec(&buf->vh->buffers_used);
-	mutex_destroy(&buf->lock);
-	kfree(buf);
-	vdh_dev_put(vd);
+
+	/* Under buffers_lock: a revocation either saw the buffer or sees the pool. */
+	mutex_lock(&vd->buffers_lock);
+	list_del(&buf->node);
+	pooled = !vd->revoked && vdh_pool_put(buf);
+	mutex_unlock(&vd->buffers_lock);
+	if (!pooled)
+		vdh_buf_destroy(buf);
 }
 
 static const struct dma_buf_ops vdh_buf_ops = {
@@ -557,31 +549,44 @@ free_remote:
 	return ret;
 }
 
-static struct dma_buf *vdh_heap_allocate(struct dma_heap *heap,
-					 unsigned long len, u32 fd_flags,
-					 u64 heap_flags)
+/*
+ * A freed buffer of the same heap and size from the pool, zeroed by us as the
+ * device would have: no round trip to the device. Called with alloc_sem held.
+ */
+static struct dma_buf *vdh_buf_reuse(struct vdh_dev *vd, struct vdh_heap *vh,
+				     size_t len, u32 fd_flags)
 {
-	struct vdh_heap *vh = dma_heap_get_drvdata(heap);
-	struct vdh_heap_props props;
 	struct vdh_buffer *buf;
-	struct vdh_dev *vd;
+	pgoff_t i;
 	int ret;
 
-	vd = vdh_heap_get_dev(vh, &props);
-	if (!vd)
-		return ERR_PTR(-ENODEV);
-	ret = -EINVAL;
-	if (!len || !PAGE_ALIGNED(len) || len > props.max_size)
-		goto put_dev;
+	buf = vdh_pool_get(vd, vh, len);
+	if (!buf)
+		return NULL;
+	for (i = 0; i < buf->pagecount; i++)
+		clear_highpage(pfn_to_page(buf->pfn + i));
+	ret = vdh_buf_export(buf, fd_flags);
+	if (ret) {
+		vdh_buf_destroy(buf);
+		return ERR_PTR(ret);
+	}
+	return buf->dmabuf;
+}
 
-	ret = -ENOMEM;
+static struct vdh_buffer *vdh_buf_new(struct vdh_dev *vd, struct vdh_heap *vh,
+				      size_t len, u32 cache)
+{
+	struct vdh_buffer *buf;
+
 	buf = kzalloc(sizeof(*buf), GFP_KERNEL);
 	if (!buf)
-		goto put_dev;
+		return NULL;
 	/* Its FREE, so that releasing the buffer never needs memory. */
 	buf->free_req = vdh_free_req_alloc();
-	if (!buf->free_req)
-		goto free_buffer;
+	if (!buf->free_req) {
+		kfree(buf);
+		return NULL;
+	}
 	INIT_LIST_HEAD(&buf->attachments);
 	INIT_LIST_HEAD(&buf->qnode);
 	mutex_init(&buf->lock);
@@ -589,27 +594,70 @@ static struct dma_buf *vdh_heap_allocate(struct dma_heap *heap,
 	buf->vd = vd;
 	buf->len = len;
 	buf->pagecount = len >> PAGE_SHIFT;
-	buf->cache = props.cache;
+	buf->cache = cache;
+	return buf;
+}
+
+/* A new buffer from the device. Called with alloc_sem held. */
+static struct dma_buf *vdh_buf_create(struct vdh_dev *vd, struct vdh_heap *vh,
+				      size_t len, u32 fd_flags,
+				      struct vdh_heap_props *props)
+{
+	struct vdh_buffer *buf;
+	int ret;
+
+	buf = vdh_buf_new(vd, vh, len, props->cache);
+	if (!buf)
+		return ERR_PTR(-ENOMEM);
+	ret = vdh_buf_alloc(buf, props, fd_flags);
+	/* Out of quota or window space: what the pool holds may be in the way. */
+	if (ret == -ENOMEM && buf->free_req && vdh_pool_flush(vd))
+		ret = vdh_buf_alloc(buf, props, fd_flags);
+	if (ret) {
+		if (buf->free_req)
+			vdh_free_req_discard(buf->free_req);
+		mutex_destroy(&buf->lock);
+		kfree(buf);
+		return ERR_PTR(ret);
+	}
+	/* The buffer's reference to the device. */
+	kref_get(&vd->ref);
+	return buf->dmabuf;
+}
+
+static struct dma_buf *vdh_heap_allocate(struct dma_heap *heap,
+					 unsigned long len, u32 fd_flags,
+					 u64 heap_flags)
+{
+	struct vdh_heap *vh = dma_heap_get_drvdata(heap);
+	struct vdh_heap_props props;
+	struct dma_buf *dmabuf;
+	struct vdh_dev *vd;
+	int ret;
+
+	vd = vdh_heap_get_dev(vh, &props);
+	if (!vd)
+		return ERR_PTR(-ENODEV);
+	dmabuf = ERR_PTR(-EINVAL);
+	if (!len || !PAGE_ALIGNED(len) || len > props.max_size)
+		goto put_dev;
 
 	ret = down_read_killable(&vd->alloc_sem);
-	if (ret)
-		goto free_buffer;
-	ret = vdh_buf_alloc(buf, &props, fd_flags);
+	if (ret) {
+		dmabuf = ERR_PTR(ret);
+		goto put_dev;
+	}
+	dmabuf = vdh_buf_reuse(vd, vh, len, fd_flags);
+	if (!dmabuf)
+		dmabuf = vdh_buf_create(vd, vh, len, fd_flags, &props);
 	up_read(&vd->alloc_sem);
-	if (ret)
-		goto free_buffer;
-	atomic64_add(len, &vh->bytes_used);
-	atomic_inc(&vh->buffers_used);
-	return buf->dmabuf;
-
-free_buffer:
-	if (buf->free_req)
-		vdh_free_req_discard(buf->free_req);
-	mutex_destroy(&buf->lock);
-	kfree(buf);
+	if (!IS_ERR(dmabuf)) {
+		atomic64_add(len, &vh->bytes_used);
+		atomic_inc(&vh->buffers_used);
+	}
 put_dev:
 	vdh_dev_put(vd);
-	return ERR_PTR(ret);
+	return dmabuf;
 }
 
 const struct dma_heap_ops vdh_heap_ops = {
@@ -626,6 +674,8 @@ void vdh_buffers_revoke(struct vdh_dev *vd)
 	list_for_each_entry(buf, &vd->buffers, node)
 		vdh_buf_revoke(buf);
 	mutex_unlock(&vd->buffers_lock);
+	/* Nothing is pooled once vd->revoked is set. */
+	vdh_pool_drop(vd);
 }
 
 /* ---- quarantine: window ranges of revoked buffers ----------------------- */

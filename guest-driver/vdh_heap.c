@@ -137,6 +137,24 @@ static ssize_t buffers_used_show(struct kobject *kobj,
 
 static struct kobj_attribute buffers_used_attr = __ATTR_RO(buffers_used);
 
+static ssize_t bytes_pooled_show(struct kobject *kobj,
+				 struct kobj_attribute *attr, char *buf)
+{
+	return sysfs_emit(buf, "%lld\n",
+			  atomic64_read(&to_vdh_heap(kobj)->bytes_pooled));
+}
+
+static struct kobj_attribute bytes_pooled_attr = __ATTR_RO(bytes_pooled);
+
+static ssize_t buffers_pooled_show(struct kobject *kobj,
+				   struct kobj_attribute *attr, char *buf)
+{
+	return sysfs_emit(buf, "%d\n",
+			  atomic_read(&to_vdh_heap(kobj)->buffers_pooled));
+}
+
+static struct kobj_attribute buffers_pooled_attr = __ATTR_RO(buffers_pooled);
+
 static struct attribute *vdh_heap_attrs[] = {
 	&heap_id_attr.attr,
 	&contiguous_attr.attr,
@@ -146,6 +164,8 @@ static struct attribute *vdh_heap_attrs[] = {
 	&capacity_attr.attr,
 	&bytes_used_attr.attr,
 	&buffers_used_attr.attr,
+	&bytes_pooled_attr.attr,
+	&buffers_pooled_attr.attr,
 	NULL,
 };
 ATTRIBUTE_GROUPS(vdh_heap);

@@ -208,6 +208,7 @@ static struct vdh_dev *vdh_dev_alloc(struct virtio_device *vdev, u32 num_heaps)
 	INIT_WORK(&vd->recover_work, vdh_recover);
 	mutex_init(&vd->buffers_lock);
 	INIT_LIST_HEAD(&vd->buffers);
+	vdh_pool_init(vd);
 	vd->has_sync = virtio_has_feature(vdev, VIRTIO_DMAHEAP_F_SYNC);
 	vd->has_session = virtio_has_feature(vdev, VIRTIO_DMAHEAP_F_SESSION);
 	return vd;
@@ -268,7 +269,7 @@ void vdh_session_lost(struct vdh_dev *vd)
 
 	spin_lock_irqsave(&vd->vq_lock, flags);
 	if (vd->state == VDH_RUNNING && vd->has_session)
-		queue_work(system_wq, &vd->recover_work);
+		queue_work(vdh_wq, &vd->recover_work);
 	spin_unlock_irqrestore(&vd->vq_lock, flags);
 }
 
@@ -366,6 +367,7 @@ static void vdh_remove(struct virtio_device *vdev)
 
 	vdh_heaps_remove(vd);
 	disable_work_sync(&vd->recover_work);
+	disable_delayed_work_sync(&vd->pool_work);
 	mutex_lock(&vd->life_lock);
 	down_write(&vd->alloc_sem);
 	vdh_buffers_revoke(vd);

@@ -47,6 +47,7 @@ pub const CASES: &[(&str, &str, CaseFn)] = &[
     ("lifetime", "a mapping or a dup'd fd keeps a buffer alive on the host; the last reference frees it", lifetime),
     ("free-returns", "closing buffers returns their memory to the host (daemon stats, sysfs)", free_returns),
     ("quota", "quota exhaustion gives ENOMEM and recovers after frees", quota),
+    ("pool", "a freed small buffer is reused zeroed without a host round trip, given back when idle or when the quota is full", pool),
     ("sysfs", "heap properties in sysfs match what the daemon exports", sysfs),
     ("many-small", "thousands of 4 KiB buffers held at once", many_small),
     ("reference-untouched", "the guest kernel's own heap still works and allocates nothing on the host", reference_untouched),
@@ -760,6 +761,121 @@ fn free_returns(ctx: &Ctx) -> Result<(), String> {
     )
 }
 
+/// The driver's pool: what sysfs and the daemon say about a heap's pooled buffers.
+fn pool_counts(ctx: &Ctx, sh: &env::SysHeap) -> Result<(u64, u64, env::HeapStats), String> {
+    let st = env::daemon_heap_stats(&ctx.daemon_name(&sh.name))?;
+    Ok((sh.num("buffers_pooled")?, sh.num("buffers_used")?, st))
+}
+
+fn wait_pool_empty(ctx: &Ctx, sh: &env::SysHeap, what: &str) -> Result<(), String> {
+    let mut last = None;
+    env::wait_until(what, Duration::from_secs(10), || {
+        let c = pool_counts(ctx, sh)?;
+        let done = c.0 == 0 && c.1 == 0 && c.2.buffers == 0;
+        last = Some(c);
+        Ok(done)
+    })
+    .map_err(|e| format!("{e}; last (pooled, used, daemon) {last:?}"))
+}
+
+fn pool(ctx: &Ctx) -> Result<(), String> {
+    let sh = env::sysfs_heap(&ctx.heap)?;
+    check(sh.prop("cache")? == "cached", || {
+        format!(
+            "heap {}: the pool keeps buffers of cached heaps only",
+            ctx.heap
+        )
+    })?;
+    let heap = Heap::open(&ctx.heap).map_err(|e| format!("open {}: {e}", ctx.heap))?;
+    wait_pool_empty(ctx, &sh, "an idle heap")?;
+
+    // A freed 4 KiB buffer stays allocated on the host and comes back, zeroed.
+    let first = track(&heap, PAGE)?;
+    first.map.fill(7);
+    let id = first.host.id.clone();
+    drop(first);
+    let (pooled, used, st) = pool_counts(ctx, &sh)?;
+    check(pooled == 1 && used == 0 && st.buffers == 1, || {
+        format!("after freeing one buffer: pooled {pooled}, used {used}, daemon {st:?}")
+    })?;
+    let again = heap.alloc(PAGE)?;
+    let map = again.mmap()?;
+    check(map.as_slice().iter().all(|&b| b == 0), || {
+        "a reused buffer is not zeroed".into()
+    })?;
+    let tag = sys::random_bytes(16);
+    map.write(0, &tag);
+    let host = host::find_buffer(&tag, PAGE)?;
+    check(host.id == id, || {
+        format!(
+            "reused buffer is host buffer {}, the freed one was {id}",
+            host.id
+        )
+    })?;
+    let (pooled, used, st) = pool_counts(ctx, &sh)?;
+    check(pooled == 0 && used == 1 && st.buffers == 1, || {
+        format!("after the reuse: pooled {pooled}, used {used}, daemon {st:?}")
+    })?;
+    // Another size is a new host buffer.
+    let other = heap.alloc(2 * PAGE)?;
+    let st = env::daemon_heap_stats(&ctx.daemon_name(&ctx.heap))?;
+    check(st.buffers == 2, || format!("a second size: daemon {st:?}"))?;
+    drop((map, again, other));
+    // Unused, the pool gives them back to the host (pool_idle_ms).
+    wait_pool_empty(ctx, &sh, "the pool to give idle buffers back")?;
+    check(!host_has(&id)?, || format!("host buffer {id} still there"))?;
+
+    // A full quota: pooled buffers are given back so that an allocation of another size
+    // fits (a heap with a small quota only).
+    let cap = sh.num("capacity")?;
+    if cap == 0 || cap > 4 << 20 {
+        println!(
+            "# pool: {} has no small quota, quota part skipped",
+            ctx.heap
+        );
+        return Ok(());
+    }
+    const BIG: usize = 64 << 10;
+    let mut held = Vec::new();
+    let err = loop {
+        match heap.alloc_raw(BIG as u64, rw_cloexec(), 0) {
+            Ok(b) => held.push(b),
+            Err(e) => break e,
+        }
+        check(held.len() as u64 * (BIG as u64) <= cap, || {
+            format!("{} x 64 KiB from a {cap}-byte quota", held.len())
+        })?;
+    };
+    check(err == libc::ENOMEM, || {
+        format!("a full quota gives {}", errname(err))
+    })?;
+    let n = held.len();
+    drop(held);
+    let pooled = sh.num("buffers_pooled")?;
+    check(pooled as usize == n, || {
+        format!("{n} freed, {pooled} pooled")
+    })?;
+    let mut small = Vec::new();
+    let err = loop {
+        match heap.alloc_raw(PAGE as u64, rw_cloexec(), 0) {
+            Ok(b) => small.push(b),
+            Err(e) => break e,
+        }
+        check(small.len() as u64 * (PAGE as u64) <= cap, || {
+            format!("{} pages from a {cap}-byte quota", small.len())
+        })?;
+    };
+    let got = (small.len() * PAGE) as u64;
+    check(err == libc::ENOMEM && got + (BIG as u64) > cap, || {
+        format!(
+            "with {n} x 64 KiB pooled, 4 KiB buffers got {got} of {cap} bytes, then {}",
+            errname(err)
+        )
+    })?;
+    drop(small);
+    wait_pool_empty(ctx, &sh, "the pool to give idle buffers back")
+}
+
 fn quota(ctx: &Ctx) -> Result<(), String> {
     let name = &ctx.quota_heap;
     let sh = env::sysfs_heap(name).map_err(|e| {
@@ -1127,6 +1243,8 @@ fn daemon_death(ctx: &Ctx) -> Result<(), String> {
 fn device_reset(ctx: &Ctx) -> Result<(), String> {
     let heap = Heap::open(&ctx.heap).map_err(|e| format!("open {}: {e}", ctx.heap))?;
     let dname = ctx.daemon_name(&ctx.heap);
+    // Nothing pooled from earlier tests, so that the daemon holds exactly our buffers.
+    wait_pool_empty(ctx, &env::sysfs_heap(&ctx.heap)?, "an idle heap")?;
     // Small buffers (arenas) and a large one (its own mapping), mapped and written.
     let mut held = Vec::new();
     for (i, len) in [PAGE, PAGE, 64 << 10, 16 << 20].into_iter().enumerate() {

@@ -10,7 +10,7 @@ use crate::host;
 use crate::json;
 
 pub const DRIVER_DIR: &str = "/sys/bus/virtio/drivers/virtio_dmaheap";
-pub const PROP_FILES: [&str; 8] = [
+pub const PROP_FILES: [&str; 10] = [
     "heap_id",
     "contiguous",
     "cache",
@@ -19,6 +19,8 @@ pub const PROP_FILES: [&str; 8] = [
     "capacity",
     "bytes_used",
     "buffers_used",
+    "bytes_pooled",
+    "buffers_pooled",
 ];
 
 /// One heap published by the driver in sysfs.

@@ -1,0 +1,196 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * virtio-dmaheap: the pool of freed small buffers. Every ALLOC and FREE is a
+ * round trip to the host, which costs more than the whole allocation does in
+ * the guest's own system heap. So a released small buffer of a cached heap is
+ * kept, still allocated on the device, and handed out again for the next
+ * allocation of the same heap and size, zeroed by the driver.
+ *
+ * The device still counts pooled buffers (the host sees them in its stats and
+ * quotas). They go back to it after pool_idle_ms unused, when an allocation
+ * finds the quota or the window full, and with their session.
+ */
+
+#define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
+
+#include <linux/jiffies.h>
+#include <linux/list.h>
+#include <linux/module.h>
+#include <linux/sizes.h>
+#include <linux/spinlock.h>
+#include <linux/workqueue.h>
+
+#include "vdh.h"
+
+static unsigned int pool_buffers = 64;
+module_param(pool_buffers, uint, 0644);
+MODULE_PARM_DESC(pool_buffers,
+		 "Freed buffers each device keeps for reuse (0: none, every allocation goes to the host)");
+
+static unsigned int pool_max_len = SZ_256K;
+module_param(pool_max_len, uint, 0644);
+MODULE_PARM_DESC(pool_max_len, "Largest buffer (bytes) the pool keeps");
+
+static unsigned int pool_idle_ms = 1000;
+module_param(pool_idle_ms, uint, 0644);
+MODULE_PARM_DESC(pool_idle_ms,
+		 "Give a pooled buffer back to the host after this many ms unused");
+
+static unsigned long vdh_pool_idle(void)
+{
+	return msecs_to_jiffies(READ_ONCE(pool_idle_ms));
+}
+
+static void vdh_pool_account(struct vdh_buffer *buf, int sign)
+{
+	atomic64_add(sign * (s64)buf->len, &buf->vh->bytes_pooled);
+	atomic_add(sign, &buf->vh->buffers_pooled);
+}
+
+/* Free what was taken out of the pool on the device (or forget it). */
+static void vdh_pool_destroy_list(struct list_head *list, bool tell_device)
+{
+	struct vdh_buffer *buf, *tmp;
+
+	list_for_each_entry_safe(buf, tmp, list, node) {
+		list_del(&buf->node);
+		if (!tell_device) {
+			/* The device forgot it with its session. */
+			vdh_free_req_discard(buf->free_req);
+			buf->free_req = NULL;
+		}
+		vdh_buf_destroy(buf);
+	}
+}
+
+static void vdh_pool_take_all(struct vdh_dev *vd, struct list_head *list)
+{
+	struct vdh_buffer *buf;
+
+	spin_lock(&vd->pool_lock);
+	list_for_each_entry(buf, &vd->pool, node)
+		vdh_pool_account(buf, -1);
+	list_splice_init(&vd->pool, list);
+	vd->pool_count = 0;
+	spin_unlock(&vd->pool_lock);
+}
+
+/* Give back what stayed unused for pool_idle_ms; come back for the rest. */
+static void vdh_pool_trim(struct work_struct *work)
+{
+	struct vdh_dev *vd = container_of(to_delayed_work(work), struct vdh_dev,
+					  pool_work);
+	unsigned long idle = vdh_pool_idle();
+	struct vdh_buffer *buf, *tmp;
+	unsigned long next = 0;
+	LIST_HEAD(old);
+
+	spin_lock(&vd->pool_lock);
+	/* Newest first: the old ones are at the tail. */
+	list_for_each_entry_safe_reverse(buf, tmp, &vd->pool, node) {
+		if (time_before(jiffies, buf->pooled_at + idle)) {
+			next = buf->pooled_at + idle;
+			break;
+		}
+		vdh_pool_account(buf, -1);
+		list_move(&buf->node, &old);
+		vd->pool_count--;
+	}
+	spin_unlock(&vd->pool_lock);
+	vdh_pool_destroy_list(&old, true);
+	if (next)
+		queue_delayed_work(vdh_wq, &vd->pool_work,
+				   max_t(long, next - jiffies, 1));
+}
+
+void vdh_pool_init(struct vdh_dev *vd)
+{
+	spin_lock_init(&vd->pool_lock);
+	INIT_LIST_HEAD(&vd->pool);
+	INIT_DELAYED_WORK(&vd->pool_work, vdh_pool_trim);
+}
+
+/*
+ * Keep released @buf for reuse, if it is worth it and safe: a small buffer of
+ * a cached heap (the driver zeroes it through the kernel's write-back
+ * mapping), of the current session, that no kernel user still maps. Called
+ * with vd->buffers_lock held, after the buffer left vd->buffers.
+ */
+bool vdh_pool_put(struct vdh_buffer *buf)
+{
+	struct vdh_dev *vd = buf->vd;
+	bool pooled = false;
+
+	lockdep_assert_held(&vd->buffers_lock);
+	if (buf->cache != VIRTIO_DMAHEAP_CACHE_CACHED ||
+	    buf->len > READ_ONCE(pool_max_len) || buf->revoked ||
+	    buf->dma_mapped || buf->vmap_cnt ||
+	    buf->session != READ_ONCE(vd->session))
+		return false;
+
+	spin_lock(&vd->pool_lock);
+	if (vd->pool_count < READ_ONCE(pool_buffers)) {
+		buf->dmabuf = NULL;
+		buf->pooled_at = jiffies;
+		list_add(&buf->node, &vd->pool);
+		vd->pool_count++;
+		vdh_pool_account(buf, 1);
+		pooled = true;
+	}
+	spin_unlock(&vd->pool_lock);
+	if (pooled)
+		queue_delayed_work(vdh_wq, &vd->pool_work, vdh_pool_idle());
+	return pooled;
+}
+
+/*
+ * A pooled buffer of heap @vh and @len bytes, not yet zeroed, or NULL. Called
+ * with vd->alloc_sem held, so the session cannot change meanwhile.
+ */
+struct vdh_buffer *vdh_pool_get(struct vdh_dev *vd, struct vdh_heap *vh,
+				size_t len)
+{
+	struct vdh_buffer *buf, *found = NULL;
+
+	lockdep_assert_held(&vd->alloc_sem);
+	spin_lock(&vd->pool_lock);
+	list_for_each_entry(buf, &vd->pool, node) {
+		if (buf->vh == vh && buf->len == len) {
+			list_del(&buf->node);
+			vd->pool_count--;
+			vdh_pool_account(buf, -1);
+			found = buf;
+			break;
+		}
+	}
+	spin_unlock(&vd->pool_lock);
+	return found;
+}
+
+/*
+ * Give every pooled buffer back to the device (an allocation was refused for
+ * quota or window space). The FREEs go out ahead of the next request. Returns
+ * whether there was anything to give back.
+ */
+bool vdh_pool_flush(struct vdh_dev *vd)
+{
+	LIST_HEAD(all);
+
+	vdh_pool_take_all(vd, &all);
+	if (list_empty(&all))
+		return false;
+	vdh_pool_destroy_list(&all, true);
+	return true;
+}
+
+/*
+ * The session ends: the device forgets the pooled buffers with it. Called
+ * with vd->revoked set, so that nothing is pooled any more.
+ */
+void vdh_pool_drop(struct vdh_dev *vd)
+{
+	LIST_HEAD(all);
+
+	vdh_pool_take_all(vd, &all);
+	vdh_pool_destroy_list(&all, false);
+}
