@@ -96,6 +96,7 @@ struct vdh_buffer {
 	u64 session;			/* the session the device allocated it in */
 	u64 offset;			/* in the window */
 	u32 cache;			/* VIRTIO_DMAHEAP_CACHE_* */
+	bool host_sync;			/* SYNC does something on the host */
 	unsigned long pfn;
 	size_t len;
 	pgoff_t pagecount;

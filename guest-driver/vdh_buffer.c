@@ -228,7 +228,7 @@ static int vdh_buf_sync_host(struct vdh_buffer *buf,
 	u32 flags = vdh_sync_flags(dir);
 	int ret;
 
-	if (!buf->vd->has_sync || !flags || READ_ONCE(buf->revoked))
+	if (!buf->host_sync || !flags || READ_ONCE(buf->revoked))
 		return 0;
 	ret = vdh_remote_sync(buf->vd, buf->id, flags | end);
 	/*
@@ -574,7 +574,7 @@ static struct dma_buf *vdh_buf_reuse(struct vdh_dev *vd, struct vdh_heap *vh,
 }
 
 static struct vdh_buffer *vdh_buf_new(struct vdh_dev *vd, struct vdh_heap *vh,
-				      size_t len, u32 cache)
+				      size_t len, const struct vdh_heap_props *props)
 {
 	struct vdh_buffer *buf;
 
@@ -594,7 +594,9 @@ static struct vdh_buffer *vdh_buf_new(struct vdh_dev *vd, struct vdh_heap *vh,
 	buf->vd = vd;
 	buf->len = len;
 	buf->pagecount = len >> PAGE_SHIFT;
-	buf->cache = cache;
+	buf->cache = props->cache;
+	buf->host_sync = vd->has_sync &&
+			 !(props->flags & VIRTIO_DMAHEAP_HEAP_F_NO_SYNC);
 	return buf;
 }
 
@@ -606,7 +608,7 @@ static struct dma_buf *vdh_buf_create(struct vdh_dev *vd, struct vdh_heap *vh,
 	struct vdh_buffer *buf;
 	int ret;
 
-	buf = vdh_buf_new(vd, vh, len, props->cache);
+	buf = vdh_buf_new(vd, vh, len, props);
 	if (!buf)
 		return ERR_PTR(-ENOMEM);
 	ret = vdh_buf_alloc(buf, props, fd_flags);

@@ -372,9 +372,10 @@ static int vdh_heap_probe(struct vdh_dev *vd, u32 id)
 		pr_warn("heap %s: no sysfs directory: %pe\n", name, hk);
 	else
 		vd->kobjs[id] = hk;
-	pr_info("heap %s: device heap %u, %s, %s, max_size %llu\n", name, id,
+	pr_info("heap %s: device heap %u, %s, %s, max_size %llu%s\n", name, id,
 		vh->props.flags & VIRTIO_DMAHEAP_HEAP_F_CONTIGUOUS ? "contiguous" :
-		"scattered", vdh_cache_names[vh->props.cache], vh->props.max_size);
+		"scattered", vdh_cache_names[vh->props.cache], vh->props.max_size,
+		vh->props.flags & VIRTIO_DMAHEAP_HEAP_F_NO_SYNC ? ", no host sync" : "");
 unlock:
 	mutex_unlock(&vdh_heaps_lock);
 	kfree(name);

@@ -97,7 +97,9 @@ struct virtio_dmaheap_heap_info_req {
 
 /* virtio_dmaheap_heap_info.flags */
 #define VIRTIO_DMAHEAP_HEAP_F_CONTIGUOUS (1 << 0) /* host-physically contiguous buffers */
-#define VIRTIO_DMAHEAP_HEAP_F_VALID_MASK VIRTIO_DMAHEAP_HEAP_F_CONTIGUOUS
+#define VIRTIO_DMAHEAP_HEAP_F_NO_SYNC (1 << 1)	/* SYNC does nothing on the host */
+#define VIRTIO_DMAHEAP_HEAP_F_VALID_MASK \
+	(VIRTIO_DMAHEAP_HEAP_F_CONTIGUOUS | VIRTIO_DMAHEAP_HEAP_F_NO_SYNC)
 
 /* virtio_dmaheap_heap_info.cache: how the guest must map the buffers. */
 #define VIRTIO_DMAHEAP_CACHE_CACHED 0

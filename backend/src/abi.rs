@@ -75,8 +75,11 @@ pub const VIRTIO_DMAHEAP_CLOSE_VALID_MASK: u32 = VIRTIO_DMAHEAP_CLOSE_SUSPEND;
 
 /// Heap flag: host-physically contiguous buffers.
 pub const VIRTIO_DMAHEAP_HEAP_F_CONTIGUOUS: u32 = 1 << 0;
+/// Heap flag: SYNC on this heap's buffers does nothing on the host.
+pub const VIRTIO_DMAHEAP_HEAP_F_NO_SYNC: u32 = 1 << 1;
 /// Every heap flag this version defines.
-pub const VIRTIO_DMAHEAP_HEAP_F_VALID_MASK: u32 = VIRTIO_DMAHEAP_HEAP_F_CONTIGUOUS;
+pub const VIRTIO_DMAHEAP_HEAP_F_VALID_MASK: u32 =
+    VIRTIO_DMAHEAP_HEAP_F_CONTIGUOUS | VIRTIO_DMAHEAP_HEAP_F_NO_SYNC;
 
 /// Cache attribute: cached.
 pub const VIRTIO_DMAHEAP_CACHE_CACHED: u32 = 0;

@@ -148,6 +148,10 @@ fn rust_consts() -> BTreeMap<&'static str, u64> {
             VIRTIO_DMAHEAP_HEAP_F_CONTIGUOUS.into(),
         ),
         (
+            "VIRTIO_DMAHEAP_HEAP_F_NO_SYNC",
+            VIRTIO_DMAHEAP_HEAP_F_NO_SYNC.into(),
+        ),
+        (
             "VIRTIO_DMAHEAP_CACHE_CACHED",
             VIRTIO_DMAHEAP_CACHE_CACHED.into(),
         ),
