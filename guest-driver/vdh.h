@@ -131,6 +131,7 @@ struct vdh_dev {
 	struct list_head pending;	/* requests sent without waiting, not yet queued */
 	bool has_sync;
 	bool has_session;
+	bool has_no_sync;		/* heaps may say SYNC does nothing on the host */
 	u64 session;			/* open (or suspended) session, 0: none */
 	bool suspended;			/* SESSION_CLOSE suspended the session at freeze */
 	struct mutex life_lock;		/* serialises remove, freeze, restore, recovery */

@@ -596,7 +596,8 @@ static struct vdh_buffer *vdh_buf_new(struct vdh_dev *vd, struct vdh_heap *vh,
 	buf->pagecount = len >> PAGE_SHIFT;
 	buf->cache = props->cache;
 	buf->host_sync = vd->has_sync &&
-			 !(props->flags & VIRTIO_DMAHEAP_HEAP_F_NO_SYNC);
+			 !(vd->has_no_sync &&
+			   (props->flags & VIRTIO_DMAHEAP_HEAP_F_NO_SYNC));
 	return buf;
 }
 

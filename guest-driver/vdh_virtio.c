@@ -211,6 +211,7 @@ static struct vdh_dev *vdh_dev_alloc(struct virtio_device *vdev, u32 num_heaps)
 	vdh_pool_init(vd);
 	vd->has_sync = virtio_has_feature(vdev, VIRTIO_DMAHEAP_F_SYNC);
 	vd->has_session = virtio_has_feature(vdev, VIRTIO_DMAHEAP_F_SESSION);
+	vd->has_no_sync = virtio_has_feature(vdev, VIRTIO_DMAHEAP_F_NO_SYNC);
 	return vd;
 }
 
@@ -461,6 +462,7 @@ static const struct virtio_device_id vdh_id_table[] = {
 static const unsigned int vdh_features[] = {
 	VIRTIO_DMAHEAP_F_SYNC,
 	VIRTIO_DMAHEAP_F_SESSION,
+	VIRTIO_DMAHEAP_F_NO_SYNC,
 };
 
 static struct virtio_driver vdh_driver = {

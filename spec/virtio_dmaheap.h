@@ -32,6 +32,8 @@
  * session across a device reset), RESERVE and UNRESERVE.
  */
 #define VIRTIO_DMAHEAP_F_SESSION 2
+/* HEAP_INFO marks heaps whose SYNC does nothing (VIRTIO_DMAHEAP_HEAP_F_NO_SYNC). */
+#define VIRTIO_DMAHEAP_F_NO_SYNC 3
 
 /* Shared memory region id of the buffer window. */
 #define VIRTIO_DMAHEAP_SHM_BUFFERS 0
@@ -97,7 +99,7 @@ struct virtio_dmaheap_heap_info_req {
 
 /* virtio_dmaheap_heap_info.flags */
 #define VIRTIO_DMAHEAP_HEAP_F_CONTIGUOUS (1 << 0) /* host-physically contiguous buffers */
-#define VIRTIO_DMAHEAP_HEAP_F_NO_SYNC (1 << 1)	/* SYNC does nothing on the host */
+#define VIRTIO_DMAHEAP_HEAP_F_NO_SYNC (1 << 1)	/* SYNC does nothing on the host; needs F_NO_SYNC */
 #define VIRTIO_DMAHEAP_HEAP_F_VALID_MASK \
 	(VIRTIO_DMAHEAP_HEAP_F_CONTIGUOUS | VIRTIO_DMAHEAP_HEAP_F_NO_SYNC)
 

@@ -15,6 +15,8 @@ pub const VIRTIO_DMAHEAP_F_UUID: u32 = 1;
 /// Feature bit: buffers belong to a driver session (`SESSION_OPEN`, `SESSION_CLOSE`,
 /// `RESERVE`, `UNRESERVE`).
 pub const VIRTIO_DMAHEAP_F_SESSION: u32 = 2;
+/// Feature: HEAP_INFO marks heaps whose SYNC does nothing on the host.
+pub const VIRTIO_DMAHEAP_F_NO_SYNC: u32 = 3;
 
 /// Shared memory region id of the buffer window.
 pub const VIRTIO_DMAHEAP_SHM_BUFFERS: u32 = 0;

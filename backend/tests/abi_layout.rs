@@ -81,6 +81,7 @@ fn rust_consts() -> BTreeMap<&'static str, u64> {
         ("VIRTIO_DMAHEAP_F_SYNC", VIRTIO_DMAHEAP_F_SYNC.into()),
         ("VIRTIO_DMAHEAP_F_UUID", VIRTIO_DMAHEAP_F_UUID.into()),
         ("VIRTIO_DMAHEAP_F_SESSION", VIRTIO_DMAHEAP_F_SESSION.into()),
+        ("VIRTIO_DMAHEAP_F_NO_SYNC", VIRTIO_DMAHEAP_F_NO_SYNC.into()),
         (
             "VIRTIO_DMAHEAP_REQ_SESSION_OPEN",
             VIRTIO_DMAHEAP_REQ_SESSION_OPEN.into(),
