@@ -1,0 +1,106 @@
+#!/bin/sh
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+# The L1 half of tests/nested/run: runs in the TCG guest booted by tests/vm/run-guest
+# (busybox sh, cwd /opt/extra), from /opt/extra/nested/ which tests/nested/run staged:
+#   config.sh            settings of this run (sourced)
+#   modules/             decompressed kernel modules of the L1 kernel, `order` lists them
+#   vhost-user-dmaheap   the static daemon
+#   l2-initrd            the L2 guest's initramfs (run-guest's init, the module, the command)
+# It loads kvm-amd (so /dev/kvm appears) and 9p, mounts the trixie tree read-only over
+# 9p, starts the daemon on L1's real heaps, runs QEMU from the tree with the L2 guest
+# (KVM; TCG with a warning if /dev/kvm did not appear), then prints the daemon's stats and
+# logs and exits with QEMU's status. L2's console is this script's stdout. Lines for
+# tests/nested/run start with `@@NESTED `. Every wait has a deadline.
+set -u
+here=/opt/extra/nested
+# shellcheck source=/dev/null
+. "$here/config.sh"
+tree=/mnt/trixie
+up() { cut -d' ' -f1 /proc/uptime; }
+say() { echo "@@NESTED $*"; }
+# A child that exited stays a zombie until waited for: kill -0 would still succeed.
+alive() { [ -e "/proc/$1/stat" ] && ! grep -q '^[0-9]* ([^)]*) Z' "/proc/$1/stat"; }
+
+say L1-UP "$(up)"
+while read -r m; do
+	case "$m" in
+	# L2 probes AMD MSRs that KVM does not emulate: ignore them, quietly.
+	kvm.ko) set -- ignore_msrs=1 report_ignored_msrs=0 ;;
+	*) set -- ;;
+	esac
+	insmod "$here/modules/$m" "$@" 2>&1 || say WARN "insmod $m failed"
+done <"$here/modules/order"
+mkdir -p "$tree"
+if ! mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose trixie "$tree"; then
+	say FAIL "mounting the trixie tree over 9p failed"
+	exit 125
+fi
+accel=kvm cpu=host
+if [ "$L2_ACCEL" = tcg ]; then
+	accel=tcg,thread=multi cpu=max
+	say WARN "L2 under TCG (asked for): expect about 5 minutes to boot"
+elif [ ! -c /dev/kvm ]; then
+	accel=tcg,thread=multi cpu=max
+	say WARN "no /dev/kvm in L1 (kvm-amd did not load?): L2 falls back to TCG inside TCG," \
+		"expect about 5 minutes to boot"
+	dmesg | grep -iE 'kvm|svm' | tail -n 5
+fi
+say ACCEL "$accel"
+say L1-SETUP "$(up)"
+
+# The daemon, on L1's real heaps. The control socket appears after the vhost-user socket
+# listens: wait for it (with a deadline), not for a fixed time.
+eval "set -- $DAEMON_ARGS"
+RUST_LOG=$DAEMON_LOG "$here/vhost-user-dmaheap" --socket-path /tmp/vu.sock \
+	--control-socket /tmp/ctl.sock "$@" >/tmp/daemon.log 2>&1 &
+dpid=$!
+i=0
+while [ ! -S /tmp/ctl.sock ]; do
+	if ! alive "$dpid" || [ $i -ge 300 ]; then
+		say FAIL "the daemon did not start (within 30 s)"
+		say DAEMON-LOG-BEGIN
+		cat /tmp/daemon.log
+		say DAEMON-LOG-END
+		exit 125
+	fi
+	sleep 0.1
+	i=$((i + 1))
+done
+
+say L2-START "$(up)"
+# QEMU from the tree, through the tree's loader. The L2 kernel's console is our stdout.
+timeout -s KILL "$L2_DEADLINE" env QEMU_MODULE_DIR="$tree/usr/lib/x86_64-linux-gnu/qemu" \
+	"$tree/usr/lib64/ld-linux-x86-64.so.2" \
+	--library-path "$tree/usr/lib/x86_64-linux-gnu:$tree/usr/lib" \
+	"$tree/usr/bin/qemu-system-x86_64" \
+	-L "$tree/usr/share/qemu" -L "$tree/usr/share/seabios" \
+	-accel "$accel" -cpu "$cpu" -m "$L2_MEMORY" -smp "$L2_SMP" \
+	-nodefaults -display none -no-reboot \
+	-object "memory-backend-memfd,id=mem,size=$L2_MEMORY,share=on" \
+	-machine pc,memory-backend=mem \
+	-chardev stdio,id=con,signal=off -serial chardev:con \
+	-chardev socket,id=vu0,path=/tmp/vu.sock \
+	-device vhost-user-test-device-pci,chardev=vu0,virtio-id=37,num_vqs=1,config_size=16 \
+	-kernel "$tree/boot/vmlinuz-$KVER" -initrd "$here/l2-initrd" \
+	-append "$L2_APPEND" </dev/null 2>/tmp/qemu.log
+qrc=$?
+say L2-QEMU-EXIT "$qrc" "$(up)"
+
+# What the daemon holds now (everything should be released), then stop it.
+timeout -s KILL 20 "$here/vhost-user-dmaheap" stats --control-socket /tmp/ctl.sock \
+	--json --timeout 10 | sed 's/^/@@NESTED DAEMON-STATS /'
+kill -TERM "$dpid" 2>/dev/null
+(sleep 10 && alive "$dpid" && say WARN "the daemon did not exit within 10 s of SIGTERM" &&
+	kill -KILL "$dpid") &
+watchdog=$!
+wait "$dpid"
+drc=$?
+kill "$watchdog" 2>/dev/null
+say DAEMON-EXIT "$drc"
+say DAEMON-LOG-BEGIN
+cat /tmp/daemon.log
+say DAEMON-LOG-END
+say QEMU-LOG-BEGIN
+cat /tmp/qemu.log
+say QEMU-LOG-END
+exit "$qrc"
