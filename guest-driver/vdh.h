@@ -132,6 +132,7 @@ struct vdh_dev {
 	bool has_sync;
 	bool has_session;
 	bool has_no_sync;		/* heaps may say SYNC does nothing on the host */
+	bool has_batch;			/* ALLOC_BATCH */
 	u64 session;			/* open (or suspended) session, 0: none */
 	bool suspended;			/* SESSION_CLOSE suspended the session at freeze */
 	struct mutex life_lock;		/* serialises remove, freeze, restore, recovery */
@@ -163,6 +164,9 @@ int vdh_remote_heap_info(struct vdh_dev *vd, u32 heap_id,
 			 struct virtio_dmaheap_heap_info *info);
 int vdh_remote_alloc(struct vdh_dev *vd, u32 heap_id, size_t len,
 		     struct virtio_dmaheap_alloc_resp *resp);
+int vdh_remote_alloc_batch(struct vdh_dev *vd, u32 heap_id, size_t len,
+			   unsigned int count, struct vdh_req **frees,
+			   struct virtio_dmaheap_buffer *out);
 int vdh_remote_sync(struct vdh_dev *vd, u64 id, u32 flags);
 int vdh_remote_session_open(struct vdh_dev *vd, u64 resume_id, u64 *id);
 int vdh_remote_session_close(struct vdh_dev *vd, u32 flags);
@@ -189,6 +193,8 @@ void vdh_window_disown(struct vdh_window *win, struct vdh_dev *vd);
 /* vdh_pool.c */
 void vdh_pool_init(struct vdh_dev *vd);
 bool vdh_pool_put(struct vdh_buffer *buf);
+unsigned int vdh_pool_batch(struct vdh_dev *vd, const struct vdh_heap_props *props,
+			    size_t len);
 struct vdh_buffer *vdh_pool_get(struct vdh_dev *vd, struct vdh_heap *vh,
 				size_t len);
 bool vdh_pool_flush(struct vdh_dev *vd);

@@ -476,18 +476,27 @@ static void vdh_buf_revoke(struct vdh_buffer *buf)
 
 /* ---- dma-heap ----------------------------------------------------------- */
 
-static int vdh_check_alloc(struct vdh_dev *vd, size_t len, u64 min_align,
-			   const struct virtio_dmaheap_alloc_resp *resp)
+/*
+ * Give @buf the range the device allocated (@got), after checking it lies
+ * inside the window, as the heap requires. Called with alloc_sem held.
+ */
+static int vdh_buf_place(struct vdh_buffer *buf, u64 min_align,
+			 const struct virtio_dmaheap_buffer *got)
 {
-	u64 off = le64_to_cpu(resp->offset);
-	u64 rlen = le64_to_cpu(resp->len);
+	struct vdh_dev *vd = buf->vd;
+	u64 off = le64_to_cpu(got->offset);
+	u64 rlen = le64_to_cpu(got->len);
 
-	if (!resp->buffer_id || !IS_ALIGNED(off, min_align) || rlen < len ||
-	    off >= vd->win->size || len > vd->win->size - off) {
+	buf->id = le64_to_cpu(got->buffer_id);
+	buf->session = vd->session;
+	if (!buf->id || !IS_ALIGNED(off, min_align) || rlen < buf->len ||
+	    off >= vd->win->size || buf->len > vd->win->size - off) {
 		pr_err_ratelimited("device returned a bad buffer (id %llu offset %#llx len %#llx)\n",
-				   le64_to_cpu(resp->buffer_id), off, rlen);
+				   buf->id, off, rlen);
 		return -EIO;
 	}
+	buf->offset = off;
+	buf->pfn = PHYS_PFN(vd->win->base + off);
 	return 0;
 }
 
@@ -525,27 +534,22 @@ static int vdh_buf_alloc(struct vdh_buffer *buf, struct vdh_heap_props *props,
 			 u32 fd_flags)
 {
 	struct virtio_dmaheap_alloc_resp resp;
-	struct vdh_dev *vd = buf->vd;
+	struct virtio_dmaheap_buffer got;
 	int ret;
 
-	ret = vdh_remote_alloc(vd, props->id, buf->len, &resp);
+	ret = vdh_remote_alloc(buf->vd, props->id, buf->len, &resp);
 	if (ret)
 		return ret;
-	buf->id = le64_to_cpu(resp.buffer_id);
-	buf->session = vd->session;
-	ret = vdh_check_alloc(vd, buf->len, props->min_align, &resp);
-	if (ret)
-		goto free_remote;
-	buf->offset = le64_to_cpu(resp.offset);
-	buf->pfn = PHYS_PFN(vd->win->base + buf->offset);
-	ret = vdh_buf_export(buf, fd_flags);
-	if (ret)
-		goto free_remote;
-	return 0;
-
-free_remote:
-	vdh_remote_free(vd, buf->free_req, buf->id);
-	buf->free_req = NULL;
+	got.buffer_id = resp.buffer_id;
+	got.offset = resp.offset;
+	got.len = resp.len;
+	ret = vdh_buf_place(buf, props->min_align, &got);
+	if (!ret)
+		ret = vdh_buf_export(buf, fd_flags);
+	if (ret) {
+		vdh_remote_free(buf->vd, buf->free_req, buf->id);
+		buf->free_req = NULL;
+	}
 	return ret;
 }
 
@@ -628,6 +632,87 @@ static struct dma_buf *vdh_buf_create(struct vdh_dev *vd, struct vdh_heap *vh,
 	return buf->dmabuf;
 }
 
+/* A buffer the device never allocated (or that was given back already). */
+static void vdh_buf_discard(struct vdh_buffer *buf)
+{
+	vdh_free_req_discard(buf->free_req);
+	mutex_destroy(&buf->lock);
+	kfree(buf);
+}
+
+/* Pool a buffer of a batch beside the one handed out, or give it back. */
+static void vdh_buf_pool_spare(struct vdh_buffer *buf)
+{
+	struct vdh_dev *vd = buf->vd;
+	bool pooled;
+
+	kref_get(&vd->ref);
+	mutex_lock(&vd->buffers_lock);
+	pooled = !vd->revoked && vdh_pool_put(buf);
+	mutex_unlock(&vd->buffers_lock);
+	if (!pooled)
+		vdh_buf_destroy(buf);
+}
+
+/*
+ * No pooled buffer of this size: ask the device for @n at once (ALLOC_BATCH),
+ * hand out the first and pool the others. NULL: try a plain ALLOC instead (no
+ * memory for the batch, or the device is short of quota or window space).
+ * Called with alloc_sem held.
+ */
+static struct dma_buf *vdh_buf_create_batch(struct vdh_dev *vd, struct vdh_heap *vh,
+					    size_t len, u32 fd_flags,
+					    struct vdh_heap_props *props, unsigned int n)
+{
+	struct virtio_dmaheap_buffer got[VIRTIO_DMAHEAP_BATCH_MAX];
+	struct vdh_req *frees[VIRTIO_DMAHEAP_BATCH_MAX];
+	struct vdh_buffer *bufs[VIRTIO_DMAHEAP_BATCH_MAX];
+	unsigned int i, count = 0;
+	int ret;
+
+	for (i = 0; i < n; i++) {
+		bufs[i] = vdh_buf_new(vd, vh, len, props);
+		if (!bufs[i])
+			break;
+		frees[i] = bufs[i]->free_req;
+		bufs[i]->free_req = NULL;
+	}
+	n = i;
+	ret = n ? vdh_remote_alloc_batch(vd, props->id, len, n, frees, got) : -ENOMEM;
+	/* On success the FREEs are ours again; on failure they are gone. */
+	for (i = 0; i < n; i++)
+		bufs[i]->free_req = ret > 0 ? frees[i] : NULL;
+	if (ret > 0) {
+		count = ret;
+		ret = 0;
+	}
+	for (i = 0; i < count && !ret; i++)
+		ret = vdh_buf_place(bufs[i], props->min_align, &got[i]);
+	if (!ret && count)
+		ret = vdh_buf_export(bufs[0], fd_flags);
+	if (ret || !count) {
+		/* Give back whatever the device allocated; bufs[i] hold no reference. */
+		for (i = 0; i < count; i++)
+			vdh_remote_free(vd, bufs[i]->free_req, le64_to_cpu(got[i].buffer_id));
+		for (i = 0; i < n; i++) {
+			if (i < count)
+				bufs[i]->free_req = NULL;
+			vdh_buf_discard(bufs[i]);
+		}
+		if (ret != -ENOMEM)
+			return ERR_PTR(ret);
+		/* Out of quota or window space: make room for the plain ALLOC. */
+		vdh_pool_flush(vd);
+		return NULL;
+	}
+	for (i = count; i < n; i++)
+		vdh_buf_discard(bufs[i]);
+	for (i = 1; i < count; i++)
+		vdh_buf_pool_spare(bufs[i]);
+	kref_get(&vd->ref);
+	return bufs[0]->dmabuf;
+}
+
 static struct dma_buf *vdh_heap_allocate(struct dma_heap *heap,
 					 unsigned long len, u32 fd_flags,
 					 u64 heap_flags)
@@ -636,6 +721,7 @@ static struct dma_buf *vdh_heap_allocate(struct dma_heap *heap,
 	struct vdh_heap_props props;
 	struct dma_buf *dmabuf;
 	struct vdh_dev *vd;
+	unsigned int n;
 	int ret;
 
 	vd = vdh_heap_get_dev(vh, &props);
@@ -651,6 +737,9 @@ static struct dma_buf *vdh_heap_allocate(struct dma_heap *heap,
 		goto put_dev;
 	}
 	dmabuf = vdh_buf_reuse(vd, vh, len, fd_flags);
+	n = dmabuf ? 0 : vdh_pool_batch(vd, &props, len);
+	if (n > 1)
+		dmabuf = vdh_buf_create_batch(vd, vh, len, fd_flags, &props, n);
 	if (!dmabuf)
 		dmabuf = vdh_buf_create(vd, vh, len, fd_flags, &props);
 	up_read(&vd->alloc_sem);

@@ -31,6 +31,11 @@ static unsigned int pool_max_len = SZ_256K;
 module_param(pool_max_len, uint, 0644);
 MODULE_PARM_DESC(pool_max_len, "Largest buffer (bytes) the pool keeps");
 
+static unsigned int pool_batch = 4;
+module_param(pool_batch, uint, 0644);
+MODULE_PARM_DESC(pool_batch,
+		 "Buffers one request to the host allocates when the pool has none of the size (the rest are pooled)");
+
 static unsigned int pool_idle_ms = 1000;
 module_param(pool_idle_ms, uint, 0644);
 MODULE_PARM_DESC(pool_idle_ms,
@@ -110,6 +115,32 @@ void vdh_pool_init(struct vdh_dev *vd)
 	INIT_DELAYED_WORK(&vd->pool_work, vdh_pool_trim);
 }
 
+/* Whether buffers of heap @props and @len bytes may be pooled. */
+static bool vdh_pool_fits(u32 cache, size_t len)
+{
+	return cache == VIRTIO_DMAHEAP_CACHE_CACHED &&
+	       len <= READ_ONCE(pool_max_len) && READ_ONCE(pool_buffers);
+}
+
+/*
+ * How many buffers to ask the device for when an allocation found none in
+ * the pool: one, or (with ALLOC_BATCH) up to pool_batch, as many as the pool
+ * has room for beside the one handed out.
+ */
+unsigned int vdh_pool_batch(struct vdh_dev *vd, const struct vdh_heap_props *props,
+			    size_t len)
+{
+	unsigned int room, limit = READ_ONCE(pool_buffers);
+
+	if (!vd->has_batch || !vdh_pool_fits(props->cache, len))
+		return 1;
+	spin_lock(&vd->pool_lock);
+	room = vd->pool_count < limit ? limit - vd->pool_count : 0;
+	spin_unlock(&vd->pool_lock);
+	return clamp(min(READ_ONCE(pool_batch), room + 1), 1U,
+		     (unsigned int)VIRTIO_DMAHEAP_BATCH_MAX);
+}
+
 /*
  * Keep released @buf for reuse, if it is worth it and safe: a small buffer of
  * a cached heap (the driver zeroes it through the kernel's write-back
@@ -122,8 +153,7 @@ bool vdh_pool_put(struct vdh_buffer *buf)
 	bool pooled = false;
 
 	lockdep_assert_held(&vd->buffers_lock);
-	if (buf->cache != VIRTIO_DMAHEAP_CACHE_CACHED ||
-	    buf->len > READ_ONCE(pool_max_len) || buf->revoked ||
+	if (!vdh_pool_fits(buf->cache, buf->len) || buf->revoked ||
 	    buf->dma_mapped || buf->vmap_cnt ||
 	    buf->session != READ_ONCE(vd->session))
 		return false;

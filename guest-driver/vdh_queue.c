@@ -42,6 +42,7 @@ union vdh_req_buf {
 	struct virtio_dmaheap_session_open_req open;
 	struct virtio_dmaheap_session_close_req close;
 	struct virtio_dmaheap_reserve_req reserve;
+	struct virtio_dmaheap_alloc_batch_req alloc_batch;
 };
 
 union vdh_resp_buf {
@@ -49,6 +50,17 @@ union vdh_resp_buf {
 	struct virtio_dmaheap_heap_info_resp info;
 	struct virtio_dmaheap_alloc_resp alloc;
 	struct virtio_dmaheap_session_open_resp open;
+};
+
+/*
+ * What an ALLOC_BATCH needs beyond a request: its answer (too big for every
+ * request to carry) and one FREE per buffer asked for, so that the buffers of
+ * a batch whose waiter gave up are freed without allocating in the callback.
+ */
+struct vdh_batch {
+	struct vdh_req *frees[VIRTIO_DMAHEAP_BATCH_MAX];
+	unsigned int count;		/* asked for; frees[0..count) are ours */
+	struct virtio_dmaheap_alloc_batch_resp resp __aligned(ARCH_DMA_MINALIGN);
 };
 
 /*
@@ -65,6 +77,7 @@ struct vdh_req {
 	bool abandoned;
 	size_t req_size;
 	size_t resp_size;
+	struct vdh_batch *batch;	/* ALLOC_BATCH only */
 	union vdh_req_buf req;
 	union vdh_resp_buf resp __aligned(ARCH_DMA_MINALIGN);
 };
@@ -119,6 +132,8 @@ static const char *vdh_req_name(const struct vdh_req *r)
 		return "RESERVE";
 	case VIRTIO_DMAHEAP_REQ_UNRESERVE:
 		return "UNRESERVE";
+	case VIRTIO_DMAHEAP_REQ_ALLOC_BATCH:
+		return "ALLOC_BATCH";
 	default:
 		return "unknown";
 	}
@@ -140,13 +155,27 @@ static struct vdh_req *vdh_req_alloc(u32 type, size_t req_size,
 	return r;
 }
 
+/* Free a request, with what it owns of a batch. */
+static void vdh_req_free(struct vdh_req *r)
+{
+	unsigned int i;
+
+	if (r->batch) {
+		for (i = 0; i < r->batch->count; i++)
+			kfree(r->batch->frees[i]);
+		kfree(r->batch);
+	}
+	kfree(r);
+}
+
 static int vdh_add(struct vdh_dev *vd, struct vdh_req *r)
 {
 	struct scatterlist out, in, *sgs[] = { &out, &in };
+	void *resp = r->batch ? (void *)&r->batch->resp : (void *)&r->resp;
 
 	lockdep_assert_held(&vd->vq_lock);
 	sg_init_one(&out, &r->req, r->req_size);
-	sg_init_one(&in, &r->resp, r->resp_size);
+	sg_init_one(&in, resp, r->resp_size);
 	return virtqueue_add_sgs(vd->vq, sgs, 1, 1, r, GFP_ATOMIC);
 }
 
@@ -201,13 +230,38 @@ static bool vdh_req_free_leak(struct vdh_dev *vd, struct vdh_req *r,
 	return true;
 }
 
+/*
+ * The same for an abandoned ALLOC_BATCH: each buffer it got is freed with one
+ * of the FREEs the batch carries.
+ */
+static void vdh_batch_free_leak(struct vdh_dev *vd, struct vdh_req *r,
+				unsigned int len)
+{
+	struct vdh_batch *b = r->batch;
+	unsigned int i, got = 0;
+	struct vdh_req *f;
+
+	if (len >= sizeof(b->resp) &&
+	    b->resp.hdr.status == cpu_to_le32(VIRTIO_DMAHEAP_S_OK))
+		got = min(le32_to_cpu(b->resp.count), b->count);
+	for (i = 0; i < got; i++) {
+		f = b->frees[i];
+		b->frees[i] = NULL;
+		f->req.free.buffer_id = b->resp.buffers[i].buffer_id;
+		f->nowait = true;
+		list_add_tail(&f->node, &vd->pending);
+	}
+}
+
 static void vdh_req_done(struct vdh_dev *vd, struct vdh_req *r,
 			 unsigned int len)
 {
-	if (r->abandoned && vdh_req_free_leak(vd, r, len))
+	if (r->abandoned && r->batch)
+		vdh_batch_free_leak(vd, r, len);
+	else if (r->abandoned && vdh_req_free_leak(vd, r, len))
 		return;
 	if (r->nowait || r->abandoned) {
-		kfree(r);
+		vdh_req_free(r);
 		return;
 	}
 	r->resp_len = len;
@@ -401,7 +455,8 @@ static int vdh_exec(struct vdh_dev *vd, struct vdh_req *r)
 		ret = -EIO;
 		goto free_req;
 	}
-	status = le32_to_cpu(r->resp.hdr.status);
+	status = le32_to_cpu(r->batch ? r->batch->resp.hdr.status :
+				 r->resp.hdr.status);
 	if (status == VIRTIO_DMAHEAP_S_NO_SESSION &&
 	    le32_to_cpu(r->req.hdr.type) != VIRTIO_DMAHEAP_REQ_SESSION_OPEN)
 		vdh_session_lost(vd);
@@ -413,7 +468,7 @@ static int vdh_exec(struct vdh_dev *vd, struct vdh_req *r)
 	return 0;
 
 free_req:
-	kfree(r);
+	vdh_req_free(r);
 	return ret;
 }
 
@@ -426,7 +481,7 @@ static void vdh_send_nowait(struct vdh_dev *vd, struct vdh_req *r)
 	spin_lock_irqsave(&vd->vq_lock, flags);
 	if (vd->state == VDH_REMOVED) {
 		spin_unlock_irqrestore(&vd->vq_lock, flags);
-		kfree(r);
+		vdh_req_free(r);
 		return;
 	}
 	list_add_tail(&r->node, &vd->pending);
@@ -444,7 +499,7 @@ struct vdh_req *vdh_free_req_alloc(void)
 
 void vdh_free_req_discard(struct vdh_req *r)
 {
-	kfree(r);
+	vdh_req_free(r);
 }
 
 /* FREE buffer @id with @r, the request allocated with the buffer. */
@@ -470,8 +525,61 @@ int vdh_remote_alloc(struct vdh_dev *vd, u32 heap_id, size_t len,
 	if (ret)
 		return ret;
 	*resp = r->resp.alloc;
-	kfree(r);
+	vdh_req_free(r);
 	return 0;
+}
+
+/*
+ * ALLOC_BATCH of up to @count buffers, with @frees[0..@count) the FREEs the
+ * caller allocated for them. Returns how many buffers the device allocated
+ * (described in @out) and gives @frees back; or an errno, and then @frees are
+ * gone (freed, or sent for buffers of a batch given up on).
+ */
+int vdh_remote_alloc_batch(struct vdh_dev *vd, u32 heap_id, size_t len,
+			   unsigned int count, struct vdh_req **frees,
+			   struct virtio_dmaheap_buffer *out)
+{
+	struct vdh_batch *b;
+	struct vdh_req *r;
+	unsigned int i, got;
+	int ret;
+
+	r = vdh_req_alloc(VIRTIO_DMAHEAP_REQ_ALLOC_BATCH, sizeof(r->req.alloc_batch),
+			  sizeof(b->resp), GFP_KERNEL);
+	b = kzalloc(sizeof(*b), GFP_KERNEL);
+	if (!r || !b) {
+		kfree(b);
+		kfree(r);
+		for (i = 0; i < count; i++)
+			kfree(frees[i]);
+		return -ENOMEM;
+	}
+	memcpy(b->frees, frees, count * sizeof(*frees));
+	b->count = count;
+	r->batch = b;
+	r->req.alloc_batch.heap_id = cpu_to_le32(heap_id);
+	r->req.alloc_batch.count = cpu_to_le32(count);
+	r->req.alloc_batch.len = cpu_to_le64(len);
+	ret = vdh_exec(vd, r);
+	if (ret)
+		return ret;
+	got = le32_to_cpu(b->resp.count);
+	if (!got || got > count) {
+		pr_err_ratelimited("ALLOC_BATCH of %u answered with %u buffers\n",
+				   count, got);
+		/* Free what the device may hold; the rest goes with the request. */
+		for (i = 0; i < min(got, count); i++) {
+			b->frees[i]->req.free.buffer_id = b->resp.buffers[i].buffer_id;
+			vdh_send_nowait(vd, b->frees[i]);
+			b->frees[i] = NULL;
+		}
+		vdh_req_free(r);
+		return -EIO;
+	}
+	memcpy(out, b->resp.buffers, got * sizeof(*out));
+	b->count = 0;	/* the FREEs are the caller's again */
+	vdh_req_free(r);
+	return got;
 }
 
 int vdh_remote_sync(struct vdh_dev *vd, u64 id, u32 flags)
@@ -488,7 +596,7 @@ int vdh_remote_sync(struct vdh_dev *vd, u64 id, u32 flags)
 	ret = vdh_exec(vd, r);
 	if (ret)
 		return ret;
-	kfree(r);
+	vdh_req_free(r);
 	return 0;
 }
 
@@ -507,7 +615,7 @@ int vdh_remote_heap_info(struct vdh_dev *vd, u32 heap_id,
 	if (ret)
 		return ret;
 	*info = r->resp.info.info;
-	kfree(r);
+	vdh_req_free(r);
 	return 0;
 }
 
@@ -525,7 +633,7 @@ int vdh_remote_session_open(struct vdh_dev *vd, u64 resume_id, u64 *id)
 	if (ret)
 		return ret;
 	*id = le64_to_cpu(r->resp.open.session_id);
-	kfree(r);
+	vdh_req_free(r);
 	return *id ? 0 : -EIO;
 }
 
@@ -542,7 +650,7 @@ int vdh_remote_session_close(struct vdh_dev *vd, u32 flags)
 	ret = vdh_exec(vd, r);
 	if (ret)
 		return ret;
-	kfree(r);
+	vdh_req_free(r);
 	return 0;
 }
 
@@ -560,7 +668,7 @@ int vdh_remote_reserve(struct vdh_dev *vd, u64 offset, u64 len)
 	ret = vdh_exec(vd, r);
 	if (ret)
 		return ret;
-	kfree(r);
+	vdh_req_free(r);
 	return 0;
 }
 
@@ -620,13 +728,13 @@ static void vdh_detach_unused(struct vdh_dev *vd, enum vdh_state state)
 	lockdep_assert_held(&vd->vq_lock);
 	while ((r = virtqueue_detach_unused_buf(vd->vq))) {
 		if (r->abandoned) {
-			kfree(r);
+			vdh_req_free(r);
 		} else if (r->nowait) {
 			/* A suspended session resumes: send it again then. */
 			if (state == VDH_FROZEN)
 				list_add(&r->node, &vd->pending);
 			else
-				kfree(r);
+				vdh_req_free(r);
 		} else {
 			r->err = vdh_state_errno(state);
 			complete(&r->done);
@@ -641,7 +749,7 @@ static void vdh_drop_pending_locked(struct vdh_dev *vd)
 	lockdep_assert_held(&vd->vq_lock);
 	list_for_each_entry_safe(r, tmp, &vd->pending, node) {
 		list_del(&r->node);
-		kfree(r);
+		vdh_req_free(r);
 	}
 }
 

@@ -212,6 +212,7 @@ static struct vdh_dev *vdh_dev_alloc(struct virtio_device *vdev, u32 num_heaps)
 	vd->has_sync = virtio_has_feature(vdev, VIRTIO_DMAHEAP_F_SYNC);
 	vd->has_session = virtio_has_feature(vdev, VIRTIO_DMAHEAP_F_SESSION);
 	vd->has_no_sync = virtio_has_feature(vdev, VIRTIO_DMAHEAP_F_NO_SYNC);
+	vd->has_batch = virtio_has_feature(vdev, VIRTIO_DMAHEAP_F_BATCH);
 	return vd;
 }
 
@@ -463,6 +464,7 @@ static const unsigned int vdh_features[] = {
 	VIRTIO_DMAHEAP_F_SYNC,
 	VIRTIO_DMAHEAP_F_SESSION,
 	VIRTIO_DMAHEAP_F_NO_SYNC,
+	VIRTIO_DMAHEAP_F_BATCH,
 };
 
 static struct virtio_driver vdh_driver = {

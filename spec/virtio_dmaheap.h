@@ -34,6 +34,8 @@
 #define VIRTIO_DMAHEAP_F_SESSION 2
 /* HEAP_INFO marks heaps whose SYNC does nothing (VIRTIO_DMAHEAP_HEAP_F_NO_SYNC). */
 #define VIRTIO_DMAHEAP_F_NO_SYNC 3
+/* The device accepts VIRTIO_DMAHEAP_REQ_ALLOC_BATCH. */
+#define VIRTIO_DMAHEAP_F_BATCH 4
 
 /* Shared memory region id of the buffer window. */
 #define VIRTIO_DMAHEAP_SHM_BUFFERS 0
@@ -61,6 +63,7 @@ struct virtio_dmaheap_config {
 #define VIRTIO_DMAHEAP_REQ_SESSION_CLOSE 7	/* needs VIRTIO_DMAHEAP_F_SESSION */
 #define VIRTIO_DMAHEAP_REQ_RESERVE 8		/* needs VIRTIO_DMAHEAP_F_SESSION */
 #define VIRTIO_DMAHEAP_REQ_UNRESERVE 9		/* needs VIRTIO_DMAHEAP_F_SESSION */
+#define VIRTIO_DMAHEAP_REQ_ALLOC_BATCH 10	/* needs VIRTIO_DMAHEAP_F_BATCH */
 
 /* Response status codes; each maps to one errno (given in the comment). */
 #define VIRTIO_DMAHEAP_S_OK 0
@@ -206,6 +209,30 @@ struct virtio_dmaheap_reserve_req {
 	struct virtio_dmaheap_req_hdr hdr;
 	__le64 offset;		/* multiple of VIRTIO_DMAHEAP_PAGE_SIZE */
 	__le64 len;		/* > 0, multiple of VIRTIO_DMAHEAP_PAGE_SIZE */
+};
+
+/* ALLOC_BATCH: up to VIRTIO_DMAHEAP_BATCH_MAX zeroed buffers of one heap and size. */
+#define VIRTIO_DMAHEAP_BATCH_MAX 16
+
+struct virtio_dmaheap_alloc_batch_req {
+	struct virtio_dmaheap_req_hdr hdr;
+	__le32 heap_id;
+	__le32 count;		/* buffers wanted, 1 .. VIRTIO_DMAHEAP_BATCH_MAX */
+	__le64 len;		/* of each buffer, as in ALLOC */
+};
+
+/* One allocated buffer, as in virtio_dmaheap_alloc_resp. */
+struct virtio_dmaheap_buffer {
+	__le64 buffer_id;
+	__le64 offset;
+	__le64 len;
+};
+
+struct virtio_dmaheap_alloc_batch_resp {
+	struct virtio_dmaheap_resp_hdr hdr;
+	__le32 count;		/* buffers allocated: 1 .. the count asked for, on success */
+	__le32 reserved;	/* 0 */
+	struct virtio_dmaheap_buffer buffers[VIRTIO_DMAHEAP_BATCH_MAX]; /* count used, rest 0 */
 };
 
 #endif /* _UAPI_LINUX_VIRTIO_DMAHEAP_H */

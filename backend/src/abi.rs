@@ -17,6 +17,8 @@ pub const VIRTIO_DMAHEAP_F_UUID: u32 = 1;
 pub const VIRTIO_DMAHEAP_F_SESSION: u32 = 2;
 /// Feature: HEAP_INFO marks heaps whose SYNC does nothing on the host.
 pub const VIRTIO_DMAHEAP_F_NO_SYNC: u32 = 3;
+/// Feature: the device accepts `VIRTIO_DMAHEAP_REQ_ALLOC_BATCH`.
+pub const VIRTIO_DMAHEAP_F_BATCH: u32 = 4;
 
 /// Shared memory region id of the buffer window.
 pub const VIRTIO_DMAHEAP_SHM_BUFFERS: u32 = 0;
@@ -46,6 +48,10 @@ pub const VIRTIO_DMAHEAP_REQ_SESSION_CLOSE: u32 = 7;
 pub const VIRTIO_DMAHEAP_REQ_RESERVE: u32 = 8;
 /// Request type: give a reserved range back (needs `VIRTIO_DMAHEAP_F_SESSION`).
 pub const VIRTIO_DMAHEAP_REQ_UNRESERVE: u32 = 9;
+/// Request type: several buffers of one heap and size (needs `VIRTIO_DMAHEAP_F_BATCH`).
+pub const VIRTIO_DMAHEAP_REQ_ALLOC_BATCH: u32 = 10;
+/// Most buffers one ALLOC_BATCH asks for.
+pub const VIRTIO_DMAHEAP_BATCH_MAX: u32 = 16;
 
 /// Status: success.
 pub const VIRTIO_DMAHEAP_S_OK: u32 = 0;
@@ -205,6 +211,46 @@ pub struct AllocResp {
     pub len: Le64,
 }
 
+/// `struct virtio_dmaheap_alloc_batch_req`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct AllocBatchReq {
+    /// Header, type `VIRTIO_DMAHEAP_REQ_ALLOC_BATCH`.
+    pub hdr: ReqHdr,
+    /// Heap to allocate from.
+    pub heap_id: Le32,
+    /// Buffers wanted, 1 ..= `VIRTIO_DMAHEAP_BATCH_MAX`.
+    pub count: Le32,
+    /// Bytes of each buffer, as in ALLOC.
+    pub len: Le64,
+}
+
+/// `struct virtio_dmaheap_buffer`: one buffer of an ALLOC_BATCH answer.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct BatchBuffer {
+    /// As in `AllocResp`.
+    pub buffer_id: Le64,
+    /// Offset in the buffer window.
+    pub offset: Le64,
+    /// Bytes usable at `offset`.
+    pub len: Le64,
+}
+
+/// `struct virtio_dmaheap_alloc_batch_resp`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct AllocBatchResp {
+    /// Response header.
+    pub hdr: RespHdr,
+    /// Buffers allocated.
+    pub count: Le32,
+    /// 0.
+    pub reserved: Le32,
+    /// The first `count` are used, the rest 0.
+    pub buffers: [BatchBuffer; VIRTIO_DMAHEAP_BATCH_MAX as usize],
+}
+
 /// `struct virtio_dmaheap_free_req`.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
@@ -313,6 +359,9 @@ byte_valued!(
     HeapInfoResp,
     AllocReq,
     AllocResp,
+    AllocBatchReq,
+    BatchBuffer,
+    AllocBatchResp,
     FreeReq,
     SyncReq,
     AssignUuidReq,
@@ -328,6 +377,7 @@ pub const MAX_REQ_SIZE: usize = {
     let sizes = [
         std::mem::size_of::<HeapInfoReq>(),
         std::mem::size_of::<AllocReq>(),
+        std::mem::size_of::<AllocBatchReq>(),
         std::mem::size_of::<FreeReq>(),
         std::mem::size_of::<SyncReq>(),
         std::mem::size_of::<AssignUuidReq>(),
@@ -358,6 +408,8 @@ mod tests {
         assert_eq!(size_of::<HeapInfoResp>(), 72);
         assert_eq!(size_of::<AllocReq>(), 24);
         assert_eq!(size_of::<AllocResp>(), 32);
+        assert_eq!(size_of::<AllocBatchReq>(), 24);
+        assert_eq!(size_of::<AllocBatchResp>(), 400);
         assert_eq!(MAX_REQ_SIZE, 24);
     }
 }

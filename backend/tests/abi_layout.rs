@@ -52,6 +52,15 @@ fn rust_structs() -> Vec<StructDesc> {
         s!("virtio_dmaheap_alloc_resp", AllocResp, {
             "hdr" => hdr, "buffer_id" => buffer_id, "offset" => offset, "len" => len,
         }),
+        s!("virtio_dmaheap_alloc_batch_req", AllocBatchReq, {
+            "hdr" => hdr, "heap_id" => heap_id, "count" => count, "len" => len,
+        }),
+        s!("virtio_dmaheap_buffer", BatchBuffer, {
+            "buffer_id" => buffer_id, "offset" => offset, "len" => len,
+        }),
+        s!("virtio_dmaheap_alloc_batch_resp", AllocBatchResp, {
+            "hdr" => hdr, "count" => count, "reserved" => reserved, "buffers" => buffers,
+        }),
         s!("virtio_dmaheap_free_req", FreeReq, { "hdr" => hdr, "buffer_id" => buffer_id }),
         s!("virtio_dmaheap_sync_req", SyncReq, {
             "hdr" => hdr, "buffer_id" => buffer_id, "flags" => flags, "reserved" => reserved,
@@ -82,6 +91,12 @@ fn rust_consts() -> BTreeMap<&'static str, u64> {
         ("VIRTIO_DMAHEAP_F_UUID", VIRTIO_DMAHEAP_F_UUID.into()),
         ("VIRTIO_DMAHEAP_F_SESSION", VIRTIO_DMAHEAP_F_SESSION.into()),
         ("VIRTIO_DMAHEAP_F_NO_SYNC", VIRTIO_DMAHEAP_F_NO_SYNC.into()),
+        ("VIRTIO_DMAHEAP_F_BATCH", VIRTIO_DMAHEAP_F_BATCH.into()),
+        (
+            "VIRTIO_DMAHEAP_REQ_ALLOC_BATCH",
+            VIRTIO_DMAHEAP_REQ_ALLOC_BATCH.into(),
+        ),
+        ("VIRTIO_DMAHEAP_BATCH_MAX", VIRTIO_DMAHEAP_BATCH_MAX.into()),
         (
             "VIRTIO_DMAHEAP_REQ_SESSION_OPEN",
             VIRTIO_DMAHEAP_REQ_SESSION_OPEN.into(),

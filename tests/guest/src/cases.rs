@@ -778,6 +778,40 @@ fn wait_pool_empty(ctx: &Ctx, sh: &env::SysHeap, what: &str) -> Result<(), Strin
     .map_err(|e| format!("{e}; last (pooled, used, daemon) {last:?}"))
 }
 
+const POOL_PARAMS: &str = "/sys/module/virtio_dmaheap/parameters";
+
+/// Sets a driver parameter for as long as it lives, then puts the old value back.
+struct ParamGuard {
+    path: String,
+    old: String,
+}
+
+impl ParamGuard {
+    fn set(name: &str, value: &str) -> Result<ParamGuard, String> {
+        let path = format!("{POOL_PARAMS}/{name}");
+        let old = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+        std::fs::write(&path, value).map_err(|e| format!("{path} <- {value}: {e}"))?;
+        Ok(ParamGuard {
+            path,
+            old: old.trim().to_string(),
+        })
+    }
+}
+
+impl Drop for ParamGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.path, &self.old);
+    }
+}
+
+/// Whether the heap's device negotiated a feature bit (virtio sysfs `features`).
+fn heap_has_feature(sh: &env::SysHeap, bit: usize) -> Result<bool, String> {
+    let dev = sh.dir.join("../..");
+    let f = std::fs::read_to_string(dev.join("features"))
+        .map_err(|e| format!("{}/features: {e}", dev.display()))?;
+    Ok(f.as_bytes().get(bit) == Some(&b'1'))
+}
+
 fn pool(ctx: &Ctx) -> Result<(), String> {
     let sh = env::sysfs_heap(&ctx.heap)?;
     check(sh.prop("cache")? == "cached", || {
@@ -789,6 +823,8 @@ fn pool(ctx: &Ctx) -> Result<(), String> {
     let heap = Heap::open(&ctx.heap).map_err(|e| format!("open {}: {e}", ctx.heap))?;
     wait_pool_empty(ctx, &sh, "an idle heap")?;
 
+    // One buffer per request first, so that every count below is exact.
+    let single = ParamGuard::set("pool_batch", "1")?;
     // A freed 4 KiB buffer stays allocated on the host and comes back, zeroed.
     let first = track(&heap, PAGE)?;
     first.map.fill(7);
@@ -824,6 +860,34 @@ fn pool(ctx: &Ctx) -> Result<(), String> {
     // Unused, the pool gives them back to the host (pool_idle_ms).
     wait_pool_empty(ctx, &sh, "the pool to give idle buffers back")?;
     check(!host_has(&id)?, || format!("host buffer {id} still there"))?;
+    drop(single);
+
+    // With ALLOC_BATCH, a size the pool lacks comes with pool_batch - 1 more buffers of
+    // it: a burst of allocations costs one request.
+    if heap_has_feature(&sh, 4)? {
+        let _batch = ParamGuard::set("pool_batch", "4")?;
+        let len = 3 * PAGE;
+        let mut burst = vec![heap.alloc(len)?];
+        let (pooled, used, st) = pool_counts(ctx, &sh)?;
+        check(pooled == 3 && used == 1 && st.buffers == 4, || {
+            format!("one buffer with pool_batch 4: pooled {pooled}, used {used}, daemon {st:?}")
+        })?;
+        for _ in 0..3 {
+            let b = heap.alloc(len)?;
+            check(b.mmap()?.as_slice().iter().all(|&x| x == 0), || {
+                "a buffer of a batch is not zeroed".into()
+            })?;
+            burst.push(b);
+        }
+        let (pooled, used, st) = pool_counts(ctx, &sh)?;
+        check(pooled == 0 && used == 4 && st.buffers == 4, || {
+            format!("four buffers from one batch: pooled {pooled}, used {used}, daemon {st:?}")
+        })?;
+        drop(burst);
+        wait_pool_empty(ctx, &sh, "the pool to give idle buffers back")?;
+    } else {
+        println!("# pool: the device did not negotiate VIRTIO_DMAHEAP_F_BATCH");
+    }
 
     // A full quota: pooled buffers are given back so that an allocation of another size
     // fits (a heap with a small quota only).
