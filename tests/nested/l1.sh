@@ -35,12 +35,12 @@ if ! mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose trixie "$tree";
 	say FAIL "mounting the trixie tree over 9p failed"
 	exit 125
 fi
-accel=kvm cpu=host
+accel=kvm cpu=host deadline=$L2_DEADLINE boot_deadline=$L2_BOOT_DEADLINE
 if [ "$L2_ACCEL" = tcg ]; then
-	accel=tcg,thread=multi cpu=max
+	accel=tcg,thread=multi cpu=max deadline=$L2_DEADLINE_TCG boot_deadline=$L2_BOOT_DEADLINE_TCG
 	say WARN "L2 under TCG (asked for): expect about 5 minutes to boot"
 elif [ ! -c /dev/kvm ]; then
-	accel=tcg,thread=multi cpu=max
+	accel=tcg,thread=multi cpu=max deadline=$L2_DEADLINE_TCG boot_deadline=$L2_BOOT_DEADLINE_TCG
 	say WARN "no /dev/kvm in L1 (kvm-amd did not load?): L2 falls back to TCG inside TCG," \
 		"expect about 5 minutes to boot"
 	dmesg | grep -iE 'kvm|svm' | tail -n 5
@@ -68,22 +68,36 @@ while [ ! -S /tmp/ctl.sock ]; do
 done
 
 say L2-START "$(up)"
+# L2 must print its ready marker within boot_deadline seconds (QEMU copies L2's console
+# to /tmp/l2.console), else its QEMU is stopped; the whole QEMU run has `deadline`.
+(
+	i=0
+	while [ $i -lt $((boot_deadline * 2)) ]; do
+		grep -q "^@@RG-$L2_NONCE READY" /tmp/l2.console 2>/dev/null && exit 0
+		sleep 0.5
+		i=$((i + 1))
+	done
+	say FAIL "L2 did not reach its ready marker within $boot_deadline s: stopping its QEMU"
+	kill -KILL "$(cat /tmp/qemu.pid)"
+) &
+bootdog=$!
 # QEMU from the tree, through the tree's loader. The L2 kernel's console is our stdout.
-timeout -s KILL "$L2_DEADLINE" env QEMU_MODULE_DIR="$tree/usr/lib/x86_64-linux-gnu/qemu" \
+timeout -s KILL "$deadline" env QEMU_MODULE_DIR="$tree/usr/lib/x86_64-linux-gnu/qemu" \
 	"$tree/usr/lib64/ld-linux-x86-64.so.2" \
 	--library-path "$tree/usr/lib/x86_64-linux-gnu:$tree/usr/lib" \
 	"$tree/usr/bin/qemu-system-x86_64" \
 	-L "$tree/usr/share/qemu" -L "$tree/usr/share/seabios" \
 	-accel "$accel" -cpu "$cpu" -m "$L2_MEMORY" -smp "$L2_SMP" \
-	-nodefaults -display none -no-reboot \
+	-nodefaults -display none -no-reboot -pidfile /tmp/qemu.pid \
 	-object "memory-backend-memfd,id=mem,size=$L2_MEMORY,share=on" \
 	-machine pc,memory-backend=mem \
-	-chardev stdio,id=con,signal=off -serial chardev:con \
+	-chardev stdio,id=con,signal=off,logfile=/tmp/l2.console -serial chardev:con \
 	-chardev socket,id=vu0,path=/tmp/vu.sock \
 	-device vhost-user-test-device-pci,chardev=vu0,virtio-id=37,num_vqs=1,config_size=16 \
 	-kernel "$tree/boot/vmlinuz-$KVER" -initrd "$here/l2-initrd" \
 	-append "$L2_APPEND" </dev/null 2>/tmp/qemu.log
 qrc=$?
+kill "$bootdog" 2>/dev/null
 say L2-QEMU-EXIT "$qrc" "$(up)"
 
 # What the daemon holds now (everything should be released), then stop it.
