@@ -38,11 +38,11 @@ fi
 accel=kvm cpu=host deadline=$L2_DEADLINE boot_deadline=$L2_BOOT_DEADLINE
 if [ "$L2_ACCEL" = tcg ]; then
 	accel=tcg,thread=multi cpu=max deadline=$L2_DEADLINE_TCG boot_deadline=$L2_BOOT_DEADLINE_TCG
-	say WARN "L2 under TCG (asked for): expect about 5 minutes to boot"
+	say WARN "L2 under TCG (asked for): expect 1.5-5.5 minutes to boot"
 elif [ ! -c /dev/kvm ]; then
 	accel=tcg,thread=multi cpu=max deadline=$L2_DEADLINE_TCG boot_deadline=$L2_BOOT_DEADLINE_TCG
 	say WARN "no /dev/kvm in L1 (kvm-amd did not load?): L2 falls back to TCG inside TCG," \
-		"expect about 5 minutes to boot"
+		"expect 1.5-5.5 minutes to boot"
 	dmesg | grep -iE 'kvm|svm' | tail -n 5
 fi
 say ACCEL "$accel"
