@@ -13,8 +13,7 @@
 //! Normally run through `bench/run`, which also runs the in-guest part and plots.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "../tests/common/mod.rs"]
-mod common;
+use dmaheap_testkit as common;
 
 use std::cell::{Cell, RefCell};
 use std::hint::black_box;

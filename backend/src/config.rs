@@ -4,10 +4,8 @@ use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 
 use crate::args::DaemonArgs;
-use crate::device::{CacheMode, Heap, HeapParams, Limits, ARENA_MIN};
-use crate::provider::{
-    DmaHeapProvider, HeapProvider, MemfdProvider, ProviderError, UdmabufProvider,
-};
+use crate::core::{CacheMode, Heap, HeapParams, Limits, ARENA_MIN};
+use crate::host::{DmaHeapProvider, HeapProvider, MemfdProvider, ProviderError, UdmabufProvider};
 
 /// Default largest arena.
 pub const DEFAULT_ARENA_SIZE: u64 = 64 << 20;

@@ -13,8 +13,11 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::{Device, Stats};
 use crate::abi::Config;
-use crate::device::{Device, Stats};
+
+/// How long a host request may wait for the vring worker.
+pub const HOST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A request from the operator that only the vring worker can carry out (it sends
 /// `SHMEM_UNMAP`).

@@ -19,9 +19,24 @@ pub const DEADLINE: Duration = Duration::from_secs(10);
 /// that never returns): the watchdog kills the daemon, which fails the blocked call.
 pub const WATCHDOG: Duration = Duration::from_secs(120);
 
-/// Path of the daemon binary built by cargo for these tests.
+/// Path of the daemon binary: `$DMAHEAP_DAEMON_BIN`, else the one cargo built next to the
+/// running test or bench (`target/<profile>/deps/<test>` -> `target/<profile>/`; cargo
+/// builds a package's binaries for its integration tests and benches).
 pub fn daemon_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_vhost-user-dmaheap")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(p) = std::env::var("DMAHEAP_DAEMON_BIN") {
+            return p;
+        }
+        let exe = std::env::current_exe().expect("current_exe");
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test binary in target/<profile>/deps");
+        dir.join("vhost-user-dmaheap")
+            .to_string_lossy()
+            .into_owned()
+    })
 }
 
 /// The fd number the listening vhost-user socket gets in the child.

@@ -1,5 +1,5 @@
-//! The virtio-dmaheap wire format as the test front end encodes it: requests are built
-//! byte by byte here (not with the daemon's structs), from the header's constants.
+//! The virtio-dmaheap wire format as the test front end sees it: the header's constants,
+//! the request encoders, and parsers of the responses.
 
 use std::mem::size_of;
 
@@ -70,79 +70,12 @@ pub fn status_name(status: u32) -> String {
     format!("{name} ({status})")
 }
 
-/// Little-endian request builder.
-#[derive(Debug, Default, Clone)]
-pub struct Req(pub Vec<u8>);
-
-impl Req {
-    pub fn new() -> Self {
-        Self::default()
-    }
-    pub fn u32(mut self, v: u32) -> Self {
-        self.0.extend_from_slice(&v.to_le_bytes());
-        self
-    }
-    pub fn u64(mut self, v: u64) -> Self {
-        self.0.extend_from_slice(&v.to_le_bytes());
-        self
-    }
-    pub fn build(self) -> Vec<u8> {
-        self.0
-    }
-}
-
-pub fn req_hdr(ty: u32, reserved: u32) -> Req {
-    Req::new().u32(ty).u32(reserved)
-}
-
-pub fn heap_info_req(heap_id: u32) -> Vec<u8> {
-    req_hdr(REQ_HEAP_INFO, 0).u32(heap_id).u32(0).build()
-}
-
-pub fn alloc_req(heap_id: u32, flags: u32, len: u64) -> Vec<u8> {
-    req_hdr(REQ_ALLOC, 0)
-        .u32(heap_id)
-        .u32(flags)
-        .u64(len)
-        .build()
-}
-
-pub fn free_req(buffer_id: u64) -> Vec<u8> {
-    req_hdr(REQ_FREE, 0).u64(buffer_id).build()
-}
-
-pub fn sync_req(buffer_id: u64, flags: u32) -> Vec<u8> {
-    req_hdr(REQ_SYNC, 0)
-        .u64(buffer_id)
-        .u32(flags)
-        .u32(0)
-        .build()
-}
-
-pub fn assign_uuid_req(buffer_id: u64) -> Vec<u8> {
-    req_hdr(REQ_ASSIGN_UUID, 0).u64(buffer_id).build()
-}
-
-pub fn session_open_req(resume_id: u64) -> Vec<u8> {
-    req_hdr(REQ_SESSION_OPEN, 0).u64(resume_id).build()
-}
-
-pub fn session_close_req(flags: u32) -> Vec<u8> {
-    req_hdr(REQ_SESSION_CLOSE, 0).u32(flags).u32(0).build()
-}
-
-/// RESERVE or UNRESERVE (`ty`).
-pub fn reserve_req(ty: u32, offset: u64, len: u64) -> Vec<u8> {
-    req_hdr(ty, 0).u64(offset).u64(len).build()
-}
-
-pub fn le32(b: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
-}
-
-pub fn le64(b: &[u8], off: usize) -> u64 {
-    u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
-}
+// The request encoders are the daemon's shared test ones (written byte by byte from the
+// header's constants), also used by its unit tests and the fuzz targets.
+pub use vhost_user_dmaheap::testing::{
+    alloc_req, assign_uuid_req, free_req, heap_info_req, le32, le64, req_hdr, reserve_req,
+    session_close_req, session_open_req, sync_req, Req,
+};
 
 /// `struct virtio_dmaheap_config`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

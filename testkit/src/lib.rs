@@ -1,4 +1,4 @@
-//! Test support shared by the integration tests.
+//! The test kit of vhost-user-dmaheap: what its integration tests and its bench share.
 //!
 //! - [`daemon`]: the real `vhost-user-dmaheap` binary as a child process, started on a
 //!   listening socket handed over with `--socket-fd` (no start-up race), with a control
@@ -15,11 +15,10 @@
 //!   while the device is stopped) is recorded as a violation, and a front end with
 //!   violations fails its test when dropped. Fault injection: refuse or stall SHMEM_MAP,
 //!   refuse SHMEM_UNMAP, cut both channels like a killed VMM.
-//! - [`proto`]: the wire format as the front end encodes it by hand, with the constants
-//!   and sizes of the daemon's header-checked `abi.rs`.
-//!
-//! Every test binary uses a different part of it.
-#![allow(dead_code, unused_imports)]
+//! - [`proto`]: the wire format: the constants and sizes of the daemon's header-checked
+//!   `abi.rs`, the shared request encoders (`vhost_user_dmaheap::testing`), response
+//!   parsers.
+#![allow(clippy::unwrap_used, missing_debug_implementations)]
 
 pub mod daemon;
 pub mod frontend;
