@@ -408,8 +408,17 @@ mod tests {
         let Ok(probe) = std::env::var("DMAHEAP_SANDBOX_PROBE") else {
             return;
         };
+        // Created before the filter, as the daemon does.
+        let timer = crate::vhost::WorkerTimer::new().unwrap();
         for prog in filters(SeccompMode::On).unwrap() {
             seccompiler::apply_filter_all_threads(&prog).unwrap();
+        }
+        // The vring worker arms and reads its timerfd under the filter.
+        timer.arm(std::time::Instant::now());
+        let start = std::time::Instant::now();
+        while !timer.consume() {
+            assert!(start.elapsed().as_secs() < 10, "timer never fired");
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
         // Opening a file fails with EACCES instead of killing the process.
         let e = std::fs::File::open("/dev/null").unwrap_err();
