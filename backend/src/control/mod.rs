@@ -209,6 +209,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_socket_is_created_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let (dev, _) = crate::testing::device();
+        let handle = Arc::new(DeviceHandle::new(dev).unwrap());
+        spawn(&path, handle, false).unwrap();
+        // With the usual umask (022) a socket is created 0755: only the umask set around
+        // bind() makes it 0600, with no moment in which others could connect.
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{mode:o}");
+        assert!(request(&path, "stats", Duration::from_secs(5))
+            .unwrap()
+            .starts_with('{'));
+    }
+
+    #[test]
     fn hex_roundtrip() {
         assert_eq!(hex(&[0, 0xab, 0x10]), "00ab10");
         assert_eq!(unhex("00ab10"), Some(vec![0, 0xab, 0x10]));

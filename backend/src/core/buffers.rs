@@ -3,8 +3,6 @@
 
 use std::sync::atomic::Ordering;
 
-use log::error;
-
 use super::pool::{Arena, BufferRec, Mapping};
 use super::{Device, MapError, Mapper, RequestError, ARENA_MIN};
 use crate::abi::VIRTIO_DMAHEAP_PAGE_SIZE;
@@ -212,7 +210,10 @@ impl Device {
         self.quota.uncharge(rec.heap, rec.len);
         let heap = rec.heap;
         let Some(m) = self.pool.mapping(rec.mapping) else {
-            error!("buffer {id}: mapping {:#x} missing", rec.mapping);
+            self.ratelimit.error(format_args!(
+                "buffer {id}: mapping {:#x} missing",
+                rec.mapping
+            ));
             return Ok(());
         };
         let Some(arena) = m.arena.as_ref() else {

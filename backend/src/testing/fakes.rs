@@ -20,6 +20,8 @@ pub struct Faults {
     pub io: AtomicU32,
     /// Zeroings that fail.
     pub zero_fails: AtomicU32,
+    /// `DMA_BUF_IOCTL_SYNC`s that fail.
+    pub sync_fails: AtomicU32,
     /// Successful allocations.
     pub allocations: AtomicU64,
     /// Calls of [`HostBuffer::zero`].
@@ -108,6 +110,12 @@ impl HostBuffer for CountedBuffer {
         self.inner.zero(offset, len)
     }
     fn sync(&self, flags: u64) -> Result<(), ProviderError> {
+        if take(&self.faults.sync_fails) {
+            return Err(ProviderError::Io {
+                what: "injected DMA_BUF_IOCTL_SYNC",
+                source: io::Error::from_raw_os_error(libc::EIO),
+            });
+        }
         self.inner.sync(flags)
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ProviderError> {

@@ -566,3 +566,24 @@ fn target_65536_small_buffers() {
     assert_eq!(d.release_idle(deadline, &mut m), 1);
     assert_eq!(d.stats().total.mappings, 0);
 }
+
+#[test]
+fn failed_host_syncs_are_warned_about_at_a_limited_rate() {
+    let (mut d, faults) = device();
+    let mut m = FakeMapper::default();
+    let (_, id, _, _) = alloc(&mut d, &mut m, 0, 4096);
+    // A guest can make every SYNC fail on the host: a flood of warnings.
+    faults.sync_fails.store(u32::MAX, Ordering::SeqCst);
+    let start = std::time::Instant::now();
+    for _ in 0..100 {
+        let r = answer(&mut d, &sync_req(id, VIRTIO_DMAHEAP_SYNC_READ), 8, &mut m);
+        assert_eq!(status_of(&r), VIRTIO_DMAHEAP_S_IOERR);
+    }
+    // They go through the device's limit: PER_SECOND logged in the first second.
+    let logged = d.ratelimit.logged();
+    if start.elapsed() < std::time::Duration::from_secs(1) {
+        assert_eq!(logged, u64::from(RateLimit::PER_SECOND));
+    } else {
+        assert!(logged > 0 && logged < 100, "{logged} warnings logged");
+    }
+}
