@@ -2,19 +2,18 @@
 //!
 //! The real daemon runs as a child process (release build: `cargo bench` builds it with the
 //! bench profile, which inherits `release`); the in-process vhost-user front end of the
-//! integration tests (`backend/tests/common`) drives it the way QEMU does, including the
+//! integration tests (the `testkit/` crate) drives it the way QEMU does, including the
 //! real SHMEM_MAP of every host allocation into the front end's window and the
 //! ADD_MEM_REG / REM_MEM_REG that QEMU pushes back into the daemon's memory table.
 //! The baseline allocates the same buffer from the same host provider (a sealed memfd,
-//! exactly as `provider.rs` does) in this process.
+//! exactly as `host/memfd.rs` does) in this process.
 //!
 //!     cargo bench -p vhost-user-dmaheap --bench dmaheap -- [--quick] [--out FILE.json]
 //!
 //! Normally run through `bench/run`, which also runs the in-guest part and plots.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "../tests/common/mod.rs"]
-mod common;
+use dmaheap_testkit as common;
 
 use std::cell::{Cell, RefCell};
 use std::hint::black_box;
@@ -152,7 +151,7 @@ fn interleaved(budget: Budget, cases: &mut [&mut dyn FnMut() -> Duration]) -> Ve
 // ----------------------------------------------------------------------------------------
 // The direct path: the host provider (memfd) in this process.
 
-/// A sealed-size memfd of `len` bytes, as `provider.rs` `new_memfd` makes it.
+/// A sealed-size memfd of `len` bytes, as `host::new_memfd` makes it.
 fn memfd_alloc(len: u64) -> libc::c_int {
     // SAFETY: plain syscalls on a fresh fd with a valid C string; results are checked.
     unsafe {

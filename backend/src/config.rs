@@ -4,10 +4,8 @@ use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 
 use crate::args::DaemonArgs;
-use crate::device::{CacheMode, Heap, HeapParams, Limits, ARENA_MIN};
-use crate::provider::{
-    DmaHeapProvider, HeapProvider, MemfdProvider, ProviderError, UdmabufProvider,
-};
+use crate::core::{CacheMode, Heap, HeapParams, Limits, ARENA_MIN};
+use crate::host::{DmaHeapProvider, HeapProvider, MemfdProvider, ProviderError, UdmabufProvider};
 
 /// Default largest arena.
 pub const DEFAULT_ARENA_SIZE: u64 = 64 << 20;
@@ -42,6 +40,9 @@ pub enum ConfigError {
         /// What is wrong.
         why: String,
     },
+    /// More buffers than the config space's 32-bit `max_buffers` can state.
+    #[error("--max-buffers {0} exceeds {max}, the largest the config space can state", max = u32::MAX)]
+    TooManyBuffers(u64),
     /// Two heaps with one name.
     #[error("heap name {0:?} used twice")]
     DuplicateHeap(String),
@@ -242,6 +243,15 @@ fn parse_heap(spec: &str, shm_size: u64) -> Result<HeapSpec, ConfigError> {
             params.arena_size
         )));
     }
+    // Buffers up to arena-size/8 share arenas; an alignment above that would make every
+    // buffer of the heap waste most of an arena.
+    if params.min_align > params.arena_size / 8 {
+        return Err(bad(format!(
+            "align={} must be at most arena-size/8 ({})",
+            params.min_align,
+            params.arena_size / 8
+        )));
+    }
     Ok(HeapSpec { params, source })
 }
 
@@ -265,6 +275,10 @@ impl Config {
         }
         if args.max_buffers == 0 {
             return Err(ConfigError::Zero("--max-buffers"));
+        }
+        // The config space states the cap (spec 5.1); a larger one would read as 0 there.
+        if u32::try_from(args.max_buffers).is_err() {
+            return Err(ConfigError::TooManyBuffers(args.max_buffers));
         }
         let max_bytes = match &args.max_bytes {
             Some(s) => parse_size(s)?,
@@ -434,6 +448,13 @@ mod tests {
                 "--socket-path",
                 "/s",
                 "--heap",
+                "a=memfd,arena-size=2M,align=512K",
+            ],
+            &["--socket-path", "/s", "--max-buffers", "4294967296"],
+            &[
+                "--socket-path",
+                "/s",
+                "--heap",
                 "a=memfd",
                 "--heap",
                 "a=memfd",
@@ -447,6 +468,30 @@ mod tests {
         ] {
             assert!(cfg(argv).is_err(), "{argv:?} accepted");
         }
+    }
+
+    #[test]
+    fn align_and_buffer_cap_fit_what_the_device_can_serve_and_state() {
+        let ok = cfg(&[
+            "--socket-path",
+            "/s",
+            "--heap",
+            "a=memfd,arena-size=2M,align=256K",
+        ]);
+        assert_eq!(ok.unwrap().heaps[0].params.min_align, 256 << 10);
+        let err = cfg(&[
+            "--socket-path",
+            "/s",
+            "--heap",
+            "a=memfd,arena-size=2M,align=512K",
+        ]);
+        assert!(err.unwrap_err().to_string().contains("arena-size/8"));
+        let c = cfg(&["--socket-path", "/s", "--max-buffers", "4294967295"]).unwrap();
+        assert_eq!(c.limits.max_buffers, u64::from(u32::MAX));
+        assert_eq!(
+            cfg(&["--socket-path", "/s", "--max-buffers", "4294967296"]).unwrap_err(),
+            ConfigError::TooManyBuffers(1 << 32)
+        );
     }
 
     #[test]

@@ -17,10 +17,9 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::config::{Config, SocketSpec};
 use crate::control::{self, ControlError};
-use crate::device::{unpredictable_id_start, Device, Heap};
-use crate::handle::DeviceHandle;
-use crate::provider::ProviderError;
-use crate::vhu::{IdleTimer, VhuDmaheap};
+use crate::core::{unpredictable_id_start, Device, DeviceHandle, Heap};
+use crate::host::ProviderError;
+use crate::vhost::{VhuDmaheap, WorkerTimer};
 
 /// Daemon errors.
 #[derive(Debug, thiserror::Error)]
@@ -142,8 +141,8 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         DeviceHandle::new(Device::new(heaps, cfg.limits.clone(), ids))
             .map_err(DaemonError::WorkerEvents)?,
     );
-    // Before the sandbox: this starts the timer's thread.
-    let timer = Arc::new(IdleTimer::new().map_err(DaemonError::WorkerEvents)?);
+    // Before the sandbox, which allows arming a timerfd but not creating one.
+    let timer = Arc::new(WorkerTimer::new().map_err(DaemonError::WorkerEvents)?);
 
     let mut listener = open_listener(&cfg.socket)?;
     let mut cleanup = Vec::new();

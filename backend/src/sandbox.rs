@@ -163,22 +163,6 @@ fn rule(conds: Vec<SeccompCondition>) -> Result<SeccompRule, SandboxError> {
     SeccompRule::new(conds).map_err(SandboxError::Build)
 }
 
-/// ioctl requests the daemon issues after start-up.
-pub mod ioctls {
-    /// `DMA_HEAP_IOCTL_ALLOC` = `_IOWR('H', 0, struct dma_heap_allocation_data)`.
-    pub const DMA_HEAP_IOCTL_ALLOC: u64 = 0xc018_4800;
-    /// `DMA_BUF_IOCTL_SYNC` = `_IOW('b', 0, struct dma_buf_sync)`.
-    pub const DMA_BUF_IOCTL_SYNC: u64 = 0x4008_6200;
-    /// `UDMABUF_CREATE` = `_IOW('u', 0x42, struct udmabuf_create)`.
-    pub const UDMABUF_CREATE: u64 = 0x4018_7542;
-    /// `FIONBIO` (std's set_nonblocking).
-    pub const FIONBIO: u64 = 0x5421;
-    /// `FIOCLEX`.
-    pub const FIOCLEX: u64 = 0x5451;
-    /// `TCGETS` (isatty, from the logger).
-    pub const TCGETS: u64 = 0x5401;
-}
-
 /// System calls allowed without conditions after start-up, with the reason.
 fn plain_syscalls() -> Vec<(i64, &'static str)> {
     let mut v = vec![
@@ -235,6 +219,11 @@ fn plain_syscalls() -> Vec<(i64, &'static str)> {
         (libc::SYS_epoll_create1, "vhost-user-backend per connection"),
         (libc::SYS_epoll_ctl, "vhost-user-backend event loop"),
         (libc::SYS_epoll_pwait, "vhost-user-backend event loop"),
+        (
+            libc::SYS_timerfd_settime,
+            "the vring worker's timer (created before)",
+        ),
+        (libc::SYS_timerfd_gettime, "the vring worker's timer"),
         (libc::SYS_ppoll, "poll"),
         // Sockets already bound: accept and talk, never create, bind or connect.
         (libc::SYS_accept4, "vhost-user and control sockets"),
@@ -294,14 +283,7 @@ pub fn filters(mode: SeccompMode) -> Result<Vec<BpfProgram>, SandboxError> {
     }
     // ioctl: the heap and dma-buf requests and a few harmless fd ones.
     let mut ioctl_rules = Vec::new();
-    for req in [
-        ioctls::DMA_HEAP_IOCTL_ALLOC,
-        ioctls::DMA_BUF_IOCTL_SYNC,
-        ioctls::UDMABUF_CREATE,
-        ioctls::FIONBIO,
-        ioctls::FIOCLEX,
-        ioctls::TCGETS,
-    ] {
+    for req in crate::host::ioctl::ALL {
         ioctl_rules.push(rule(vec![cond32(1, req)?])?);
     }
     rules.insert(libc::SYS_ioctl, ioctl_rules);
@@ -426,8 +408,17 @@ mod tests {
         let Ok(probe) = std::env::var("DMAHEAP_SANDBOX_PROBE") else {
             return;
         };
+        // Created before the filter, as the daemon does.
+        let timer = crate::vhost::WorkerTimer::new().unwrap();
         for prog in filters(SeccompMode::On).unwrap() {
             seccompiler::apply_filter_all_threads(&prog).unwrap();
+        }
+        // The vring worker arms and reads its timerfd under the filter.
+        timer.arm(std::time::Instant::now());
+        let start = std::time::Instant::now();
+        while !timer.consume() {
+            assert!(start.elapsed().as_secs() < 10, "timer never fired");
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
         // Opening a file fails with EACCES instead of killing the process.
         let e = std::fs::File::open("/dev/null").unwrap_err();

@@ -2,7 +2,7 @@
 //! FREE, id rules and argument errors.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use dmaheap_testkit as common;
 
 use common::*;
 

@@ -1,7 +1,7 @@
 //! The control socket and the `stats` / `ctl` client subcommands.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use dmaheap_testkit as common;
 
 use common::*;
 

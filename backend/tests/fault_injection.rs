@@ -1,7 +1,7 @@
 //! The front end refuses SHMEM_MAP (QEMU out of memory slots, overlapping map, ...).
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use dmaheap_testkit as common;
 
 use common::*;
 

@@ -2,7 +2,7 @@
 //! daemon's process life cycle.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use dmaheap_testkit as common;
 
 use common::frontend::VIRTIO_F_VERSION_1;
 use common::*;

@@ -7,7 +7,7 @@
 //! message-level cases use the raw front end of `hostile/raw.rs`.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use dmaheap_testkit as common;
 #[path = "hostile/raw.rs"]
 mod raw;
 

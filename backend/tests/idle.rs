@@ -5,12 +5,12 @@
 //! spare goes once the ring runs again.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use dmaheap_testkit as common;
 
 use std::time::{Duration, Instant};
 
 use common::*;
-use vhost_user_dmaheap::device::SPARE_IDLE_DELAY;
+use vhost_user_dmaheap::core::SPARE_IDLE_DELAY;
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;

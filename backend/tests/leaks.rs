@@ -8,21 +8,20 @@
 //!   Tolerance: fds exactly equal; VmRSS at most 8 MiB above the baseline (the allocator
 //!   keeps freed heap memory cached in its per-thread arenas; a leak of even 100 bytes per
 //!   cycle would show as 10 MB).
-//! * Provider faults go through the device core with a test-only provider wrapper (the
-//!   provider trait has no fault injection of its own): ENOMEM, an I/O failure standing for
-//!   a failed host mmap of a dma-buf, and a refused map; live host buffers are counted.
+//! * Provider faults go through the device core with the shared fault-injecting provider
+//!   (`vhost_user_dmaheap::testing`): ENOMEM, an I/O failure standing for a failed host
+//!   mmap of a dma-buf, and a refused map; live host buffers are counted.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use dmaheap_testkit as common;
 
 use std::io;
-use std::os::fd::BorrowedFd;
-use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use common::*;
-use vhost_user_dmaheap::device::{CacheMode, Device, Heap, HeapParams, Limits, MapError, Mapper};
-use vhost_user_dmaheap::provider::{HeapProvider, HostBuffer, MemfdProvider, ProviderError};
+use vhost_user_dmaheap::core::{Device, Limits, RequestError};
+use vhost_user_dmaheap::testing::{device_with, heap_params, FakeMapper, Faults};
 
 fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -213,137 +212,16 @@ fn set_nofile(pid: u32, soft: u64) -> u64 {
 
 // ---- provider faults through the device core ------------------------------------------
 
-/// Counts live host buffers (each holds one fd) and fails on demand.
-#[derive(Debug, Default)]
-struct Faults {
-    nomem: AtomicU32,
-    io: AtomicU32,
-    zero_fails: AtomicU32,
-    live: AtomicI64,
-    allocated: AtomicU64,
-}
-
-#[derive(Debug)]
-struct FaultyProvider(Arc<Faults>, &'static str);
-
-#[derive(Debug)]
-struct CountedBuffer {
-    inner: Box<dyn HostBuffer>,
-    faults: Arc<Faults>,
-}
-
-impl Drop for CountedBuffer {
-    fn drop(&mut self) {
-        self.faults.live.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-fn take(c: &AtomicU32) -> bool {
-    c.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
-        .is_ok()
-}
-
-impl HostBuffer for CountedBuffer {
-    fn fd(&self) -> BorrowedFd<'_> {
-        self.inner.fd()
-    }
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn zero(&self, offset: u64, len: u64) -> Result<(), ProviderError> {
-        if take(&self.faults.zero_fails) {
-            return Err(ProviderError::Io {
-                what: "injected mmap for zeroing",
-                source: io::Error::from_raw_os_error(libc::ENOMEM),
-            });
-        }
-        self.inner.zero(offset, len)
-    }
-    fn sync(&self, flags: u64) -> Result<(), ProviderError> {
-        self.inner.sync(flags)
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ProviderError> {
-        self.inner.read_at(offset, buf)
-    }
-    fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), ProviderError> {
-        self.inner.write_at(offset, data)
-    }
-}
-
-impl HeapProvider for FaultyProvider {
-    fn allocate(&self, len: u64) -> Result<Box<dyn HostBuffer>, ProviderError> {
-        if take(&self.0.nomem) {
-            return Err(ProviderError::NoMemory(io::Error::from_raw_os_error(
-                libc::ENOMEM,
-            )));
-        }
-        if take(&self.0.io) {
-            // What a dma-heap provider reports when mapping the new dma-buf on the host
-            // (to zero or inspect it) fails.
-            return Err(ProviderError::Io {
-                what: "injected mmap",
-                source: io::Error::from_raw_os_error(libc::EAGAIN),
-            });
-        }
-        let inner = MemfdProvider::new(self.1).allocate(len)?;
-        self.0.live.fetch_add(1, Ordering::SeqCst);
-        self.0.allocated.fetch_add(1, Ordering::SeqCst);
-        Ok(Box::new(CountedBuffer {
-            inner,
-            faults: self.0.clone(),
-        }))
-    }
-    fn describe(&self) -> String {
-        "faulty".into()
-    }
-}
-
-#[derive(Debug, Default)]
-struct Mapper1 {
-    refuse: u32,
-    live: std::collections::BTreeMap<u64, u64>,
-}
-
-impl Mapper for Mapper1 {
-    fn map(&mut self, _fd: BorrowedFd<'_>, _o: u64, off: u64, len: u64) -> Result<(), MapError> {
-        if self.refuse > 0 {
-            self.refuse -= 1;
-            return Err(MapError::Refused(io::Error::other("refused")));
-        }
-        assert!(self.live.insert(off, len).is_none());
-        Ok(())
-    }
-    fn unmap(&mut self, off: u64, len: u64) -> Result<(), MapError> {
-        assert_eq!(self.live.remove(&off), Some(len));
-        Ok(())
-    }
-}
-
 fn core_device(name: &'static str) -> (Device, Arc<Faults>) {
-    let faults = Arc::new(Faults::default());
-    let params = HeapParams {
-        name: "faulty".into(),
-        contiguous: false,
-        cache: CacheMode::Cached,
-        min_align: 4096,
-        max_size: 32 << 20,
-        max_bytes: None,
-        arena_size: 8 << 20,
-    };
-    let heaps = vec![Heap {
-        params,
-        provider: Box::new(FaultyProvider(faults.clone(), name)),
-    }];
+    let mut params = heap_params(name);
+    params.max_size = 32 << 20;
     let limits = Limits {
         shm_size: 256 << 20,
         max_mappings: 16,
         max_buffers: 1 << 16,
         max_bytes: 256 << 20,
     };
-    (
-        Device::new(heaps, limits, Arc::new(AtomicU64::new(1))),
-        faults,
-    )
+    device_with(vec![params], limits)
 }
 
 /// This process's fds that are memfds of the faulty provider named `name` (other tests of
@@ -362,22 +240,30 @@ fn self_fds(name: &str) -> usize {
 #[test]
 fn provider_enomem_and_mmap_failures_give_errors_and_leak_nothing() {
     let (mut dev, faults) = core_device("faults");
-    let mut m = Mapper1::default();
+    let mut m = FakeMapper::default();
     assert_eq!(self_fds("faults"), 0);
     let sizes = [4096u64, 64 << 10, 12 << 20];
     for &len in &sizes {
         faults.nomem.store(1, Ordering::SeqCst);
         assert_eq!(
             dev.alloc(0, 0, len, &mut m),
-            Err(S_NOMEM),
+            Err(RequestError::NoMem),
             "ENOMEM, {len:#x}"
         );
         faults.io.store(1, Ordering::SeqCst);
-        assert_eq!(dev.alloc(0, 0, len, &mut m), Err(S_IOERR), "mmap, {len:#x}");
-        m.refuse = 1;
-        assert_eq!(dev.alloc(0, 0, len, &mut m), Err(S_IOERR), "map, {len:#x}");
+        assert_eq!(
+            dev.alloc(0, 0, len, &mut m),
+            Err(RequestError::IoErr),
+            "mmap, {len:#x}"
+        );
+        m.refuse_maps = 1;
+        assert_eq!(
+            dev.alloc(0, 0, len, &mut m),
+            Err(RequestError::IoErr),
+            "map, {len:#x}"
+        );
         assert_eq!(faults.live.load(Ordering::SeqCst), 0, "host buffers held");
-        assert!(m.live.is_empty(), "mappings held");
+        assert!(m.mapped.is_empty(), "mappings held");
         assert_eq!(dev.stats().total.buffers, 0);
     }
     assert_eq!(self_fds("faults"), 0, "fds after failed allocations");
@@ -390,14 +276,14 @@ fn provider_enomem_and_mmap_failures_give_errors_and_leak_nothing() {
         match i % 3 {
             0 => faults.nomem.store(1, Ordering::SeqCst),
             1 => faults.io.store(1, Ordering::SeqCst),
-            _ => m.refuse = 1,
+            _ => m.refuse_maps = 1,
         }
         // Big buffers need a new host buffer and mapping, so they hit the fault.
         assert!(dev.alloc(0, 0, 12 << 20, &mut m).is_err());
         assert_eq!(faults.live.load(Ordering::SeqCst), held);
     }
     for id in ids {
-        assert_eq!(dev.free(id, &mut m), S_OK);
+        assert_eq!(dev.free(id, &mut m), Ok(()));
     }
     // The idle heap's spare arena goes at the idle deadline.
     let deadline = dev.idle_deadline().expect("idle spare arena");
@@ -407,19 +293,19 @@ fn provider_enomem_and_mmap_failures_give_errors_and_leak_nothing() {
         0,
         "host buffers after free"
     );
-    assert!(m.live.is_empty(), "mappings after free");
+    assert!(m.mapped.is_empty(), "mappings after free");
     assert_eq!(self_fds("faults"), 0, "fds after everything");
 }
 
 #[test]
 fn a_failed_zeroing_keeps_the_range_out_of_use_until_the_session_ends() {
     let (mut dev, faults) = core_device("zeroing");
-    let mut m = Mapper1::default();
+    let mut m = FakeMapper::default();
     let keep = dev.alloc(0, 0, 4096, &mut m).unwrap();
     let (id, off, len) = dev.alloc(0, 0, 8192, &mut m).unwrap();
     dev.poke(id, 0, b"secret").unwrap();
     faults.zero_fails.store(1, Ordering::SeqCst);
-    assert_eq!(dev.free(id, &mut m), S_OK);
+    assert_eq!(dev.free(id, &mut m), Ok(()));
     // The range that could not be zeroed is never handed out again.
     for _ in 0..64 {
         let (nid, noff, nlen) = dev.alloc(0, 0, 8192, &mut m).unwrap();
@@ -433,7 +319,7 @@ fn a_failed_zeroing_keeps_the_range_out_of_use_until_the_session_ends() {
     let _ = keep;
     // The end of the session releases everything, the stuck range included.
     assert!(dev.end_session(&mut m).is_ok());
-    assert!(m.live.is_empty(), "mappings after the session ended");
+    assert!(m.mapped.is_empty(), "mappings after the session ended");
     assert_eq!(
         faults.live.load(Ordering::SeqCst),
         0,

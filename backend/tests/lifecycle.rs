@@ -4,7 +4,7 @@
 //! indices wrapping, a VMM without shared-memory support.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use dmaheap_testkit as common;
 
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};

@@ -2,7 +2,7 @@
 //! the daemon allocates nothing for them, and the queue keeps working.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use dmaheap_testkit as common;
 
 use common::frontend::UNMAPPED_GPA;
 use common::*;

@@ -2,7 +2,7 @@
 //! own mapping, and an emptied arena is unmapped.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use dmaheap_testkit as common;
 
 use common::frontend::ShmEvent;
 use common::*;
@@ -244,7 +244,7 @@ fn mappings_never_overlap_and_buffers_stay_inside_them() {
     assert!(shm.violations.is_empty(), "{:?}", shm.violations);
     // At most one spare arena and a few large spares per heap stay, until idle.
     assert!(
-        shm.live_mappings() <= 2 * (1 + vhost_user_dmaheap::device::MAX_LARGE_SPARES),
+        shm.live_mappings() <= 2 * (1 + vhost_user_dmaheap::core::MAX_LARGE_SPARES),
         "{:x?}",
         shm.mappings()
     );

@@ -2,7 +2,7 @@
 //! again after a FREE.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use dmaheap_testkit as common;
 
 use common::*;
 

@@ -4,7 +4,7 @@
 //! reservations), device resets, the operator's prepare-reset, and reconnection.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use dmaheap_testkit as common;
 
 use std::time::{Duration, Instant};
 

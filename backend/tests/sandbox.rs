@@ -3,7 +3,7 @@
 //! and `--user` drops to an unprivileged user after start-up while the device still works.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use dmaheap_testkit as common;
 
 use common::*;
 

@@ -19,7 +19,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let (mut dev, _faults) = device();
-    let mut mapper = FakeMapper::default();
+    let mut mapper = mapper();
     let (first, _) = serve(&mut dev, &alloc_req(0, 0, PAGE), ALLOC_RESP, &mut mapper);
     assert_eq!(check_response(&first, ALLOC_RESP), Some(S_OK));
 
@@ -94,5 +94,4 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(s.total.buffers, listed.len() as u64);
     assert_eq!(s.total.bytes, listed.iter().map(|b| b.len).sum::<u64>());
     assert_eq!(s.total.mappings, mapper.mapped.len() as u64);
-    assert!(mapper.violations.is_empty(), "{:?}", mapper.violations);
 });

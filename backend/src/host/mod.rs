@@ -1,0 +1,188 @@
+//! Host heaps: where host buffers come from, one file per provider.
+//!
+//! * [`dma_heap`]: a real `/dev/dma_heap/<name>` (`DMA_HEAP_IOCTL_ALLOC`).
+//! * [`memfd`]: plain memfd buffers for hosts without dma-heaps.
+//! * [`udmabuf`]: a memfd turned into a real dma-buf through `/dev/udmabuf`.
+//! * [`ioctl`]: the ioctls these issue (the seccomp filter allows exactly these).
+//!
+//! The device core only sees the [`HeapProvider`] and [`HostBuffer`] traits, so tests can
+//! substitute fakes ([`crate::testing`]).
+
+pub mod dma_heap;
+pub mod ioctl;
+pub mod memfd;
+pub mod udmabuf;
+
+pub use dma_heap::{DmaBuf, DmaHeapProvider};
+pub use memfd::{MemfdBuffer, MemfdProvider};
+pub use udmabuf::{Udmabuf, UdmabufProvider};
+
+use std::fmt::Debug;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+
+use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+use nix::sys::memfd::{memfd_create, MFdFlags};
+
+/// Errors of host buffer providers.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    /// The host is out of memory for this heap.
+    #[error("host heap out of memory")]
+    NoMemory(#[source] io::Error),
+    /// Opening the heap device failed.
+    #[error("cannot open {path}")]
+    Open {
+        /// The device path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Any other host failure.
+    #[error("{what} failed")]
+    Io {
+        /// What was attempted.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// An access outside the buffer.
+    #[error("range {offset}+{len} outside a buffer of {size} bytes")]
+    OutOfRange {
+        /// Start of the access.
+        offset: u64,
+        /// Length of the access.
+        len: u64,
+        /// Buffer size.
+        size: u64,
+    },
+}
+
+impl ProviderError {
+    pub(crate) fn io(what: &'static str, source: impl Into<io::Error>) -> Self {
+        let source = source.into();
+        if source.raw_os_error() == Some(libc::ENOMEM) {
+            return Self::NoMemory(source);
+        }
+        Self::Io { what, source }
+    }
+}
+
+pub(crate) type Result<T> = std::result::Result<T, ProviderError>;
+
+/// A source of host buffers (one per exported heap).
+pub trait HeapProvider: Send + Sync + Debug {
+    /// Allocates a zeroed host buffer of exactly `len` bytes (a multiple of the page size).
+    fn allocate(&self, len: u64) -> Result<Box<dyn HostBuffer>>;
+    /// Short description for logs and stats (`memfd`, `dma-heap:system`, ...).
+    fn describe(&self) -> String;
+}
+
+/// One host allocation: an fd that can be mapped into the guest window.
+pub trait HostBuffer: Send + Sync + Debug {
+    /// The fd to send with `SHMEM_MAP`.
+    fn fd(&self) -> BorrowedFd<'_>;
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// Zeroes `[offset, offset + len)` (and may return the memory to the host).
+    fn zero(&self, offset: u64, len: u64) -> Result<()>;
+    /// `DMA_BUF_IOCTL_SYNC` with the given dma-buf sync flags; no-op for plain memory.
+    fn sync(&self, flags: u64) -> Result<()>;
+    /// Copies bytes out of the buffer.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// Copies bytes into the buffer.
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()>;
+}
+
+pub(crate) fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(ProviderError::OutOfRange { offset, len, size }),
+    }
+}
+
+pub(crate) fn to_off(v: u64) -> Result<libc::off_t> {
+    libc::off_t::try_from(v).map_err(|_| ProviderError::OutOfRange {
+        offset: v,
+        len: 0,
+        size: i64::MAX as u64,
+    })
+}
+
+/// Creates a sealed-size memfd of `len` bytes.
+pub(crate) fn new_memfd(name: &str, len: u64, extra_seals: SealFlag) -> Result<File> {
+    let fd = memfd_create(
+        format!("dmaheap-{name}").as_str(),
+        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+    )
+    .map_err(|e| ProviderError::io("memfd_create", e))?;
+    let file = File::from(fd);
+    file.set_len(len)
+        .map_err(|e| ProviderError::io("ftruncate", e))?;
+    fcntl(&file, FcntlArg::F_ADD_SEALS(extra_seals))
+        .map_err(|e| ProviderError::io("F_ADD_SEALS", e))?;
+    Ok(file)
+}
+
+pub(crate) fn write_zeroes_pwrite(file: &File, offset: u64, len: u64) -> Result<()> {
+    const CHUNK: usize = 64 * 1024;
+    let zeroes = [0u8; CHUNK];
+    let mut done = 0u64;
+    while done < len {
+        let n = usize::try_from(len - done).unwrap_or(CHUNK).min(CHUNK);
+        file.write_all_at(&zeroes[..n], offset + done)
+            .map_err(|e| ProviderError::io("pwrite", e))?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// Bounds-checked `pread` of a buffer's backing file of `size` bytes.
+pub(crate) fn file_read_at(file: &File, size: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
+    check_range(offset, buf.len() as u64, size)?;
+    file.read_exact_at(buf, offset)
+        .map_err(|e| ProviderError::io("pread", e))
+}
+
+/// Bounds-checked `pwrite` to a buffer's backing file of `size` bytes.
+pub(crate) fn file_write_at(file: &File, size: u64, offset: u64, data: &[u8]) -> Result<()> {
+    check_range(offset, data.len() as u64, size)?;
+    file.write_all_at(data, offset)
+        .map_err(|e| ProviderError::io("pwrite", e))
+}
+/// `DMA_BUF_IOCTL_SYNC` on a dma-buf.
+pub(crate) fn dma_buf_sync(fd: BorrowedFd<'_>, flags: u64) -> Result<()> {
+    let arg = ioctl::DmaBufSync { flags };
+    // SAFETY: `fd` is a valid open fd and `arg` is a live `struct dma_buf_sync` that the
+    // kernel only reads.
+    unsafe { ioctl::dma_buf_sync(fd.as_raw_fd(), &arg) }
+        .map(|_| ())
+        .map_err(|e| ProviderError::io("DMA_BUF_IOCTL_SYNC", e))
+}
+
+/// Allocates, writes, reads, syncs and zeroes a buffer of `p` (the provider tests).
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) fn exercise(p: &dyn HeapProvider) {
+    let b = p.allocate(64 * 1024).unwrap();
+    assert_eq!(b.size(), 64 * 1024);
+    let mut buf = vec![0xffu8; 4096];
+    b.read_at(0, &mut buf).unwrap();
+    assert!(buf.iter().all(|&x| x == 0), "new buffer is zeroed");
+    b.write_at(8192, &[1, 2, 3, 4]).unwrap();
+    let mut four = [0u8; 4];
+    b.read_at(8192, &mut four).unwrap();
+    assert_eq!(four, [1, 2, 3, 4]);
+    b.sync(1).unwrap();
+    b.sync(1 | 4).unwrap();
+    b.zero(8192, 4096).unwrap();
+    b.read_at(8192, &mut four).unwrap();
+    assert_eq!(four, [0; 4]);
+    assert!(b.read_at(64 * 1024 - 2, &mut four).is_err());
+    assert!(b.zero(u64::MAX, 2).is_err());
+}

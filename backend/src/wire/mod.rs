@@ -1,0 +1,498 @@
+//! The request queue's wire format: a request's bytes decoded into a typed [`Request`],
+//! answers encoded into response bytes, and the one place ([`status`]) where the device
+//! core's [`RequestError`]s become status codes.
+//!
+//! Shapes of an answer (spec 6.3): a request rejected before its type is known to be
+//! served (too short, unknown or unnegotiated type, wrong sizes, no session) gets a bare
+//! `resp_hdr`, and nothing at all if the writable part cannot hold one; a request the core
+//! served gets the full response of its type, with the other fields zero on an error.
+
+use std::fmt;
+use std::mem::size_of;
+
+use vm_memory::ByteValued;
+
+use crate::abi::*;
+use crate::core::RequestError;
+
+/// What becomes of a request's descriptor chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// Write these bytes into the writable part (nothing if empty: used length 0) and
+    /// return the chain.
+    Answer(Vec<u8>),
+    /// The ring stopped while the request needed the front end and nothing of it took
+    /// effect that a second attempt would repeat: keep the chain and serve it again,
+    /// unchanged, once the ring runs again (a paused VM resumed).
+    Retry,
+}
+
+/// The device-specific features the driver negotiated that change what is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Features {
+    /// `VIRTIO_DMAHEAP_F_SYNC`.
+    pub sync: bool,
+    /// `VIRTIO_DMAHEAP_F_SESSION`.
+    pub session: bool,
+}
+
+impl Features {
+    /// The device-specific feature bits the device offers.
+    pub const OFFERED: u64 = (1 << VIRTIO_DMAHEAP_F_SYNC) | (1 << VIRTIO_DMAHEAP_F_SESSION);
+
+    /// From the feature bits the driver accepted.
+    pub fn from_bits(bits: u64) -> Self {
+        Self {
+            sync: bits & (1 << VIRTIO_DMAHEAP_F_SYNC) != 0,
+            session: bits & (1 << VIRTIO_DMAHEAP_F_SESSION) != 0,
+        }
+    }
+}
+
+/// A request the device serves, with its fields in native byte order. Fields are not
+/// checked beyond the header: their meaning is the core's business.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// `VIRTIO_DMAHEAP_REQ_HEAP_INFO`.
+    HeapInfo {
+        /// Heap id.
+        heap_id: u32,
+        /// Must be 0.
+        reserved: u32,
+    },
+    /// `VIRTIO_DMAHEAP_REQ_ALLOC`.
+    Alloc {
+        /// Heap id.
+        heap_id: u32,
+        /// Must be 0.
+        flags: u32,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// `VIRTIO_DMAHEAP_REQ_FREE`.
+    Free {
+        /// Buffer id.
+        buffer_id: u64,
+    },
+    /// `VIRTIO_DMAHEAP_REQ_SYNC` (with `VIRTIO_DMAHEAP_F_SYNC`).
+    Sync {
+        /// Buffer id.
+        buffer_id: u64,
+        /// `VIRTIO_DMAHEAP_SYNC_*`.
+        flags: u32,
+        /// Must be 0.
+        reserved: u32,
+    },
+    /// `VIRTIO_DMAHEAP_REQ_SESSION_OPEN` (with `VIRTIO_DMAHEAP_F_SESSION`).
+    SessionOpen {
+        /// 0: a new session; else the suspended session to resume.
+        resume_id: u64,
+    },
+    /// `VIRTIO_DMAHEAP_REQ_SESSION_CLOSE` (with `VIRTIO_DMAHEAP_F_SESSION`).
+    SessionClose {
+        /// `VIRTIO_DMAHEAP_CLOSE_*`.
+        flags: u32,
+        /// Must be 0.
+        reserved: u32,
+    },
+    /// `VIRTIO_DMAHEAP_REQ_RESERVE` (with `VIRTIO_DMAHEAP_F_SESSION`).
+    Reserve {
+        /// Window offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+    },
+    /// `VIRTIO_DMAHEAP_REQ_UNRESERVE` (with `VIRTIO_DMAHEAP_F_SESSION`).
+    Unreserve {
+        /// Window offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+    },
+}
+
+impl Request {
+    /// Whether the request needs an open session (with `VIRTIO_DMAHEAP_F_SESSION`).
+    pub fn needs_session(&self) -> bool {
+        !matches!(self, Self::HeapInfo { .. } | Self::SessionOpen { .. })
+    }
+}
+
+/// What the core answers to a request it served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// HEAP_INFO.
+    HeapInfo(HeapInfo),
+    /// ALLOC.
+    Alloc {
+        /// Buffer id.
+        buffer_id: u64,
+        /// Window offset.
+        offset: u64,
+        /// Length (rounded up to the heap's alignment).
+        len: u64,
+    },
+    /// SESSION_OPEN.
+    SessionOpened {
+        /// The session id.
+        session_id: u64,
+    },
+    /// A request whose response is only a header.
+    Done,
+}
+
+/// Why a request was not decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Not even a request header.
+    TooShort {
+        /// Readable bytes.
+        readable: usize,
+    },
+    /// A type this device does not serve with the features negotiated.
+    Unsupported {
+        /// The type.
+        ty: u32,
+    },
+    /// Wrong request size, too small a writable part, or a reserved header field set.
+    Malformed {
+        /// The type.
+        ty: u32,
+        /// Readable bytes.
+        readable: usize,
+        /// Writable bytes.
+        writable: usize,
+        /// The header's reserved field.
+        reserved: u32,
+    },
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Self::TooShort { readable } => write!(f, "request of {readable} bytes: too short"),
+            Self::Unsupported { ty } => write!(f, "request type {ty}: not supported"),
+            Self::Malformed {
+                ty,
+                readable,
+                writable,
+                reserved,
+            } => write!(
+                f,
+                "request type {ty}: malformed ({readable} readable bytes, {writable} writable, \
+                 reserved {reserved})"
+            ),
+        }
+    }
+}
+
+impl DecodeError {
+    /// The status the driver is answered.
+    pub fn status(self) -> u32 {
+        match self {
+            Self::Unsupported { .. } => VIRTIO_DMAHEAP_S_UNSUPP,
+            Self::TooShort { .. } | Self::Malformed { .. } => VIRTIO_DMAHEAP_S_INVAL,
+        }
+    }
+}
+
+/// The one mapping from the core's errors to status codes; `None` for
+/// [`RequestError::Retry`], which is never sent.
+pub fn status(e: RequestError) -> Option<u32> {
+    Some(match e {
+        RequestError::Inval => VIRTIO_DMAHEAP_S_INVAL,
+        RequestError::IoErr => VIRTIO_DMAHEAP_S_IOERR,
+        RequestError::NoHeap => VIRTIO_DMAHEAP_S_NO_HEAP,
+        RequestError::NoBuffer => VIRTIO_DMAHEAP_S_NO_BUFFER,
+        RequestError::NoMem => VIRTIO_DMAHEAP_S_NOMEM,
+        RequestError::Quota => VIRTIO_DMAHEAP_S_QUOTA,
+        RequestError::WindowFull => VIRTIO_DMAHEAP_S_WINDOW_FULL,
+        RequestError::TooBig => VIRTIO_DMAHEAP_S_TOO_BIG,
+        RequestError::NoSession => VIRTIO_DMAHEAP_S_NO_SESSION,
+        RequestError::Retry => return None,
+    })
+}
+
+fn parse<T: ByteValued + Default>(req: &[u8]) -> Option<T> {
+    if req.len() != size_of::<T>() {
+        return None;
+    }
+    let mut v = T::default();
+    v.as_mut_slice().copy_from_slice(req);
+    Some(v)
+}
+
+/// Request and response sizes of a type served with `features`.
+fn sizes_of(ty: u32, features: Features) -> Option<(usize, usize)> {
+    let hdr = size_of::<RespHdr>();
+    Some(match ty {
+        VIRTIO_DMAHEAP_REQ_HEAP_INFO => (size_of::<HeapInfoReq>(), size_of::<HeapInfoResp>()),
+        VIRTIO_DMAHEAP_REQ_ALLOC => (size_of::<AllocReq>(), size_of::<AllocResp>()),
+        VIRTIO_DMAHEAP_REQ_FREE => (size_of::<FreeReq>(), hdr),
+        VIRTIO_DMAHEAP_REQ_SYNC if features.sync => (size_of::<SyncReq>(), hdr),
+        VIRTIO_DMAHEAP_REQ_SESSION_OPEN if features.session => {
+            (size_of::<SessionOpenReq>(), size_of::<SessionOpenResp>())
+        }
+        VIRTIO_DMAHEAP_REQ_SESSION_CLOSE if features.session => (size_of::<SessionCloseReq>(), hdr),
+        VIRTIO_DMAHEAP_REQ_RESERVE | VIRTIO_DMAHEAP_REQ_UNRESERVE if features.session => {
+            (size_of::<ReserveReq>(), hdr)
+        }
+        _ => return None,
+    })
+}
+
+/// Decodes the device-readable part of a chain, given the size of its writable part.
+pub fn decode(req: &[u8], writable: usize, features: Features) -> Result<Request, DecodeError> {
+    let hdr = req
+        .get(..size_of::<ReqHdr>())
+        .and_then(parse::<ReqHdr>)
+        .ok_or(DecodeError::TooShort {
+            readable: req.len(),
+        })?;
+    let ty = hdr.type_.to_native();
+    let (req_size, resp_size) = sizes_of(ty, features).ok_or(DecodeError::Unsupported { ty })?;
+    let reserved = hdr.reserved.to_native();
+    let malformed = DecodeError::Malformed {
+        ty,
+        readable: req.len(),
+        writable,
+        reserved,
+    };
+    if reserved != 0 || req.len() != req_size || writable < resp_size {
+        return Err(malformed);
+    }
+    // The sizes match, so every parse below succeeds.
+    let r = match ty {
+        VIRTIO_DMAHEAP_REQ_HEAP_INFO => parse::<HeapInfoReq>(req).map(|r| Request::HeapInfo {
+            heap_id: r.heap_id.to_native(),
+            reserved: r.reserved.to_native(),
+        }),
+        VIRTIO_DMAHEAP_REQ_ALLOC => parse::<AllocReq>(req).map(|r| Request::Alloc {
+            heap_id: r.heap_id.to_native(),
+            flags: r.flags.to_native(),
+            len: r.len.to_native(),
+        }),
+        VIRTIO_DMAHEAP_REQ_FREE => parse::<FreeReq>(req).map(|r| Request::Free {
+            buffer_id: r.buffer_id.to_native(),
+        }),
+        VIRTIO_DMAHEAP_REQ_SYNC => parse::<SyncReq>(req).map(|r| Request::Sync {
+            buffer_id: r.buffer_id.to_native(),
+            flags: r.flags.to_native(),
+            reserved: r.reserved.to_native(),
+        }),
+        VIRTIO_DMAHEAP_REQ_SESSION_OPEN => {
+            parse::<SessionOpenReq>(req).map(|r| Request::SessionOpen {
+                resume_id: r.resume_id.to_native(),
+            })
+        }
+        VIRTIO_DMAHEAP_REQ_SESSION_CLOSE => {
+            parse::<SessionCloseReq>(req).map(|r| Request::SessionClose {
+                flags: r.flags.to_native(),
+                reserved: r.reserved.to_native(),
+            })
+        }
+        VIRTIO_DMAHEAP_REQ_RESERVE => parse::<ReserveReq>(req).map(|r| Request::Reserve {
+            offset: r.offset.to_native(),
+            len: r.len.to_native(),
+        }),
+        _ => parse::<ReserveReq>(req).map(|r| Request::Unreserve {
+            offset: r.offset.to_native(),
+            len: r.len.to_native(),
+        }),
+    };
+    r.ok_or(malformed)
+}
+
+fn resp_hdr(status: u32) -> RespHdr {
+    RespHdr {
+        status: status.into(),
+        reserved: 0.into(),
+    }
+}
+
+/// A bare `resp_hdr` of `status`, or nothing if the writable part cannot hold one.
+pub fn header_only(status: u32, writable: usize) -> Vec<u8> {
+    if writable >= size_of::<RespHdr>() {
+        resp_hdr(status).as_slice().to_vec()
+    } else {
+        Vec::new()
+    }
+}
+
+/// The response to a request the core served: the full response of the request's type.
+pub fn encode(req: &Request, outcome: Result<Answer, RequestError>) -> Reply {
+    let (status, answer) = match outcome {
+        Ok(a) => (VIRTIO_DMAHEAP_S_OK, Some(a)),
+        Err(e) => match status(e) {
+            Some(s) => (s, None),
+            None => return Reply::Retry,
+        },
+    };
+    let hdr = resp_hdr(status);
+    let bytes = match req {
+        Request::HeapInfo { .. } => {
+            let mut r = HeapInfoResp {
+                hdr,
+                ..Default::default()
+            };
+            if let Some(Answer::HeapInfo(info)) = answer {
+                r.info = info;
+            }
+            r.as_slice().to_vec()
+        }
+        Request::Alloc { .. } => {
+            let mut r = AllocResp {
+                hdr,
+                ..Default::default()
+            };
+            if let Some(Answer::Alloc {
+                buffer_id,
+                offset,
+                len,
+            }) = answer
+            {
+                r.buffer_id = buffer_id.into();
+                r.offset = offset.into();
+                r.len = len.into();
+            }
+            r.as_slice().to_vec()
+        }
+        Request::SessionOpen { .. } => {
+            let mut r = SessionOpenResp {
+                hdr,
+                ..Default::default()
+            };
+            if let Some(Answer::SessionOpened { session_id }) = answer {
+                r.session_id = session_id.into();
+            }
+            r.as_slice().to_vec()
+        }
+        _ => hdr.as_slice().to_vec(),
+    };
+    Reply::Answer(bytes)
+}
+
+/// The heap name as the fixed, NUL-terminated field of `struct virtio_dmaheap_heap_info`.
+pub fn heap_name_bytes(name: &str) -> [u8; VIRTIO_DMAHEAP_NAME_LEN] {
+    let mut out = [0u8; VIRTIO_DMAHEAP_NAME_LEN];
+    let bytes = name.as_bytes();
+    let n = bytes.len().min(VIRTIO_DMAHEAP_NAME_LEN - 1);
+    out[..n].copy_from_slice(&bytes[..n]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::*;
+
+    const ALL: Features = Features {
+        sync: true,
+        session: true,
+    };
+
+    #[test]
+    fn requests_decode_to_their_fields() {
+        let cases: Vec<(Vec<u8>, usize, Request)> = vec![
+            (
+                heap_info_req(3),
+                HEAP_INFO_RESP_SIZE,
+                Request::HeapInfo {
+                    heap_id: 3,
+                    reserved: 0,
+                },
+            ),
+            (
+                alloc_req(1, 2, 4096),
+                ALLOC_RESP_SIZE,
+                Request::Alloc {
+                    heap_id: 1,
+                    flags: 2,
+                    len: 4096,
+                },
+            ),
+            (free_req(9), 8, Request::Free { buffer_id: 9 }),
+            (
+                sync_req(9, 5),
+                8,
+                Request::Sync {
+                    buffer_id: 9,
+                    flags: 5,
+                    reserved: 0,
+                },
+            ),
+            (
+                session_open_req(7),
+                SESSION_OPEN_RESP_SIZE,
+                Request::SessionOpen { resume_id: 7 },
+            ),
+            (
+                session_close_req(1),
+                8,
+                Request::SessionClose {
+                    flags: 1,
+                    reserved: 0,
+                },
+            ),
+            (
+                reserve_req(VIRTIO_DMAHEAP_REQ_UNRESERVE, 4096, 8192),
+                8,
+                Request::Unreserve {
+                    offset: 4096,
+                    len: 8192,
+                },
+            ),
+        ];
+        for (bytes, writable, want) in cases {
+            assert_eq!(decode(&bytes, writable, ALL), Ok(want));
+        }
+    }
+
+    #[test]
+    fn header_level_errors() {
+        let none = Features {
+            sync: false,
+            session: false,
+        };
+        let d = |b: &[u8], w, f| decode(b, w, f).map_err(DecodeError::status);
+        assert_eq!(d(&[1, 0, 0], 8, ALL), Err(VIRTIO_DMAHEAP_S_INVAL));
+        assert_eq!(d(&sync_req(1, 1), 8, none), Err(VIRTIO_DMAHEAP_S_UNSUPP));
+        assert_eq!(
+            d(&session_open_req(0), 16, none),
+            Err(VIRTIO_DMAHEAP_S_UNSUPP)
+        );
+        assert_eq!(
+            d(&assign_uuid_req(1), 24, ALL),
+            Err(VIRTIO_DMAHEAP_S_UNSUPP)
+        );
+        let a = alloc_req(0, 0, 4096);
+        assert_eq!(d(&a[..20], 32, ALL), Err(VIRTIO_DMAHEAP_S_INVAL));
+        assert_eq!(d(&a, 31, ALL), Err(VIRTIO_DMAHEAP_S_INVAL));
+        let mut r = a.clone();
+        r[4] = 1;
+        assert_eq!(d(&r, 32, ALL), Err(VIRTIO_DMAHEAP_S_INVAL));
+        assert_eq!(header_only(VIRTIO_DMAHEAP_S_INVAL, 7), Vec::<u8>::new());
+        assert_eq!(header_only(VIRTIO_DMAHEAP_S_INVAL, 8).len(), 8);
+    }
+
+    #[test]
+    fn every_error_has_one_status_and_errors_keep_the_full_response_shape() {
+        let alloc = Request::Alloc {
+            heap_id: 0,
+            flags: 0,
+            len: 4096,
+        };
+        assert_eq!(encode(&alloc, Err(RequestError::Retry)), Reply::Retry);
+        let Reply::Answer(a) = encode(&alloc, Err(RequestError::WindowFull)) else {
+            panic!("no answer");
+        };
+        assert_eq!(a.len(), ALLOC_RESP_SIZE);
+        assert_eq!(status_of(&a), VIRTIO_DMAHEAP_S_WINDOW_FULL);
+        assert!(a[8..].iter().all(|&b| b == 0));
+        assert_eq!(status(RequestError::Quota), Some(VIRTIO_DMAHEAP_S_QUOTA));
+        assert_eq!(
+            status(RequestError::NoSession),
+            Some(VIRTIO_DMAHEAP_S_NO_SESSION)
+        );
+    }
+}
