@@ -31,7 +31,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use arbitrary::Arbitrary;
 use common::*;
 use libfuzzer_sys::fuzz_target;
-use vhost_user_dmaheap::core::Device;
+use vhost_user_dmaheap::core::{Device, HeapParams};
 use vhost_user_dmaheap::wire::Reply;
 
 #[derive(Debug, Arbitrary)]
@@ -96,11 +96,17 @@ enum Op {
         nomem: bool,
         count: u8,
     },
+    AllocBatch {
+        heap: u8,
+        count: u8,
+        len: Len,
+    },
     FailMap(u8),
     FailUnmap(u8),
     Features {
         sync: bool,
         session: bool,
+        batch: bool,
     },
     /// The vring worker's timer fires: the idle policy releases spares whose idle
     /// deadline passed (as if the deadline had come).
@@ -138,6 +144,7 @@ struct Model {
     /// Window pages an earlier buffer wrote non-zero bytes to.
     dirty: BTreeSet<u64>,
     sync: bool,
+    batch: bool,
     session_acked: bool,
     session: Session,
     last_session: u64,
@@ -148,6 +155,58 @@ struct Model {
 }
 
 impl Model {
+    /// Checks a buffer the device allocated (ALLOC or ALLOC_BATCH) and records it live.
+    fn accept(
+        &mut self,
+        dev: &Device,
+        params: &[HeapParams],
+        h: usize,
+        want: u64,
+        b: (u64, u64, u64),
+    ) {
+        let (id, off, blen) = b;
+        assert!(id != 0 && self.seen.insert(id), "id {id} zero or reused");
+        assert!(
+            blen >= want && blen % PAGE == 0,
+            "len {blen:#x} for {want:#x}"
+        );
+        assert_eq!(off % params[h].min_align, 0, "offset {off:#x} misaligned");
+        let end = off.checked_add(blen).expect("no overflow");
+        assert!(
+            end <= SHM_SIZE,
+            "range {off:#x}+{blen:#x} outside the window"
+        );
+        for (&oid, b) in &self.live {
+            assert!(
+                end <= b.off || b.off + b.len <= off,
+                "buffer {id} {off:#x}+{blen:#x} overlaps buffer {oid} {:#x}+{:#x}",
+                b.off,
+                b.len
+            );
+        }
+        for (&ro, &rl) in &self.reserved {
+            assert!(
+                end <= ro || ro + rl <= off,
+                "buffer {id} {off:#x}+{blen:#x} inside reserved {ro:#x}+{rl:#x}"
+            );
+        }
+        // Zeroed: every page an earlier buffer dirtied reads 0 now.
+        let dirty: Vec<u64> = self.dirty.range(off..end).copied().collect();
+        for page in dirty {
+            let got = dev.peek(id, page - off, PAGE as usize).expect("peek");
+            assert!(got.iter().all(|&b| b == 0), "stale data at {page:#x}");
+            self.dirty.remove(&page);
+        }
+        self.live.insert(
+            id,
+            Live {
+                heap: h,
+                off,
+                len: blen,
+            },
+        );
+    }
+
     fn session_ok(&self) -> bool {
         !self.session_acked || matches!(self.session, Session::Open(id) if id != 0)
     }
@@ -209,6 +268,7 @@ fuzz_target!(|ops: Vec<Op>| {
         seen: BTreeSet::new(),
         dirty: BTreeSet::new(),
         sync: true,
+        batch: false,
         session_acked: false,
         session: Session::Open(0),
         last_session: 0,
@@ -253,46 +313,59 @@ fuzz_target!(|ops: Vec<Op>| {
                 }
                 assert_eq!(resp.len(), ALLOC_RESP);
                 let (id, off, blen) = (le64(&resp, 8), le64(&resp, 16), le64(&resp, 24));
-                assert!(id != 0 && m.seen.insert(id), "id {id} zero or reused");
-                assert!(
-                    blen >= want && blen % PAGE == 0,
-                    "len {blen:#x} for {want:#x}"
+                m.accept(&dev, &params, h, want, (id, off, blen));
+            }
+            Op::AllocBatch { heap, count, len } => {
+                let heap = u32::from(*heap % 3);
+                let count = u32::from(*count % 18);
+                let want = len.get();
+                let resp = run(
+                    &mut dev,
+                    &alloc_batch_req(heap, count, want),
+                    ALLOC_BATCH_RESP,
+                    &mut mapper,
                 );
-                assert_eq!(off % params[h].min_align, 0, "offset {off:#x} misaligned");
-                let end = off.checked_add(blen).expect("no overflow");
-                assert!(
-                    end <= SHM_SIZE,
-                    "range {off:#x}+{blen:#x} outside the window"
-                );
-                for (&oid, b) in &m.live {
+                let st = status(&resp, ALLOC_BATCH_RESP);
+                let h = heap as usize;
+                let expect_err = if !m.batch {
+                    Some(S_UNSUPP)
+                } else if !m.session_ok() {
+                    Some(S_NO_SESSION)
+                } else if count == 0 || count > 16 {
+                    Some(S_INVAL)
+                } else if h >= params.len() {
+                    Some(S_NO_HEAP)
+                } else if want == 0 || want % PAGE != 0 {
+                    Some(S_INVAL)
+                } else if want > params[h].max_size {
+                    Some(S_TOO_BIG)
+                } else {
+                    None
+                };
+                if let Some(e) = expect_err {
+                    assert_eq!(st, e, "ALLOC_BATCH heap {heap} count {count} len {want:#x}");
+                    continue;
+                }
+                if st != S_OK {
                     assert!(
-                        end <= b.off || b.off + b.len <= off,
-                        "buffer {id} {off:#x}+{blen:#x} overlaps buffer {oid} {:#x}+{:#x}",
-                        b.off,
-                        b.len
+                        matches!(st, S_NOMEM | S_QUOTA | S_WINDOW_FULL | S_IOERR),
+                        "ALLOC_BATCH failed with {st}"
                     );
+                    continue;
                 }
-                for (&ro, &rl) in &m.reserved {
-                    assert!(
-                        end <= ro || ro + rl <= off,
-                        "buffer {id} {off:#x}+{blen:#x} inside reserved {ro:#x}+{rl:#x}"
-                    );
+                assert_eq!(resp.len(), ALLOC_BATCH_RESP);
+                let n = le32(&resp, 8) as usize;
+                assert!((1..=count as usize).contains(&n), "{n} buffers for {count}");
+                assert_eq!(le32(&resp, 12), 0, "reserved");
+                for i in 0..16 {
+                    let e = 16 + 24 * i;
+                    let b = (le64(&resp, e), le64(&resp, e + 8), le64(&resp, e + 16));
+                    if i < n {
+                        m.accept(&dev, &params, h, want, b);
+                    } else {
+                        assert_eq!(b, (0, 0, 0), "entry {i} past count {n}");
+                    }
                 }
-                // Zeroed: every page an earlier buffer dirtied reads 0 now.
-                let dirty: Vec<u64> = m.dirty.range(off..end).copied().collect();
-                for page in dirty {
-                    let got = dev.peek(id, page - off, PAGE as usize).expect("peek");
-                    assert!(got.iter().all(|&b| b == 0), "stale data at {page:#x}");
-                    m.dirty.remove(&page);
-                }
-                m.live.insert(
-                    id,
-                    Live {
-                        heap: h,
-                        off,
-                        len: blen,
-                    },
-                );
             }
             Op::Free(id) => {
                 let id = m.pick(id);
@@ -518,12 +591,19 @@ fuzz_target!(|ops: Vec<Op>| {
                     assert_eq!(dev.idle_deadline(), None, "one attempt per idle period");
                 }
             }
-            Op::Features { sync, session } => {
+            Op::Features {
+                sync,
+                session,
+                batch,
+            } => {
                 dev.set_acked_features(
-                    (u64::from(*sync) << F_SYNC) | (u64::from(*session) << F_SESSION),
+                    (u64::from(*sync) << F_SYNC)
+                        | (u64::from(*session) << F_SESSION)
+                        | (u64::from(*batch) << F_BATCH),
                 );
                 m.sync = *sync;
                 m.session_acked = *session;
+                m.batch = *batch;
             }
         }
 

@@ -7,6 +7,7 @@ use super::pool::{Arena, BufferRec, Mapping};
 use super::{Device, MapError, Mapper, RequestError, ARENA_MIN};
 use crate::abi::VIRTIO_DMAHEAP_PAGE_SIZE;
 use crate::host::ProviderError;
+use crate::wire::{Answer, BATCH_MAX};
 
 const PAGE: u64 = VIRTIO_DMAHEAP_PAGE_SIZE as u64;
 
@@ -61,6 +62,32 @@ impl Device {
             },
         );
         Ok((id, mapping + off, rlen))
+    }
+
+    /// ALLOC_BATCH: up to `count` buffers of `len` bytes, allocated one after the other
+    /// until one fails (spec 6.10). Fails only if the first does, as ALLOC would have.
+    pub fn alloc_batch(
+        &mut self,
+        heap_id: u32,
+        count: u32,
+        len: u64,
+        mapper: &mut dyn Mapper,
+    ) -> Result<Answer, RequestError> {
+        let count = usize::try_from(count)
+            .ok()
+            .filter(|c| (1..=BATCH_MAX).contains(c))
+            .ok_or(RequestError::Inval)?;
+        let mut buffers = Vec::with_capacity(count);
+        while buffers.len() < count {
+            match self.alloc(heap_id, 0, len, mapper) {
+                Ok(b) => buffers.push(b),
+                // Nothing took effect yet: answer (or retry) as ALLOC would.
+                Err(e) if buffers.is_empty() => return Err(e),
+                // What was allocated stays allocated; a retry would allocate it again.
+                Err(_) => break,
+            }
+        }
+        Ok(Answer::AllocBatch(buffers))
     }
 
     fn alloc_in_arena(

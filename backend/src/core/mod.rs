@@ -142,6 +142,8 @@ impl Device {
             features: Features {
                 sync: true,
                 session: false,
+                no_sync: false,
+                batch: false,
             },
             ratelimit: RateLimit::new(),
             session: SessionState::Open(0),
@@ -216,6 +218,11 @@ impl Device {
                     offset,
                     len,
                 }),
+            Request::AllocBatch {
+                heap_id,
+                count,
+                len,
+            } => self.alloc_batch(heap_id, count, len, mapper),
             Request::Free { buffer_id } => done(self.free(buffer_id, mapper)),
             Request::Sync {
                 buffer_id,
@@ -243,14 +250,16 @@ impl Device {
             .ok_or(RequestError::NoHeap)?;
         let p = &heap.params;
         let global = self.limits.max_bytes.min(self.limits.shm_size);
+        let mut flags = 0;
+        if p.contiguous {
+            flags |= VIRTIO_DMAHEAP_HEAP_F_CONTIGUOUS;
+        }
+        if self.features.no_sync && !heap.provider.has_sync() {
+            flags |= VIRTIO_DMAHEAP_HEAP_F_NO_SYNC;
+        }
         Ok(HeapInfo {
             name: wire::heap_name_bytes(&p.name),
-            flags: if p.contiguous {
-                VIRTIO_DMAHEAP_HEAP_F_CONTIGUOUS
-            } else {
-                0
-            }
-            .into(),
+            flags: flags.into(),
             cache: p.cache.abi().into(),
             min_align: p.min_align.into(),
             max_size: p.max_size.into(),
@@ -267,6 +276,11 @@ impl Device {
         }
         let rec = self.pool.buffer(id).ok_or(RequestError::NoBuffer)?;
         let m = self.pool.mapping(rec.mapping).ok_or(RequestError::IoErr)?;
+        // An arena's dma-buf has no host importer, only CPU mappings (the VMM's, ours),
+        // and a sync of it would cover the whole arena: nothing to do (spec 6.6).
+        if m.arena.is_some() {
+            return Ok(());
+        }
         // The dma-buf sync flags have the same values as the virtio ones.
         if let Err(e) = m.buf.sync(u64::from(flags)) {
             self.ratelimit

@@ -10,7 +10,7 @@ use vm_memory::bitmap::BS;
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{FileOffset, VolatileMemory, VolatileSlice};
 
-use super::ioctl::{self, DmaHeapAllocationData, DMA_BUF_SYNC_END, DMA_BUF_SYNC_WRITE};
+use super::ioctl::{self, DmaHeapAllocationData};
 use super::{check_range, dma_buf_sync, HeapProvider, HostBuffer, ProviderError, Result};
 
 /// A host mapping of a dma-buf, for zeroing and debug access.
@@ -93,10 +93,11 @@ impl HostBuffer for DmaBuf {
     }
 
     fn zero(&self, offset: u64, len: u64) -> Result<()> {
-        dma_buf_sync(self.fd.as_fd(), DMA_BUF_SYNC_WRITE)?;
-        let res = self.map.zero(offset, len);
-        dma_buf_sync(self.fd.as_fd(), DMA_BUF_SYNC_WRITE | DMA_BUF_SYNC_END)?;
-        res
+        // Through the CPU mapping of exactly this range, with no DMA_BUF_IOCTL_SYNC: that
+        // has no range and would cover the whole buffer (an arena of up to 64 MiB), and
+        // the only other users of a freed range are CPU mappings (the VMM's, the guest's),
+        // which see these stores (spec 6.6, "What SYNC reaches").
+        self.map.zero(offset, len)
     }
 
     fn sync(&self, flags: u64) -> Result<()> {

@@ -6,9 +6,12 @@ use std::os::fd::{AsFd, BorrowedFd};
 use nix::fcntl::{fallocate, FallocateFlags, SealFlag};
 
 use super::{
-    check_range, file_read_at, file_write_at, new_memfd, to_off, HeapProvider, HostBuffer,
-    ProviderError, Result,
+    check_range, file_read_at, file_write_at, new_memfd, to_off, write_zeroes_pwrite, HeapProvider,
+    HostBuffer, ProviderError, Result,
 };
+
+/// Largest freed range zeroed by writing zeroes rather than by punching a hole.
+pub const ZERO_BY_WRITE_MAX: u64 = 256 << 10;
 
 #[derive(Debug)]
 pub struct MemfdProvider {
@@ -37,6 +40,10 @@ impl HeapProvider for MemfdProvider {
     fn describe(&self) -> String {
         "memfd".to_string()
     }
+
+    fn has_sync(&self) -> bool {
+        false
+    }
 }
 
 /// A memfd buffer.
@@ -57,6 +64,11 @@ impl HostBuffer for MemfdBuffer {
 
     fn zero(&self, offset: u64, len: u64) -> Result<()> {
         check_range(offset, len, self.size)?;
+        // A small range is reused soon: writing zeroes keeps its pages, so the next user
+        // does not fault them in again (and no hole punch has to unmap them everywhere).
+        if len <= ZERO_BY_WRITE_MAX {
+            return write_zeroes_pwrite(&self.file, offset, len);
+        }
         // Punching a hole zeroes the range in every mapping and gives the pages back.
         fallocate(
             &self.file,

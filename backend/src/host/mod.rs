@@ -81,6 +81,11 @@ pub trait HeapProvider: Send + Sync + Debug {
     fn allocate(&self, len: u64) -> Result<Box<dyn HostBuffer>>;
     /// Short description for logs and stats (`memfd`, `dma-heap:system`, ...).
     fn describe(&self) -> String;
+    /// Whether a `HostBuffer::sync` of this provider's buffers can do anything (a dma-buf
+    /// can have host importers; plain memory cannot).
+    fn has_sync(&self) -> bool {
+        true
+    }
 }
 
 /// One host allocation: an fd that can be mapped into the guest window.

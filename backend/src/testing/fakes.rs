@@ -26,6 +26,8 @@ pub struct Faults {
     pub allocations: AtomicU64,
     /// Calls of [`HostBuffer::zero`].
     pub zeroings: AtomicU64,
+    /// Calls of [`HostBuffer::sync`].
+    pub syncs: AtomicU64,
     /// Host buffers alive.
     pub live: AtomicI64,
 }
@@ -110,6 +112,7 @@ impl HostBuffer for CountedBuffer {
         self.inner.zero(offset, len)
     }
     fn sync(&self, flags: u64) -> Result<(), ProviderError> {
+        self.faults.syncs.fetch_add(1, Ordering::SeqCst);
         if take(&self.faults.sync_fails) {
             return Err(ProviderError::Io {
                 what: "injected DMA_BUF_IOCTL_SYNC",

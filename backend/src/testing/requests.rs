@@ -12,6 +12,8 @@ pub const RESP_HDR_SIZE: usize = size_of::<abi::RespHdr>();
 pub const HEAP_INFO_RESP_SIZE: usize = size_of::<abi::HeapInfoResp>();
 /// Size of the ALLOC response.
 pub const ALLOC_RESP_SIZE: usize = size_of::<abi::AllocResp>();
+/// Size of the ALLOC_BATCH response.
+pub const ALLOC_BATCH_RESP_SIZE: usize = size_of::<abi::AllocBatchResp>();
 /// Size of the SESSION_OPEN response.
 pub const SESSION_OPEN_RESP_SIZE: usize = size_of::<abi::SessionOpenResp>();
 
@@ -50,6 +52,15 @@ pub fn heap_info_req(heap_id: u32) -> Vec<u8> {
     req_hdr(VIRTIO_DMAHEAP_REQ_HEAP_INFO, 0)
         .u32(heap_id)
         .u32(0)
+        .build()
+}
+
+/// ALLOC_BATCH.
+pub fn alloc_batch_req(heap_id: u32, count: u32, len: u64) -> Vec<u8> {
+    req_hdr(VIRTIO_DMAHEAP_REQ_ALLOC_BATCH, 0)
+        .u32(heap_id)
+        .u32(count)
+        .u64(len)
         .build()
 }
 

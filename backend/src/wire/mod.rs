@@ -34,17 +34,27 @@ pub struct Features {
     pub sync: bool,
     /// `VIRTIO_DMAHEAP_F_SESSION`.
     pub session: bool,
+    /// `VIRTIO_DMAHEAP_F_NO_SYNC`: HEAP_INFO may say a heap needs no SYNC.
+    pub no_sync: bool,
+    /// `VIRTIO_DMAHEAP_F_BATCH`: ALLOC_BATCH.
+    pub batch: bool,
 }
 
 impl Features {
     /// The device-specific feature bits the device offers.
-    pub const OFFERED: u64 = (1 << VIRTIO_DMAHEAP_F_SYNC) | (1 << VIRTIO_DMAHEAP_F_SESSION);
+    pub const OFFERED: u64 = (1 << VIRTIO_DMAHEAP_F_SYNC)
+        | (1 << VIRTIO_DMAHEAP_F_SESSION)
+        | (1 << VIRTIO_DMAHEAP_F_NO_SYNC)
+        | (1 << VIRTIO_DMAHEAP_F_BATCH);
 
     /// From the feature bits the driver accepted.
     pub fn from_bits(bits: u64) -> Self {
+        let has = |bit: u32| bits & (1 << bit) != 0;
         Self {
-            sync: bits & (1 << VIRTIO_DMAHEAP_F_SYNC) != 0,
-            session: bits & (1 << VIRTIO_DMAHEAP_F_SESSION) != 0,
+            sync: has(VIRTIO_DMAHEAP_F_SYNC),
+            session: has(VIRTIO_DMAHEAP_F_SESSION),
+            no_sync: has(VIRTIO_DMAHEAP_F_NO_SYNC),
+            batch: has(VIRTIO_DMAHEAP_F_BATCH),
         }
     }
 }
@@ -67,6 +77,15 @@ pub enum Request {
         /// Must be 0.
         flags: u32,
         /// Length in bytes.
+        len: u64,
+    },
+    /// `VIRTIO_DMAHEAP_REQ_ALLOC_BATCH` (with `VIRTIO_DMAHEAP_F_BATCH`).
+    AllocBatch {
+        /// Heap id.
+        heap_id: u32,
+        /// Buffers wanted.
+        count: u32,
+        /// Length in bytes of each.
         len: u64,
     },
     /// `VIRTIO_DMAHEAP_REQ_FREE`.
@@ -119,7 +138,7 @@ impl Request {
 }
 
 /// What the core answers to a request it served.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer {
     /// HEAP_INFO.
     HeapInfo(HeapInfo),
@@ -132,6 +151,8 @@ pub enum Answer {
         /// Length (rounded up to the heap's alignment).
         len: u64,
     },
+    /// ALLOC_BATCH: each buffer's (id, window offset, length), at most [`BATCH_MAX`].
+    AllocBatch(Vec<(u64, u64, u64)>),
     /// SESSION_OPEN.
     SessionOpened {
         /// The session id.
@@ -140,6 +161,9 @@ pub enum Answer {
     /// A request whose response is only a header.
     Done,
 }
+
+/// Most buffers of one ALLOC_BATCH.
+pub const BATCH_MAX: usize = VIRTIO_DMAHEAP_BATCH_MAX as usize;
 
 /// Why a request was not decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -228,6 +252,9 @@ fn sizes_of(ty: u32, features: Features) -> Option<(usize, usize)> {
     Some(match ty {
         VIRTIO_DMAHEAP_REQ_HEAP_INFO => (size_of::<HeapInfoReq>(), size_of::<HeapInfoResp>()),
         VIRTIO_DMAHEAP_REQ_ALLOC => (size_of::<AllocReq>(), size_of::<AllocResp>()),
+        VIRTIO_DMAHEAP_REQ_ALLOC_BATCH if features.batch => {
+            (size_of::<AllocBatchReq>(), size_of::<AllocBatchResp>())
+        }
         VIRTIO_DMAHEAP_REQ_FREE => (size_of::<FreeReq>(), hdr),
         VIRTIO_DMAHEAP_REQ_SYNC if features.sync => (size_of::<SyncReq>(), hdr),
         VIRTIO_DMAHEAP_REQ_SESSION_OPEN if features.session => {
@@ -272,6 +299,13 @@ pub fn decode(req: &[u8], writable: usize, features: Features) -> Result<Request
             flags: r.flags.to_native(),
             len: r.len.to_native(),
         }),
+        VIRTIO_DMAHEAP_REQ_ALLOC_BATCH => {
+            parse::<AllocBatchReq>(req).map(|r| Request::AllocBatch {
+                heap_id: r.heap_id.to_native(),
+                count: r.count.to_native(),
+                len: r.len.to_native(),
+            })
+        }
         VIRTIO_DMAHEAP_REQ_FREE => parse::<FreeReq>(req).map(|r| Request::Free {
             buffer_id: r.buffer_id.to_native(),
         }),
@@ -357,6 +391,22 @@ pub fn encode(req: &Request, outcome: Result<Answer, RequestError>) -> Reply {
             }
             r.as_slice().to_vec()
         }
+        Request::AllocBatch { .. } => {
+            let mut r = AllocBatchResp {
+                hdr,
+                ..Default::default()
+            };
+            if let Some(Answer::AllocBatch(buffers)) = answer {
+                let n = buffers.len().min(BATCH_MAX);
+                r.count = u32::try_from(n).unwrap_or(0).into();
+                for (out, &(id, offset, len)) in r.buffers.iter_mut().zip(&buffers[..n]) {
+                    out.buffer_id = id.into();
+                    out.offset = offset.into();
+                    out.len = len.into();
+                }
+            }
+            r.as_slice().to_vec()
+        }
         Request::SessionOpen { .. } => {
             let mut r = SessionOpenResp {
                 hdr,
@@ -389,6 +439,8 @@ mod tests {
     const ALL: Features = Features {
         sync: true,
         session: true,
+        no_sync: true,
+        batch: true,
     };
 
     #[test]
@@ -453,6 +505,8 @@ mod tests {
         let none = Features {
             sync: false,
             session: false,
+            no_sync: false,
+            batch: false,
         };
         let d = |b: &[u8], w, f| decode(b, w, f).map_err(DecodeError::status);
         assert_eq!(d(&[1, 0, 0], 8, ALL), Err(VIRTIO_DMAHEAP_S_INVAL));

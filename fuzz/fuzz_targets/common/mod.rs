@@ -9,8 +9,8 @@ use std::sync::Arc;
 use vhost_user_dmaheap::core::{CacheMode, Device, HeapParams, Limits};
 #[allow(unused_imports)]
 pub use vhost_user_dmaheap::testing::{
-    alloc_req, device_with, free_req, heap_info_req, le32, le64, reserve_req, serve_with_retry,
-    session_close_req, session_open_req, sync_req, FakeMapper, Faults,
+    alloc_batch_req, alloc_req, device_with, free_req, heap_info_req, le32, le64, reserve_req,
+    serve_with_retry, session_close_req, session_open_req, sync_req, FakeMapper, Faults,
 };
 
 pub const PAGE: u64 = 4096;
@@ -20,8 +20,9 @@ pub const PAGE: u64 = 4096;
 // module on its own and uses part of it, hence the allows.)
 #[allow(unused_imports)]
 pub use vhost_user_dmaheap::abi::{
-    VIRTIO_DMAHEAP_CLOSE_SUSPEND as CLOSE_SUSPEND, VIRTIO_DMAHEAP_F_SESSION as F_SESSION,
-    VIRTIO_DMAHEAP_F_SYNC as F_SYNC, VIRTIO_DMAHEAP_REQ_RESERVE as REQ_RESERVE,
+    VIRTIO_DMAHEAP_CLOSE_SUSPEND as CLOSE_SUSPEND, VIRTIO_DMAHEAP_F_BATCH as F_BATCH,
+    VIRTIO_DMAHEAP_F_SESSION as F_SESSION, VIRTIO_DMAHEAP_F_SYNC as F_SYNC,
+    VIRTIO_DMAHEAP_REQ_RESERVE as REQ_RESERVE,
     VIRTIO_DMAHEAP_REQ_SESSION_CLOSE as REQ_SESSION_CLOSE,
     VIRTIO_DMAHEAP_REQ_SESSION_OPEN as REQ_SESSION_OPEN,
     VIRTIO_DMAHEAP_REQ_UNRESERVE as REQ_UNRESERVE, VIRTIO_DMAHEAP_S_NO_SESSION as S_NO_SESSION,
@@ -40,6 +41,7 @@ pub use vhost_user_dmaheap::abi::{
 pub const RESP_HDR: usize = std::mem::size_of::<vhost_user_dmaheap::abi::RespHdr>();
 pub const HEAP_INFO_RESP: usize = std::mem::size_of::<vhost_user_dmaheap::abi::HeapInfoResp>();
 pub const ALLOC_RESP: usize = std::mem::size_of::<vhost_user_dmaheap::abi::AllocResp>();
+pub const ALLOC_BATCH_RESP: usize = std::mem::size_of::<vhost_user_dmaheap::abi::AllocBatchResp>();
 pub const SESSION_OPEN_RESP: usize =
     std::mem::size_of::<vhost_user_dmaheap::abi::SessionOpenResp>();
 

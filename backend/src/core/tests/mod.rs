@@ -1,5 +1,6 @@
 //! Unit tests of the device core, through [`Device::handle`] and the shared fakes.
 
+mod batch;
 mod idle;
 mod session;
 
@@ -571,7 +572,8 @@ fn target_65536_small_buffers() {
 fn failed_host_syncs_are_warned_about_at_a_limited_rate() {
     let (mut d, faults) = device();
     let mut m = FakeMapper::default();
-    let (_, id, _, _) = alloc(&mut d, &mut m, 0, 4096);
+    // A buffer with a host buffer of its own: SYNC reaches the host.
+    let (_, id, _, _) = alloc(&mut d, &mut m, 0, 16 << 20);
     // A guest can make every SYNC fail on the host: a flood of warnings.
     faults.sync_fails.store(u32::MAX, Ordering::SeqCst);
     let start = std::time::Instant::now();
