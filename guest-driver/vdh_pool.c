@@ -183,6 +183,8 @@ struct vdh_buffer *vdh_pool_get(struct vdh_dev *vd, struct vdh_heap *vh,
 	struct vdh_buffer *buf, *found = NULL;
 
 	lockdep_assert_held(&vd->alloc_sem);
+	if (!READ_ONCE(pool_buffers))
+		return NULL;	/* no pool any more: what it holds goes when idle */
 	spin_lock(&vd->pool_lock);
 	list_for_each_entry(buf, &vd->pool, node) {
 		if (buf->vh == vh && buf->len == len) {

@@ -155,11 +155,13 @@ static struct vdh_req *vdh_req_alloc(u32 type, size_t req_size,
 	return r;
 }
 
-/* Free a request, with what it owns of a batch. */
+/* Free a request (NULL: nothing), with what it owns of a batch. */
 static void vdh_req_free(struct vdh_req *r)
 {
 	unsigned int i;
 
+	if (!r)
+		return;
 	if (r->batch) {
 		for (i = 0; i < r->batch->count; i++)
 			kfree(r->batch->frees[i]);

@@ -781,13 +781,13 @@ fn wait_pool_empty(ctx: &Ctx, sh: &env::SysHeap, what: &str) -> Result<(), Strin
 const POOL_PARAMS: &str = "/sys/module/virtio_dmaheap/parameters";
 
 /// Sets a driver parameter for as long as it lives, then puts the old value back.
-struct ParamGuard {
+pub struct ParamGuard {
     path: String,
     old: String,
 }
 
 impl ParamGuard {
-    fn set(name: &str, value: &str) -> Result<ParamGuard, String> {
+    pub fn set(name: &str, value: &str) -> Result<ParamGuard, String> {
         let path = format!("{POOL_PARAMS}/{name}");
         let old = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
         std::fs::write(&path, value).map_err(|e| format!("{path} <- {value}: {e}"))?;
@@ -805,7 +805,7 @@ impl Drop for ParamGuard {
 }
 
 /// Whether the heap's device negotiated a feature bit (virtio sysfs `features`).
-fn heap_has_feature(sh: &env::SysHeap, bit: usize) -> Result<bool, String> {
+pub fn heap_has_feature(sh: &env::SysHeap, bit: usize) -> Result<bool, String> {
     let dev = sh.dir.join("../..");
     let f = std::fs::read_to_string(dev.join("features"))
         .map_err(|e| format!("{}/features: {e}", dev.display()))?;
@@ -886,7 +886,9 @@ fn pool(ctx: &Ctx) -> Result<(), String> {
         drop(burst);
         wait_pool_empty(ctx, &sh, "the pool to give idle buffers back")?;
     } else {
-        println!("# pool: the device did not negotiate VIRTIO_DMAHEAP_F_BATCH");
+        return Err(
+            "the device did not negotiate VIRTIO_DMAHEAP_F_BATCH (the daemon offers it)".into(),
+        );
     }
 
     // A full quota: pooled buffers are given back so that an allocation of another size
@@ -1169,8 +1171,13 @@ fn sysfs(ctx: &Ctx) -> Result<(), String> {
         .collect::<Result<_, _>>()?;
     let st = env::daemon_heap_stats(&ctx.daemon_name(&ctx.heap))?;
     let (bu, by) = (h.num("buffers_used")?, h.num("bytes_used")?);
-    check(bu == 3 && st.buffers == 3, || {
-        format!("buffers: sysfs {bu}, daemon {}, want 3", st.buffers)
+    // The host also holds what the driver pools (spec 6.5.1 item 5).
+    let pooled = h.num("buffers_pooled")?;
+    check(bu == 3 && st.buffers == 3 + pooled, || {
+        format!(
+            "buffers: sysfs {bu} used + {pooled} pooled, daemon {}, want 3 used",
+            st.buffers
+        )
     })?;
     check(by >= 3 * (64 << 10) && st.bytes >= 3 * (64 << 10), || {
         format!(
@@ -1318,8 +1325,12 @@ fn device_reset(ctx: &Ctx) -> Result<(), String> {
         held.push((b, m));
     }
     let before = env::daemon_heap_stats(&dname)?;
-    check(before.buffers == held.len() as u64, || {
-        format!("daemon holds {before:?} for {} buffers", held.len())
+    let pooled = env::sysfs_heap(&ctx.heap)?.num("buffers_pooled")?;
+    check(before.buffers == held.len() as u64 + pooled, || {
+        format!(
+            "daemon holds {before:?} for {} buffers and {pooled} pooled",
+            held.len()
+        )
     })?;
     // The virtio device the heap belongs to: .../virtio_dmaheap/virtioN/heaps/NAME.
     let dev_dir = env::sysfs_heap(&ctx.heap)?

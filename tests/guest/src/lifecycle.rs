@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::cases::Ctx;
+use crate::cases::{heap_has_feature, Ctx, ParamGuard};
 use crate::env::{self, Overview};
 use crate::host;
 use crate::sys::{self, errname, Buf, Heap, Map, PAGE};
@@ -481,6 +481,17 @@ pub fn reset(ctx: &Ctx) -> Result<(), String> {
 
 /// Forks a child that runs `f` (a request the device will not answer); kills it after a
 /// moment and returns how long it took to go.
+/// Whether the driver logged that the device marks `heap` as needing no SYNC.
+fn dmesg_says_no_host_sync(heap: &str) -> Result<bool, String> {
+    let out = std::process::Command::new("dmesg")
+        .output()
+        .map_err(|e| format!("dmesg: {e}"))?;
+    let needle = format!("heap {heap}: ");
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.contains(&needle) && l.ends_with(", no host sync")))
+}
+
 fn killed_while_waiting(what: &str, f: impl FnOnce() -> i32) -> Result<Duration, String> {
     // SAFETY: the child only makes system calls and exits.
     let pid = unsafe { libc::fork() };
@@ -520,6 +531,14 @@ fn killed_while_waiting(what: &str, f: impl FnOnce() -> i32) -> Result<Duration,
 /// signal ends the wait at once, and the ALLOC answered later leaks nothing.
 pub fn killable(ctx: &Ctx) -> Result<(), String> {
     let heap = open_heap(ctx)?;
+    // No pool: the ALLOC below must go to the (stopped) device.
+    let _no_pool = ParamGuard::set("pool_buffers", "0")?;
+    let sh = env::sysfs_heap(&ctx.heap)?;
+    env::wait_until("the pool to empty", Duration::from_secs(10), || {
+        Ok(sh.num("buffers_pooled")? == 0)
+    })?;
+    // A heap the device marks NO_SYNC never waits for the device in SYNC.
+    let host_sync = !(heap_has_feature(&sh, 3)? && dmesg_says_no_host_sync(&ctx.heap)?);
     let base = env::daemon_overview()?.buffers;
     let synced = heap.alloc(PAGE)?;
     let name = ctx.heap.clone();
@@ -530,6 +549,17 @@ pub fn killable(ctx: &Ctx) -> Result<(), String> {
         })?;
         eprintln!("  killable: ALLOC ended {t:.1?} after SIGKILL");
         let fd = synced.raw();
+        if !host_sync {
+            let t0 = Instant::now();
+            synced
+                .sync(sys::SYNC_START | sys::SYNC_RW)
+                .map_err(|e| format!("SYNC of a NO_SYNC heap: {}", errname(e)))?;
+            eprintln!(
+                "  killable: SYNC of a NO_SYNC heap returned in {:.1?} with the daemon stopped",
+                t0.elapsed()
+            );
+            return Ok(());
+        }
         let t = killed_while_waiting("SYNC", move || {
             let flags: u64 = sys::SYNC_START | sys::SYNC_RW;
             // SAFETY: DMA_BUF_IOCTL_SYNC reads one u64 that outlives the call.
