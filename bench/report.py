@@ -15,7 +15,7 @@ import sys
 
 TARGETS = {
     "P1": "daemon/direct alloc+map+free median <= 1.10 for 1-8 MiB",
-    "P1b": "recycled/direct median <= 0.50",
+    "P1b": "recycled/direct median <= 0.50 (the driver's path: ALLOC_BATCH per buffer up to 256 KiB, plain ALLOC above)",
     "P2": "virtio/system alloc+touch+free median <= 1.0 for >= 1 MiB",
     "P3": "65,536 live buffers, p99 there <= 1.5x p99 at 1 live",
     "P4": "virtio/system write bandwidth >= 0.95",
@@ -92,12 +92,19 @@ def evaluate(host, guest):
                                    f"(x{worst / 1.10:.1f} over target)"}
         rec = [r for r in host["p1"] if r["shmem_maps_per_alloc_recycled"] < 0.5]
         if rec:
-            worst = max(r["recycled_ratio_median"] for r in rec)
+            # What the guest driver does: sizes its pool keeps (<= 256 KiB) come in batches
+            # (ALLOC_BATCH, the time per buffer), larger ones one ALLOC at a time.
+            def driver_ratio(r):
+                if "recycled_batch_ratio_median" in r and r["size"] <= (256 << 10):
+                    return r["recycled_batch_ratio_median"]
+                return r["recycled_ratio_median"]
+            worst_r = max(rec, key=driver_ratio)
+            worst = driver_ratio(worst_r)
             nonrec = [r["size_h"] for r in host["p1"] if r["shmem_maps_per_alloc_recycled"] >= 0.5]
             res["P1b"] = {"value": worst, "ok": worst <= 0.50 and not nonrec,
-                          "detail": f"worst recycled median ratio {worst:.2f} over sizes that "
-                                    f"recycle; not recycled (own mapping per buffer): "
-                                    f"{', '.join(nonrec) or 'none'}"}
+                          "detail": f"worst median ratio {worst:.2f} (at {worst_r['size_h']}) over "
+                                    f"sizes that recycle, batched up to 256 KiB; not recycled "
+                                    f"(own mapping per buffer): {', '.join(nonrec) or 'none'}"}
         p3 = host["p3"]
         lv = {r["live"]: r for r in p3["levels"]}
         if 1 in lv and 65536 in lv:
@@ -164,12 +171,17 @@ def table(host, guest, meta, res):
             p("")
             p("P1/P1b with FREE not waited for (as the guest driver does: its processing delays "
               "the next request instead); us median, ratio to direct")
-            p(f"{'size':>5} | {'fresh async':>11} {'ratio':>6} | {'recycled async':>14} {'ratio':>6}")
+            batched = "recycled_batch" in host["p1"][0]
+            p(f"{'size':>5} | {'fresh async':>11} {'ratio':>6} | {'recycled async':>14} {'ratio':>6}"
+              + (f" | {'batch of ' + str(host['p1'][0]['batch']) + ', per buffer':>22} {'ratio':>6}"
+                 if batched else ""))
             for r in host["p1"]:
                 p(f"{r['size_h']:>5} | {fmt_us(r['daemon_async_free']['median_us']):>11} "
                   f"{r['async_ratio_median']:>6.2f} | "
                   f"{fmt_us(r['recycled_async_free']['median_us']):>14} "
-                  f"{r['recycled_async_ratio_median']:>6.2f}")
+                  f"{r['recycled_async_ratio_median']:>6.2f}"
+                  + (f" | {fmt_us(r['recycled_batch']['median_us']):>22} "
+                     f"{r['recycled_batch_ratio_median']:>6.2f}" if batched else ""))
         p("")
         p3 = host["p3"]
         p(f"P3/P5  host: alloc+free of one more 4 KiB buffer with N live (seccomp "
@@ -245,10 +257,13 @@ def plot(d, host, guest, res):
             ("direct", "direct memfd alloc+mmap+free", "o-"),
             ("daemon", "daemon fresh (SHMEM_MAP)", "s-"),
             ("recycled", "daemon recycled (arena)", "^-"),
+            ("recycled_batch", "daemon recycled, ALLOC_BATCH per buffer", "v-"),
             ("direct_touch", "direct + touch", "o--"),
             ("daemon_touch", "daemon fresh + touch", "s--"),
             ("floor_fresh_memset", "floor: memset fresh mapping", "k:"),
         ]:
+            if key not in host["p1"][0]:
+                continue
             a.plot(xs, [r[key]["median_us"] for r in host["p1"]], style, label=label)
         a.set_xscale("log", base=2)
         a.set_yscale("log")

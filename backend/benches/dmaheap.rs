@@ -19,7 +19,7 @@ use std::cell::{Cell, RefCell};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use common::{free_req, Buffer, Daemon, FrontEnd, Seg, RESP_HDR_SIZE, S_OK};
+use common::{free_req, Buffer, Daemon, FrontEnd, Seg, F_BATCH, F_SYNC, RESP_HDR_SIZE, S_OK};
 use serde_json::{json, Value};
 
 const PAGE: u64 = 4096;
@@ -311,7 +311,7 @@ struct Dev {
 impl Dev {
     fn new(daemon: &Daemon) -> Dev {
         Dev {
-            fe: FrontEnd::connect(daemon),
+            fe: FrontEnd::connect_acking(daemon, F_SYNC | F_BATCH),
             pending: Vec::new(),
         }
     }
@@ -391,6 +391,33 @@ fn human(len: u64) -> String {
 // ----------------------------------------------------------------------------------------
 // P1 + P1b
 
+/// Buffers per ALLOC_BATCH in the batched case (the spec's maximum).
+const BATCH: u32 = 16;
+
+/// Like the guest driver with ALLOC_BATCH: one request allocates `BATCH` buffers, each is
+/// freed with a FREE not waited for; the time per buffer.
+fn daemon_batch_once(dev: &mut Dev, len: u64) -> Duration {
+    // Collect every earlier FREE first: their descriptor heads must not be reused while a
+    // completion of theirs is still to be matched.
+    dev.reap(true);
+    let t = Instant::now();
+    let bufs = dev
+        .fe
+        .alloc_batch(0, BATCH, len)
+        .unwrap_or_else(|s| panic!("ALLOC_BATCH of {len:#x}: status {s}"));
+    for b in &bufs {
+        let h = dev
+            .fe
+            .submit(&[Seg::R(free_req(b.id)), Seg::W(RESP_HDR_SIZE as u32)]);
+        dev.pending.push(h);
+    }
+    dev.fe.kick();
+    let d = t.elapsed() / u32::try_from(bufs.len()).unwrap_or(1);
+    // The queue has 256 descriptors: do not let FREEs pile up past it.
+    dev.reap(true);
+    d
+}
+
 fn bench_p1(quick: bool) -> Value {
     let sizes: Vec<u64> = if quick {
         vec![4 * KIB, 64 * KIB, MIB, 8 * MIB, 64 * MIB]
@@ -434,6 +461,11 @@ fn bench_p1(quick: bool) -> Value {
         let rec_daemon = spawn_daemon(&[]);
         let rec = RefCell::new(Dev::new(&rec_daemon));
         let keeper = rec.borrow_mut().fe.alloc_ok(0, PAGE);
+        // Batched path, on a daemon of its own (its arenas must not change the recycled
+        // path's): a keeper too, ALLOC_BATCH of BATCH buffers, each FREE not waited for.
+        let bat_daemon = spawn_daemon(&[]);
+        let bat = RefCell::new(Dev::new(&bat_daemon));
+        let bat_keeper = bat.borrow_mut().fe.alloc_ok(0, PAGE);
 
         let maps_before = (
             fresh.borrow().fe.shm().map_count(),
@@ -474,6 +506,7 @@ fn bench_p1(quick: bool) -> Value {
                 nr.set(nr.get() + 1);
                 daemon_once_async_free(&mut rec.borrow_mut(), len)
             };
+            let mut c_rec_b = || daemon_batch_once(&mut bat.borrow_mut(), len);
             interleaved(
                 budget,
                 &mut [
@@ -487,9 +520,16 @@ fn bench_p1(quick: bool) -> Value {
                     &mut c_rec_t,
                     &mut c_fresh_a,
                     &mut c_rec_a,
+                    &mut c_rec_b,
                 ],
             )
         };
+        let mut bat = bat.into_inner();
+        bat.reap(true);
+        bat.fe.free_ok(bat_keeper.id);
+        bat.fe.assert_no_violations();
+        drop(bat);
+        drop(bat_daemon);
         let (mut fresh, mut rec) = (fresh.into_inner(), rec.into_inner());
         fresh.reap(true);
         rec.reap(true);
@@ -507,7 +547,7 @@ fn bench_p1(quick: bool) -> Value {
         drop(fresh_daemon);
         drop(rec_daemon);
 
-        let [d, direct, floor, warm_s, r, dt, directt, rt, da, ra] = sums[..] else {
+        let [d, direct, floor, warm_s, r, dt, directt, rt, da, ra, rb] = sums[..] else {
             unreachable!()
         };
         eprintln!(
@@ -541,6 +581,9 @@ fn bench_p1(quick: bool) -> Value {
             "async_ratio_median": ratio(da.median, direct.median),
             "recycled_async_free": ra.json(),
             "recycled_async_ratio_median": ratio(ra.median, direct.median),
+            "recycled_batch": rb.json(),
+            "recycled_batch_ratio_median": ratio(rb.median, direct.median),
+            "batch": BATCH,
             "daemon_touch": dt.json(),
             "direct_touch": directt.json(),
             "recycled_touch": rt.json(),

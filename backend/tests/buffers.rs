@@ -285,3 +285,41 @@ fn sync_needs_f_sync_to_be_negotiated() {
     assert_eq!(daemon.peek(b.id, 0, 7), b"no sync");
     fe.free_ok(b.id);
 }
+
+#[test]
+fn a_batch_maps_count_zeroed_buffers_in_one_request() {
+    let daemon = Daemon::spawn(["--heap", "a=memfd", "--shm-size", "64M"]);
+    let mut fe = FrontEnd::connect_acking(&daemon, F_SYNC | F_BATCH);
+    // Dirty ranges first, so that the batch reuses them.
+    let dirty: Vec<Buffer> = (0..4).map(|_| fe.alloc_ok(0, 16 * KIB)).collect();
+    for b in &dirty {
+        fe.write_buffer(b, 0, &pattern(3, (16 * KIB) as usize));
+    }
+    for b in &dirty {
+        fe.free_ok(b.id);
+    }
+    let bufs = fe.alloc_batch(0, 16, 16 * KIB).unwrap();
+    assert_eq!(bufs.len(), 16, "{bufs:x?}");
+    for (i, b) in bufs.iter().enumerate() {
+        assert!(
+            b.offset + b.len <= fe.window_size(),
+            "buffer {b:x?} outside the window"
+        );
+        assert!(
+            fe.read_buffer(b, 0, b.len).iter().all(|&x| x == 0),
+            "buffer {i} ({b:x?}) not zeroed"
+        );
+        // Each one is the host buffer behind the window, and its own.
+        let data = pattern(i as u8, 64);
+        fe.write_buffer(b, 100, &data);
+        assert_eq!(daemon.peek(b.id, 100, 64), data, "buffer {i}: host bytes");
+    }
+    for b in &bufs {
+        fe.free_ok(b.id);
+    }
+    assert_eq!(daemon.stats().total.buffers, 0);
+    // Without the feature the request is unknown (the daemon serves one front end at a time).
+    drop(fe);
+    let mut plain = FrontEnd::connect_acking(&daemon, F_SYNC);
+    assert_eq!(plain.alloc_batch(0, 2, 4 * KIB), Err(S_UNSUPP));
+}

@@ -1238,6 +1238,35 @@ impl FrontEnd {
         parse_alloc(&c, &format!("ALLOC heap {heap_id} len {len:#x}"))
     }
 
+    /// ALLOC_BATCH (needs [`F_BATCH`] acked): the buffers the daemon allocated.
+    pub fn alloc_batch(&mut self, heap_id: u32, count: u32, len: u64) -> Result<Vec<Buffer>, u32> {
+        let c = self.request(
+            &alloc_batch_req(heap_id, count, len),
+            ALLOC_BATCH_RESP_SIZE as u32,
+        );
+        let what = format!("ALLOC_BATCH heap {heap_id} count {count} len {len:#x}");
+        let status = FrontEnd::status_of(&c, &what);
+        if status != S_OK {
+            return Err(status);
+        }
+        assert_eq!(
+            c.used_len as usize, ALLOC_BATCH_RESP_SIZE,
+            "{what}: used len"
+        );
+        let n = le32(&c.written, 8) as usize;
+        assert!(n >= 1 && n <= count as usize, "{what}: {n} buffers");
+        Ok((0..n)
+            .map(|i| {
+                let e = 16 + 24 * i;
+                Buffer {
+                    id: le64(&c.written, e),
+                    offset: le64(&c.written, e + 8),
+                    len: le64(&c.written, e + 16),
+                }
+            })
+            .collect())
+    }
+
     /// ALLOC that must succeed.
     pub fn alloc_ok(&mut self, heap_id: u32, len: u64) -> Buffer {
         self.alloc(heap_id, len).unwrap_or_else(|s| {

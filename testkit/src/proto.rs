@@ -38,6 +38,8 @@ pub const CONFIG_SIZE: usize = size_of::<abi::Config>();
 pub const F_SYNC: u64 = 1 << abi::VIRTIO_DMAHEAP_F_SYNC;
 pub const F_UUID: u64 = 1 << abi::VIRTIO_DMAHEAP_F_UUID;
 pub const F_SESSION: u64 = 1 << abi::VIRTIO_DMAHEAP_F_SESSION;
+pub const F_NO_SYNC: u64 = 1 << abi::VIRTIO_DMAHEAP_F_NO_SYNC;
+pub const F_BATCH: u64 = 1 << abi::VIRTIO_DMAHEAP_F_BATCH;
 
 /// Struct sizes from the header.
 pub const RESP_HDR_SIZE: usize = size_of::<abi::RespHdr>();
@@ -50,6 +52,7 @@ pub const SYNC_REQ_SIZE: usize = size_of::<abi::SyncReq>();
 pub const ASSIGN_UUID_REQ_SIZE: usize = size_of::<abi::AssignUuidReq>();
 pub const ASSIGN_UUID_RESP_SIZE: usize = size_of::<abi::AssignUuidResp>();
 pub const SESSION_OPEN_RESP_SIZE: usize = size_of::<abi::SessionOpenResp>();
+pub const ALLOC_BATCH_RESP_SIZE: usize = size_of::<abi::AllocBatchResp>();
 
 /// Name of a status code, for messages.
 pub fn status_name(status: u32) -> String {
@@ -73,8 +76,8 @@ pub fn status_name(status: u32) -> String {
 // The request encoders are the daemon's shared test ones (written byte by byte from the
 // header's constants), also used by its unit tests and the fuzz targets.
 pub use vhost_user_dmaheap::testing::{
-    alloc_req, assign_uuid_req, free_req, heap_info_req, le32, le64, req_hdr, reserve_req,
-    session_close_req, session_open_req, sync_req, Req,
+    alloc_batch_req, alloc_req, assign_uuid_req, free_req, heap_info_req, le32, le64, req_hdr,
+    reserve_req, session_close_req, session_open_req, sync_req, Req,
 };
 
 /// `struct virtio_dmaheap_config`.
