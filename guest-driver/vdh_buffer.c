@@ -606,6 +606,14 @@ static struct vdh_buffer *vdh_buf_new(struct vdh_dev *vd, struct vdh_heap *vh,
 }
 
 /* A new buffer from the device. Called with alloc_sem held. */
+/* A buffer the device never allocated (or that was given back already). */
+static void vdh_buf_discard(struct vdh_buffer *buf)
+{
+	vdh_free_req_discard(buf->free_req);
+	mutex_destroy(&buf->lock);
+	kfree(buf);
+}
+
 static struct dma_buf *vdh_buf_create(struct vdh_dev *vd, struct vdh_heap *vh,
 				      size_t len, u32 fd_flags,
 				      struct vdh_heap_props *props)
@@ -621,23 +629,12 @@ static struct dma_buf *vdh_buf_create(struct vdh_dev *vd, struct vdh_heap *vh,
 	if (ret == -ENOMEM && buf->free_req && vdh_pool_flush(vd))
 		ret = vdh_buf_alloc(buf, props, fd_flags);
 	if (ret) {
-		if (buf->free_req)
-			vdh_free_req_discard(buf->free_req);
-		mutex_destroy(&buf->lock);
-		kfree(buf);
+		vdh_buf_discard(buf);
 		return ERR_PTR(ret);
 	}
 	/* The buffer's reference to the device. */
 	kref_get(&vd->ref);
 	return buf->dmabuf;
-}
-
-/* A buffer the device never allocated (or that was given back already). */
-static void vdh_buf_discard(struct vdh_buffer *buf)
-{
-	vdh_free_req_discard(buf->free_req);
-	mutex_destroy(&buf->lock);
-	kfree(buf);
 }
 
 /* Pool a buffer of a batch beside the one handed out, or give it back. */

@@ -235,6 +235,29 @@ impl Model {
     }
 }
 
+/// The status ALLOC (and each buffer of ALLOC_BATCH) must get for bad arguments, if any.
+fn alloc_arg_error(params: &[HeapParams], h: usize, flags: u32, want: u64) -> Option<u32> {
+    if h >= params.len() {
+        Some(S_NO_HEAP)
+    } else if flags != 0 || want == 0 || want % PAGE != 0 {
+        Some(S_INVAL)
+    } else if want > params[h].max_size {
+        Some(S_TOO_BIG)
+    } else {
+        None
+    }
+}
+
+/// Whether an allocation with valid arguments succeeded; if not, it failed only for lack
+/// of memory, quota or window space, or a host error.
+fn alloc_succeeded(st: u32, what: &str) -> bool {
+    assert!(
+        matches!(st, S_OK | S_NOMEM | S_QUOTA | S_WINDOW_FULL | S_IOERR),
+        "{what} failed with {st}"
+    );
+    st == S_OK
+}
+
 fn status(resp: &[u8], writable: usize) -> u32 {
     check_response(resp, writable).expect("a resp_hdr fits")
 }
@@ -309,24 +332,14 @@ fuzz_target!(|ops: Vec<Op>| {
                 let h = heap as usize;
                 let expect_err = if !m.session_ok() {
                     Some(S_NO_SESSION)
-                } else if h >= params.len() {
-                    Some(S_NO_HEAP)
-                } else if flags != 0 || want == 0 || want % PAGE != 0 {
-                    Some(S_INVAL)
-                } else if want > params[h].max_size {
-                    Some(S_TOO_BIG)
                 } else {
-                    None
+                    alloc_arg_error(&params, h, flags, want)
                 };
                 if let Some(e) = expect_err {
                     assert_eq!(st, e, "ALLOC heap {heap} flags {flags} len {want:#x}");
                     continue;
                 }
-                if st != S_OK {
-                    assert!(
-                        matches!(st, S_NOMEM | S_QUOTA | S_WINDOW_FULL | S_IOERR),
-                        "ALLOC failed with {st}"
-                    );
+                if !alloc_succeeded(st, "ALLOC") {
                     continue;
                 }
                 assert_eq!(resp.len(), ALLOC_RESP);
@@ -351,24 +364,14 @@ fuzz_target!(|ops: Vec<Op>| {
                     Some(S_NO_SESSION)
                 } else if count == 0 || count > 16 {
                     Some(S_INVAL)
-                } else if h >= params.len() {
-                    Some(S_NO_HEAP)
-                } else if want == 0 || want % PAGE != 0 {
-                    Some(S_INVAL)
-                } else if want > params[h].max_size {
-                    Some(S_TOO_BIG)
                 } else {
-                    None
+                    alloc_arg_error(&params, h, 0, want)
                 };
                 if let Some(e) = expect_err {
                     assert_eq!(st, e, "ALLOC_BATCH heap {heap} count {count} len {want:#x}");
                     continue;
                 }
-                if st != S_OK {
-                    assert!(
-                        matches!(st, S_NOMEM | S_QUOTA | S_WINDOW_FULL | S_IOERR),
-                        "ALLOC_BATCH failed with {st}"
-                    );
+                if !alloc_succeeded(st, "ALLOC_BATCH") {
                     continue;
                 }
                 assert_eq!(resp.len(), ALLOC_BATCH_RESP);
