@@ -203,13 +203,13 @@ static struct vdh_heap_kobj *vdh_heap_kobj_add(struct vdh_dev *vd,
 
 /* ---- heap registration -------------------------------------------------- */
 
-/* A heap name becomes a device node name: keep it tame. */
+/* A heap name becomes a device node name: keep it tame (`linux,cma` is fine). */
 static bool vdh_name_ok(const char *name)
 {
 	if (!*name)
 		return false;
 	for (; *name; name++) {
-		if (!isalnum(*name) && !strchr("_-.", *name))
+		if (!isalnum(*name) && !strchr("_-.,", *name))
 			return false;
 	}
 	return true;

@@ -41,7 +41,7 @@ pub struct DaemonArgs {
     pub socket_fd: Option<i32>,
 
     /// Export a heap to the guest as NAME (repeatable; heap ids follow the order given;
-    /// NAME: 1-31 characters of [A-Za-z0-9_.-]).
+    /// NAME: 1-31 characters of [A-Za-z0-9_.,-], e.g. `linux,cma`).
     /// SOURCE is `dma-heap:HOSTNAME` (/dev/dma_heap/HOSTNAME), `memfd`, or `udmabuf`.
     /// OPTs: max-bytes=SIZE (per-heap quota), max-size=SIZE (largest buffer, default:
     /// --shm-size), align=SIZE (min_align, power of two >= 4K, default 4K),

@@ -152,7 +152,7 @@ fn valid_name(name: &str) -> bool {
         && name.len() < crate::abi::VIRTIO_DMAHEAP_NAME_LEN
         && name
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.,".contains(&b))
 }
 
 fn parse_heap(spec: &str, shm_size: u64) -> Result<HeapSpec, ConfigError> {
@@ -165,21 +165,28 @@ fn parse_heap(spec: &str, shm_size: u64) -> Result<HeapSpec, ConfigError> {
         .ok_or_else(|| bad("expected NAME=SOURCE[,OPT=VAL]...".into()))?;
     if !valid_name(name) {
         return Err(bad(format!(
-            "name {name:?} must be 1-31 characters of [A-Za-z0-9_.-]"
+            "name {name:?} must be 1-31 characters of [A-Za-z0-9_.,-]"
         )));
     }
-    let mut parts = rest.split(',');
+    let mut parts = rest.split(',').peekable();
     let source = match parts.next().unwrap_or_default() {
         "memfd" => HeapSource::Memfd,
         "udmabuf" => HeapSource::Udmabuf,
-        s => match s.strip_prefix("dma-heap:") {
-            Some(h) if valid_name(h) => HeapSource::DmaHeap(h.to_string()),
-            _ => {
-                return Err(bad(format!(
-                    "source {s:?} is not dma-heap:HOSTNAME, memfd or udmabuf"
-                )))
+        s => {
+            // A host heap name may have commas (`linux,cma`): options always have `=`.
+            let mut host = s.to_string();
+            while let Some(more) = parts.next_if(|p| !p.contains('=')) {
+                host = format!("{host},{more}");
             }
-        },
+            match host.strip_prefix("dma-heap:") {
+                Some(h) if valid_name(h) => HeapSource::DmaHeap(h.to_string()),
+                _ => {
+                    return Err(bad(format!(
+                        "source {host:?} is not dma-heap:HOSTNAME, memfd or udmabuf"
+                    )))
+                }
+            }
+        }
     };
     let contiguous_default = match &source {
         HeapSource::DmaHeap(h) => h.contains("cma") || h.contains("reserved"),
@@ -390,8 +397,27 @@ mod tests {
 
     #[test]
     fn heaps() {
-        let c = cfg(&["--socket-fd", "3", "--heap", "linux,cma=dma-heap:linux,cma"]);
-        assert!(c.is_err(), "comma in name is an option separator");
+        // Android's CMA heap name has a comma, on either side.
+        let c = cfg(&[
+            "--socket-fd",
+            "3",
+            "--heap",
+            "linux,cma=dma-heap:linux,cma,max-bytes=8M",
+            "--heap",
+            "linux,cma2=dma-heap:default_cma_region",
+        ])
+        .unwrap();
+        assert_eq!(c.heaps[0].params.name, "linux,cma");
+        assert_eq!(c.heaps[0].source, HeapSource::DmaHeap("linux,cma".into()));
+        assert_eq!(c.heaps[0].params.max_bytes, Some(8 << 20));
+        assert!(c.heaps[0].params.contiguous);
+        assert_eq!(c.heaps[1].params.name, "linux,cma2");
+        assert_eq!(
+            c.heaps[1].source,
+            HeapSource::DmaHeap("default_cma_region".into())
+        );
+        let c = cfg(&["--socket-fd", "3", "--heap", "a=memfd,oops"]);
+        assert!(c.is_err(), "an option without a value: {c:?}");
         let c = cfg(&[
             "--socket-fd",
             "3",
