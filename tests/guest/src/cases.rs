@@ -126,6 +126,18 @@ pub const EXPLICIT_CASES: &[(&str, &str, CaseFn)] = &[
         "after a host reset: the daemon holds nothing of before, allocation works",
         crate::lifecycle::after_restart,
     ),
+    (
+        "host-pages",
+        "tests/nested only: a 16 MiB buffer's host page frames (L1's pagemap and kprobes) \
+         are all mapped, in one run where sysfs says contiguous",
+        crate::nested::host_pages,
+    ),
+    (
+        "host-sync",
+        "tests/nested only: each SYNC bracket on a 16 MiB buffer reaches the host exporter's \
+         begin/end_cpu_access once (L1's function tracer)",
+        crate::nested::host_sync,
+    ),
 ];
 
 fn check(cond: bool, msg: impl FnOnce() -> String) -> Result<(), String> {

@@ -14,6 +14,7 @@ mod env;
 mod host;
 mod json;
 mod lifecycle;
+mod nested;
 mod sys;
 
 use std::process::ExitCode;
