@@ -19,6 +19,7 @@
 #include <linux/dma-buf.h>
 #include <linux/dma-heap.h>
 #include <linux/dma-mapping.h>
+#include <linux/dma-resv.h>
 #include <linux/err.h>
 #include <linux/file.h>
 #include <linux/fs.h>
@@ -453,6 +454,24 @@ static const struct dma_buf_ops vdh_buf_ops = {
 };
 
 /*
+ * A revoked buffer's operations: the same, without vmap. dma_buf_vmap() WARNs
+ * when an exporter's vmap fails, but fails quietly (-EINVAL) when there is
+ * none: a kernel user asking a revoked buffer for a new vmap is no kernel bug.
+ * (A vmap taken before the revocation stays, refcounted by the core.)
+ */
+static const struct dma_buf_ops vdh_buf_revoked_ops = {
+	.attach = vdh_buf_attach,
+	.detach = vdh_buf_detach,
+	.map_dma_buf = vdh_buf_map,
+	.unmap_dma_buf = vdh_buf_unmap,
+	.begin_cpu_access = vdh_buf_begin_cpu_access,
+	.end_cpu_access = vdh_buf_end_cpu_access,
+	.mmap = vdh_buf_mmap,
+	.vunmap = vdh_buf_vunmap,
+	.release = vdh_buf_release,
+};
+
+/*
  * The buffer's session ended: zap its user mappings (the fault handler maps
  * nothing any more) and quarantine it while kernel users can reach it.
  */
@@ -460,11 +479,19 @@ static void vdh_buf_revoke(struct vdh_buffer *buf)
 {
 	struct file *file;
 
+	/*
+	 * dma_buf_vmap() looks at the ops twice with the reservation lock held:
+	 * switch them with it held. The buffer is on vd->buffers, so its
+	 * dma-buf is not freed meanwhile (release waits for buffers_lock).
+	 */
+	dma_resv_lock(buf->dmabuf->resv, NULL);
 	mutex_lock(&buf->lock);
 	buf->revoked = true;
 	if (vdh_buf_reachable(buf))
 		vdh_buf_quarantine(buf);
 	mutex_unlock(&buf->lock);
+	WRITE_ONCE(buf->dmabuf->ops, &vdh_buf_revoked_ops);
+	dma_resv_unlock(buf->dmabuf->resv);
 
 	/* The file may be on its way out: release() then waits for us. */
 	file = get_file_active(&buf->dmabuf->file);
