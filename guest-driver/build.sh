@@ -11,7 +11,9 @@
 # Environment:
 #   VIRTIO_DMAHEAP_ROOT    the tree      (default /var/cache/virtio-dmaheap/trixie)
 #   VIRTIO_DMAHEAP_KVER    kernel        (default 7.3.4+deb13-amd64)
-#   VIRTIO_DMAHEAP_KO_DIR  output dir    (default <repo>/build/guest-driver)
+#   VIRTIO_DMAHEAP_KO_DIR  output dir    (default <repo>/build/guest-driver, and
+#                                         <repo>/build/guest-driver/KVER for any other
+#                                         kernel, e.g. one of tests/kernel/build)
 #
 # Idempotent: sources are copied (mtimes kept) into a build directory inside
 # the tree, so make rebuilds only what changed. /proc is mounted for objtool in
@@ -28,8 +30,15 @@ root=${VIRTIO_DMAHEAP_ROOT:-/var/cache/virtio-dmaheap/trixie}
 kver=${VIRTIO_DMAHEAP_KVER:-7.3.4+deb13-amd64}
 out=${VIRTIO_DMAHEAP_KO_DIR:-$repo/build/guest-driver}
 bdir=/var/tmp/virtio-dmaheap-build	# inside the tree
+if [ "$kver" != 7.3.4+deb13-amd64 ]; then
+	# Other kernels build and deliver apart: a module of one must never be taken for
+	# a module of the other.
+	out=${VIRTIO_DMAHEAP_KO_DIR:-$repo/build/guest-driver/$kver}
+	bdir=$bdir-$kver
+fi
 
-if [ ! -d "$root/lib/modules/$kver/build" ]; then
+# `build` may be an absolute link, valid inside the tree only (project kernels).
+if ! chroot "$root" test -d "/lib/modules/$kver/build"; then
 	echo "build.sh: no kernel headers at $root/lib/modules/$kver/build;" \
 	     "run tests/vm/provision first" >&2
 	exit 1
