@@ -481,10 +481,8 @@ pub fn reset(ctx: &Ctx) -> Result<(), String> {
     Err("the VM was not reset".into())
 }
 
-/// Forks a child that runs `f` (a request the device will not answer); kills it after a
-/// moment and returns how long it took to go.
 /// Whether the driver logged that the device marks `heap` as needing no SYNC.
-fn dmesg_says_no_host_sync(heap: &str) -> Result<bool, String> {
+pub(crate) fn dmesg_says_no_host_sync(heap: &str) -> Result<bool, String> {
     let out = std::process::Command::new("dmesg")
         .output()
         .map_err(|e| format!("dmesg: {e}"))?;
@@ -494,6 +492,8 @@ fn dmesg_says_no_host_sync(heap: &str) -> Result<bool, String> {
         .any(|l| l.contains(&needle) && l.ends_with(", no host sync")))
 }
 
+/// Forks a child that runs `f` (a request the device will not answer); kills it after a
+/// moment and returns how long it took to go.
 fn killed_while_waiting(what: &str, f: impl FnOnce() -> i32) -> Result<Duration, String> {
     // SAFETY: the child only makes system calls and exits.
     let pid = unsafe { libc::fork() };

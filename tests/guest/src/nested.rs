@@ -160,7 +160,7 @@ fn traced(out: &str) -> Result<(u64, u64), String> {
 pub fn host_sync(ctx: &Ctx) -> Result<(), String> {
     let sh = env::sysfs_heap(&ctx.heap)?;
     check(
-        !heap_has_feature(&sh, 3)? || !no_host_sync(&ctx.heap)?,
+        !heap_has_feature(&sh, 3)? || !crate::lifecycle::dmesg_says_no_host_sync(&ctx.heap)?,
         || {
             format!(
                 "heap {} is NO_SYNC: its buffers have no host dma-buf to trace",
@@ -217,15 +217,4 @@ pub fn host_sync(ctx: &Ctx) -> Result<(), String> {
             )
         },
     )
-}
-
-/// The driver logs `heap NAME: ..., no host sync` for a heap the device marks NO_SYNC.
-fn no_host_sync(heap: &str) -> Result<bool, String> {
-    let out = std::process::Command::new("dmesg")
-        .output()
-        .map_err(|e| format!("dmesg: {e}"))?;
-    let needle = format!("heap {heap}: ");
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .any(|l| l.contains(&needle) && l.ends_with(", no host sync")))
 }
