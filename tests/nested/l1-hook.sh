@@ -8,6 +8,12 @@
 #
 #   boot                  1 (L2 boots once)
 #   stats                 the daemon's stats (JSON)
+#   ctl ARGS...           vhost-user-dmaheap ctl ARGS... (the daemon runs with
+#                         --control-debug: buffers, peek, poke)
+#   find-buffer HEX [LEN] the live buffer (`ID HEAP OFFSET LEN`) whose first bytes are HEX
+#                         and whose length is at least LEN (as run-guest's hook)
+#   expect ID OFF HEX     peek buffer ID at OFF on the host and compare with HEX; a
+#                         mismatch fails the hook, and so the guest's case
 #   daemon-args           the daemon's --heap arguments, one per line
 #   pfns-start            record the page frames the kernel maps into user space from now
 #                         on (kprobes on vmf_insert_pfn and remap_pfn_range: pagemap skips
@@ -86,12 +92,47 @@ lost() {
 		"$1/trace" | awk '{ print $2 - $1 }'
 }
 
+ctl() { "$HERE/vhost-user-dmaheap" ctl --control-socket "$CTL" --timeout 10 "$@"; }
+
+# find_buffer HEX MINLEN: the one live buffer whose first bytes are HEX.
+find_buffer() {
+	want=$(echo "$1" | tr 'A-F' 'a-f')
+	list=$(ctl buffers) || fail "ctl buffers: $list"
+	found=$(echo "$list" | while read -r id heap off len; do
+		case "$id" in '' | *[!0-9]*) continue ;; esac
+		[ "$((len))" -ge "$2" ] || continue
+		# A peek error is a buffer freed since the listing (FREE is asynchronous).
+		got=$(ctl peek "$id" 0 $((${#want} / 2))) || continue
+		[ "$got" = "$want" ] && echo "$id $heap $off $len"
+	done)
+	n=0
+	[ -z "$found" ] || n=$(echo "$found" | wc -l)
+	[ "$n" -eq 1 ] || fail "$n buffers start with $1${found:+
+$found}"
+	say "$found"
+}
+
 cmd=${1:-}
 [ $# -gt 0 ] && shift
 case "$cmd" in
 boot) echo 1 ;;
 stats)
 	exec "$HERE/vhost-user-dmaheap" stats --control-socket "$CTL" --json --timeout 10 ;;
+ctl) exec "$HERE/vhost-user-dmaheap" ctl --control-socket "$CTL" --timeout 10 "$@" ;;
+find-buffer)
+	[ $# -ge 1 ] && [ $# -le 2 ] || fail "usage: find-buffer HEX [LEN]"
+	find_buffer "$1" "${2:-0}"
+	;;
+expect)
+	[ $# -eq 3 ] || fail "usage: expect ID OFF HEX"
+	want=$(echo "$3" | tr 'A-F' 'a-f')
+	got=$(ctl peek "$1" "$2" $((${#want} / 2)))
+	rc=$?
+	[ "$rc" -eq 0 ] && [ "$got" = "$want" ] && say ok && exit 0
+	echo "host check failed: buffer $1 at $2: expected $want, host has $got (ctl status $rc)" |
+		tee -a /tmp/host-failures
+	exit 1
+	;;
 daemon-args)
 	eval "set -- $DAEMON_ARGS"
 	for a in "$@"; do say "$a"; done

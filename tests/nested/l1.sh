@@ -80,7 +80,7 @@ done
 # The control socket appears after the vhost-user socket listens: wait for it (with a
 # deadline), not for a fixed time.
 RUST_LOG=$DAEMON_LOG "$here/vhost-user-dmaheap" --socket-path /tmp/vu.sock \
-	--control-socket /tmp/ctl.sock "$@" >/tmp/daemon.log 2>&1 &
+	--control-socket /tmp/ctl.sock --control-debug "$@" >/tmp/daemon.log 2>&1 &
 dpid=$!
 i=0
 while [ ! -S /tmp/ctl.sock ]; do

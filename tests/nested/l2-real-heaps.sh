@@ -2,9 +2,14 @@
 # SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # L2's half of tests/nested/real-heaps (runs in L2, cwd /opt/extra, with
 # dmaheap-guest-tests beside it): L1's daemon exports L1's system heap, CMA heap, udmabuf
-# and memfd as host-system, host-linux,cma, host-udmabuf and host-memfd.
-#   - every heap is there; sysfs says contiguous=1 for the CMA heap, 0 for the others;
+# and memfd as host-system, host-linux,cma, host-udmabuf and host-memfd, and a CMA heap
+# with a 16 MiB quota as host-quota.
+#   - every heap is there; sysfs says contiguous=1 for the CMA heaps, 0 for the others;
 #   - the ABI cases abi-sizes, sync-name and android pass on the CMA heap;
+#   - zero-copy (guest writes read in L1, L1's writes read in L2, through the daemon's
+#     peek/poke), lifetime (mappings and dup'd fds keep a buffer) and free-returns (the
+#     daemon and sysfs give everything back) on the system heap, the CMA heap and udmabuf;
+#   - quota on host-quota: ENOMEM at the quota, room again after a free;
 #   - host-pages on each heap: a 16 MiB buffer's page frames on L1 (all present; one run
 #     for the CMA heap; reported for the others);
 #   - host-sync on each heap with a host dma-buf (not memfd, which is NO_SYNC): SYNC
@@ -12,8 +17,8 @@
 # Prints `ok ...`/`FAIL ...` lines (tests/run-all counts them) and exits 1 on a failure.
 set -u
 P=host-
-HEAPS="system linux,cma udmabuf memfd"
-SYNC_HEAPS="system linux,cma udmabuf"
+HEAPS="system linux,cma udmabuf memfd quota"
+REAL_HEAPS="system linux,cma udmabuf"
 pass=0 fail=0
 ok() { echo "ok   $*" && pass=$((pass + 1)); }
 bad() { echo "FAIL $*" && fail=$((fail + 1)); }
@@ -25,7 +30,7 @@ for h in $HEAPS; do
 		continue
 	fi
 	want=0
-	[ "$h" = linux,cma ] && want=1
+	case "$h" in linux,cma | quota) want=1 ;; esac
 	got=$(cat "$d/contiguous")
 	if [ "$got" = "$want" ]; then
 		ok "heap $P$h: sysfs contiguous=$got"
@@ -55,11 +60,13 @@ run_case() {
 # The CMA heap serves the dma-buf ABI as the others do (sizes up to 64 MiB, SYNC, names,
 # the Android pattern).
 run_case linux,cma abi-sizes sync-name android
-for h in $HEAPS; do
+for h in system linux,cma udmabuf memfd; do
 	run_case "$h" host-pages
 done
-for h in $SYNC_HEAPS; do
-	run_case "$h" host-sync
+# memfd buffers are not dma-bufs: SYNC has nothing to reach there.
+for h in $REAL_HEAPS; do
+	run_case "$h" host-sync zero-copy lifetime free-returns
 done
+run_case quota quota
 echo "# l2-real-heaps: $pass passed, $fail failed"
 [ "$fail" -eq 0 ]
