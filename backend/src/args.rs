@@ -7,10 +7,11 @@ use clap::{Args as ClapArgs, Parser, Subcommand};
 /// vhost-user back end of the virtio-dmaheap device: serves host DMA-BUF heaps to a guest.
 ///
 /// Without a subcommand the daemon runs: it listens on the vhost-user socket (exactly one
-/// of --socket-path and --socket-fd), serves one front end (QEMU) at a time with fresh
-/// device state, and accepts the next after a disconnect. SIGTERM or SIGINT end it cleanly
-/// (exit status 0). Logging is controlled with RUST_LOG (default: info). SIZE values are
-/// bytes with an optional K, M, G or T suffix (powers of 1024).
+/// of --socket-path, --socket-fd and a socket passed by systemd), serves one front end
+/// (QEMU) at a time with fresh device state, and accepts the next after a disconnect.
+/// SIGTERM or SIGINT end it cleanly (exit status 0). Logging is controlled with RUST_LOG
+/// (default: info). SIZE values are bytes with an optional K, M, G or T suffix (powers of
+/// 1024).
 #[derive(Debug, Parser)]
 #[command(
     name = "vhost-user-dmaheap",
@@ -36,7 +37,8 @@ pub struct DaemonArgs {
     pub socket_path: Option<PathBuf>,
 
     /// Already bound and listening Unix socket inherited from the caller (e.g. a VMM or
-    /// a test harness), used instead of --socket-path.
+    /// a test harness), used instead of --socket-path. Under systemd socket activation
+    /// (LISTEN_PID is the daemon, LISTEN_FDS=1: fd 3) give neither option.
     #[arg(long, value_name = "FD")]
     pub socket_fd: Option<i32>,
 

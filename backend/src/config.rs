@@ -7,6 +7,9 @@ use crate::args::DaemonArgs;
 use crate::core::{CacheMode, Heap, HeapParams, Limits, ARENA_MIN};
 use crate::host::{DmaHeapProvider, HeapProvider, MemfdProvider, ProviderError, UdmabufProvider};
 
+/// Where the host's dma-buf heaps live.
+pub const DMA_HEAP_DIR: &str = "/dev/dma_heap";
+
 /// Default largest arena.
 pub const DEFAULT_ARENA_SIZE: u64 = 64 << 20;
 const PAGE: u64 = 4096;
@@ -15,8 +18,17 @@ const PAGE: u64 = 4096;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
     /// Neither or both socket options.
-    #[error("exactly one of --socket-path and --socket-fd is required")]
+    #[error(
+        "exactly one of --socket-path and --socket-fd is required (or a socket passed by \
+         systemd: LISTEN_PID, LISTEN_FDS)"
+    )]
     Socket,
+    /// A socket option although the service manager passed a socket.
+    #[error(
+        "the service manager passed a socket (LISTEN_PID is this process, LISTEN_FDS=1): \
+         remove --socket-path and --socket-fd, or the socket activation"
+    )]
+    SocketAndActivation,
     /// A size that does not parse.
     #[error("invalid size {0:?} (a number with an optional K, M, G or T suffix)")]
     Size(String),
@@ -105,6 +117,8 @@ pub enum SocketSpec {
     Path(PathBuf),
     /// An inherited listening socket.
     Fd(RawFd),
+    /// The listening socket passed by the service manager (systemd socket activation).
+    Activated(crate::systemd::Activation),
 }
 
 /// Validated daemon configuration.
@@ -265,9 +279,22 @@ fn parse_heap(spec: &str, shm_size: u64) -> Result<HeapSpec, ConfigError> {
 impl Config {
     /// Builds the configuration; `dma_heap_dir` is where host heaps live (for the default).
     pub fn from_args(args: DaemonArgs, dma_heap_dir: &Path) -> Result<Self, ConfigError> {
-        let socket = match (args.socket_path, args.socket_fd) {
-            (Some(p), None) => SocketSpec::Path(p),
-            (None, Some(fd)) if fd >= 0 => SocketSpec::Fd(fd),
+        Self::from_args_activated(args, dma_heap_dir, None)
+    }
+
+    /// [`Config::from_args`] with the socket the service manager passed, if any
+    /// ([`crate::systemd::take_from_env`]). It is an error to name another socket as well:
+    /// an operator who left `--socket-path` in a unit should learn which one is served.
+    pub fn from_args_activated(
+        args: DaemonArgs,
+        dma_heap_dir: &Path,
+        activation: Option<crate::systemd::Activation>,
+    ) -> Result<Self, ConfigError> {
+        let socket = match (args.socket_path, args.socket_fd, activation) {
+            (None, None, Some(a)) => SocketSpec::Activated(a),
+            (_, _, Some(_)) => return Err(ConfigError::SocketAndActivation),
+            (Some(p), None, None) => SocketSpec::Path(p),
+            (None, Some(fd), None) if fd >= 0 => SocketSpec::Fd(fd),
             _ => return Err(ConfigError::Socket),
         };
         let shm_size = parse_size(&args.shm_size)?;
@@ -339,7 +366,7 @@ impl TryFrom<DaemonArgs> for Config {
     type Error = ConfigError;
 
     fn try_from(args: DaemonArgs) -> Result<Self, Self::Error> {
-        Self::from_args(args, Path::new("/dev/dma_heap"))
+        Self::from_args(args, Path::new(DMA_HEAP_DIR))
     }
 }
 
@@ -518,6 +545,34 @@ mod tests {
             cfg(&["--socket-path", "/s", "--max-buffers", "4294967296"]).unwrap_err(),
             ConfigError::TooManyBuffers(1 << 32)
         );
+    }
+
+    #[test]
+    fn socket_activation() {
+        let act = crate::systemd::Activation {
+            fd: 3,
+            name: Some("vm1".into()),
+        };
+        let from = |argv: &[&str]| {
+            let mut v = vec!["x"];
+            v.extend_from_slice(argv);
+            let args = Args::try_parse_from(v).unwrap();
+            Config::from_args_activated(args.daemon, Path::new("/nonexistent"), Some(act.clone()))
+        };
+        assert_eq!(
+            from(&[]).unwrap().socket,
+            SocketSpec::Activated(act.clone())
+        );
+        for argv in [&["--socket-path", "/s"][..], &["--socket-fd", "3"]] {
+            assert_eq!(
+                from(argv).unwrap_err(),
+                ConfigError::SocketAndActivation,
+                "{argv:?}"
+            );
+        }
+        let err = cfg(&[]).unwrap_err();
+        assert_eq!(err, ConfigError::Socket);
+        assert!(err.to_string().contains("LISTEN_FDS"), "{err}");
     }
 
     #[test]

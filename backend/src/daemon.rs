@@ -44,6 +44,9 @@ pub enum DaemonError {
     /// --socket-fd is not a stream socket.
     #[error("--socket-fd {0} is not a Unix stream socket")]
     SocketFd(i32, #[source] nix::Error),
+    /// The socket passed by the service manager is not a listening Unix stream socket.
+    #[error("socket activation")]
+    Activation(#[source] crate::systemd::ActivationError),
     /// The control socket failed.
     #[error("control socket")]
     Control(#[source] ControlError),
@@ -79,6 +82,17 @@ fn open_listener(spec: &SocketSpec) -> Result<Listener, DaemonError> {
             // SAFETY: the caller passed ownership of this open, listening stream socket to
             // the daemon with --socket-fd; nothing else in the process uses it.
             Ok(unsafe { Listener::from_raw_fd(*fd) })
+        }
+        SocketSpec::Activated(a) => {
+            crate::systemd::check_listening(a.fd).map_err(DaemonError::Activation)?;
+            info!(
+                "using the socket passed by the service manager (fd {}, name {:?})",
+                a.fd,
+                a.name.as_deref().unwrap_or("unknown")
+            );
+            // SAFETY: the service manager passed this listening Unix stream socket (checked
+            // above) to this process (LISTEN_PID) for it alone; nothing else here uses it.
+            Ok(unsafe { Listener::from_raw_fd(a.fd) })
         }
     }
 }

@@ -3,8 +3,8 @@
 //! Layers: [`host`] (host heaps, one file per provider), [`wire`] (the request queue's
 //! format), [`core`] (the transport-free device core), [`vhost`] (the thin vhost-user
 //! layer), [`daemon`] (sockets, signals), [`control`] (operator socket), [`sandbox`]
-//! (containment). [`testing`] holds the fakes shared by tests and fuzzing (feature
-//! `test-utils`).
+//! (containment), [`systemd`] (socket activation). [`testing`] holds the fakes shared by
+//! tests and fuzzing (feature `test-utils`).
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod abi;
@@ -16,6 +16,7 @@ pub mod daemon;
 pub mod host;
 pub mod range;
 pub mod sandbox;
+pub mod systemd;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 pub mod vhost;

@@ -1,5 +1,6 @@
 //! `vhost-user-dmaheap`: the daemon and its client subcommands.
 
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -7,11 +8,14 @@ use clap::Parser;
 use log::error;
 
 use vhost_user_dmaheap::args::{Args, Command};
-use vhost_user_dmaheap::config::Config;
-use vhost_user_dmaheap::{control, daemon};
+use vhost_user_dmaheap::config::{Config, DMA_HEAP_DIR};
+use vhost_user_dmaheap::{control, daemon, systemd};
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // Before any thread starts (changing the environment is not thread-safe), and for the
+    // subcommands too: nothing this process starts may take LISTEN_PID for its own.
+    let activation = systemd::take_from_env();
     let args = Args::parse();
     let result: Result<(), Box<dyn std::error::Error>> = match args.command {
         Some(Command::Stats {
@@ -39,8 +43,12 @@ fn main() -> ExitCode {
             }
             Err(e) => Err(e.into()),
         },
-        None => Config::try_from(args.daemon)
+        None => activation
             .map_err(Into::into)
+            .and_then(|act| {
+                Config::from_args_activated(args.daemon, Path::new(DMA_HEAP_DIR), act)
+                    .map_err(Into::into)
+            })
             .and_then(|cfg| daemon::run(cfg).map_err(Into::into)),
     };
     match result {
