@@ -100,17 +100,45 @@ pub struct DaemonArgs {
     pub user: Option<String>,
 }
 
+/// Output of the `stats` subcommand.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum StatsFormat {
+    /// A table per heap, then the limits.
+    #[default]
+    Text,
+    /// The daemon's JSON reply as it is.
+    Json,
+    /// Prometheus text exposition format 0.0.4.
+    Prometheus,
+}
+
 /// Client subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Print a running daemon's per-heap bytes, buffers and mappings.
+    ///
+    /// As a table (default), the daemon's JSON reply, or in the Prometheus text format for
+    /// node_exporter's textfile collector (metric names: packaging/metrics/README.md).
+    /// With --format prometheus, a daemon that does not answer still gives a valid page
+    /// (vhost_user_dmaheap_up 0) and exit status 1.
     Stats {
         /// The daemon's control socket.
         #[arg(long, value_name = "PATH")]
         control_socket: PathBuf,
-        /// Print the raw JSON reply.
-        #[arg(long)]
+        /// Output format.
+        #[arg(long, value_name = "FORMAT", default_value = "text")]
+        format: StatsFormat,
+        /// Print the raw JSON reply (same as --format json).
+        #[arg(long, conflicts_with = "format")]
         json: bool,
+        /// Add the label NAME="VALUE" to every Prometheus sample (repeatable), e.g.
+        /// `--label vm=web1` when several daemons write into one textfile directory.
+        #[arg(long, value_name = "NAME=VALUE")]
+        label: Vec<String>,
+        /// Write the output to FILE instead of stdout, atomically (a temporary file in the
+        /// same directory renamed over FILE), so that a reader never sees half a page.
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
         /// Give up after this many seconds without a reply.
         #[arg(long, value_name = "SECS", default_value_t = 30)]
         timeout: u64,

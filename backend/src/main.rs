@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 use log::error;
 
-use vhost_user_dmaheap::args::{Args, Command};
+use vhost_user_dmaheap::args::{Args, Command, StatsFormat};
 use vhost_user_dmaheap::config::{Config, DMA_HEAP_DIR};
 use vhost_user_dmaheap::{control, daemon, systemd};
 
@@ -20,10 +20,21 @@ fn main() -> ExitCode {
     let result: Result<(), Box<dyn std::error::Error>> = match args.command {
         Some(Command::Stats {
             control_socket,
+            format,
             json,
+            label,
+            output,
             timeout,
-        }) => control::client_stats(&control_socket, json, Duration::from_secs(timeout))
-            .map_err(Into::into),
+        }) => control::client_stats(
+            &control_socket,
+            &control::StatsOutput {
+                format: if json { StatsFormat::Json } else { format },
+                labels: &label,
+                output: output.as_deref(),
+            },
+            Duration::from_secs(timeout),
+        )
+        .map_err(Into::into),
         Some(Command::Ctl {
             control_socket,
             timeout,

@@ -22,8 +22,9 @@ use log::{info, warn};
 use crate::core::{DeviceHandle, HostRequest, HOST_REQUEST_TIMEOUT};
 
 mod client;
+pub mod metrics;
 
-pub use client::{client_stats, request};
+pub use client::{client_stats, request, StatsOutput};
 
 /// Largest `peek` length.
 pub const MAX_PEEK: u64 = 1 << 20;
@@ -61,6 +62,24 @@ pub enum ControlError {
     /// Spawning the server thread failed.
     #[error("cannot start the control thread")]
     Thread(#[source] io::Error),
+    /// A bad `--label`.
+    #[error(transparent)]
+    Label(#[from] metrics::LabelError),
+    /// `--label` with another format than Prometheus.
+    #[error("--label needs --format prometheus")]
+    LabelNeedsPrometheus,
+    /// Writing `--output` failed.
+    #[error("cannot write {path}")]
+    Output {
+        /// The output file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Writing to stdout failed.
+    #[error("cannot write to stdout")]
+    Stdout(#[source] io::Error),
 }
 
 /// Starts the control server thread on `path` (an existing file is replaced).
