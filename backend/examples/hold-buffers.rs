@@ -37,7 +37,11 @@ fn main() -> ExitCode {
         eprintln!("usage: hold-buffers SOCKET HEAP_ID:LEN[xCOUNT]...");
         return ExitCode::from(2);
     };
-    let Some(specs) = specs.iter().map(|s| parse_spec(s)).collect::<Option<Vec<_>>>() else {
+    let Some(specs) = specs
+        .iter()
+        .map(|s| parse_spec(s))
+        .collect::<Option<Vec<_>>>()
+    else {
         eprintln!("hold-buffers: bad spec in {specs:?} (want HEAP_ID:LEN[xCOUNT])");
         return ExitCode::from(2);
     };
