@@ -10,7 +10,7 @@
 //! module.
 
 use std::io::Write as _;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -97,16 +97,20 @@ fn check_all(held: &[Held], what: &str) -> Result<(), String> {
 /// any moment.
 struct Churn {
     stop: Arc<AtomicBool>,
+    /// Buffers each thread went through so far.
+    done: Vec<Arc<AtomicU64>>,
     threads: Vec<JoinHandle<Result<u64, String>>>,
 }
 
 impl Churn {
     fn start(heap_name: &str, sizes: &[usize]) -> Churn {
         let stop = Arc::new(AtomicBool::new(false));
+        let done: Vec<_> = sizes.iter().map(|_| Arc::new(AtomicU64::new(0))).collect();
         let threads = sizes
             .iter()
-            .map(|&len| {
-                let (stop, name) = (stop.clone(), heap_name.to_string());
+            .zip(&done)
+            .map(|(&len, done)| {
+                let (stop, done, name) = (stop.clone(), done.clone(), heap_name.to_string());
                 std::thread::spawn(move || -> Result<u64, String> {
                     let heap = Heap::open(&name).map_err(|e| format!("open: {e}"))?;
                     let mut n = 0u64;
@@ -125,12 +129,29 @@ impl Churn {
                             return Err(format!("{len}: buffer {n} lost a write"));
                         }
                         n += 1;
+                        done.store(n, Ordering::Relaxed);
                     }
                     Ok(n)
                 })
             })
             .collect();
-        Churn { stop, threads }
+        Churn {
+            stop,
+            done,
+            threads,
+        }
+    }
+
+    /// Waits until every thread went through `n` buffers. Until then a large buffer may
+    /// need a new host mapping; afterwards the daemon reuses the freed ones. A mapping
+    /// message that QEMU 11.1.3 reads after a pause stopped the device crashes it (spec
+    /// A.5): the pauses must meet the steady state, not the first allocations.
+    fn warm_up(&self, n: u64) -> Result<(), String> {
+        env::wait_until(
+            "the allocating threads to get going",
+            Duration::from_secs(60),
+            || Ok(self.done.iter().all(|d| d.load(Ordering::Relaxed) >= n)),
+        )
     }
 
     /// Stops the threads; the number of buffers they went through.
@@ -188,7 +209,9 @@ pub fn pause_resume(ctx: &Ctx) -> Result<(), String> {
     let base = env::daemon_overview()?.buffers;
     let held = hold_all(&heap)?;
     let churn = Churn::start(&ctx.heap, &[PAGE, 16 << 20]);
-    std::thread::sleep(Duration::from_millis(300));
+    if let Err(e) = churn.warm_up(4) {
+        return Err(format!("{e}; the threads: {:?}", churn.finish()));
+    }
     let out = host::call(&["pause-resume", "6", "300"])?;
     print!(
         "{}",
