@@ -129,9 +129,7 @@ expect)
 	got=$(ctl peek "$1" "$2" $((${#want} / 2)))
 	rc=$?
 	[ "$rc" -eq 0 ] && [ "$got" = "$want" ] && say ok && exit 0
-	echo "host check failed: buffer $1 at $2: expected $want, host has $got (ctl status $rc)" |
-		tee -a /tmp/host-failures
-	exit 1
+	fail "host check failed: buffer $1 at $2: expected $want, host has $got (ctl status $rc)"
 	;;
 daemon-args)
 	eval "set -- $DAEMON_ARGS"
