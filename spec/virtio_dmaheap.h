@@ -25,7 +25,7 @@
 /* Feature bits. */
 /* The device accepts VIRTIO_DMAHEAP_REQ_SYNC. */
 #define VIRTIO_DMAHEAP_F_SYNC 0
-/* The device accepts VIRTIO_DMAHEAP_REQ_ASSIGN_UUID (reserved; no device offers it yet). */
+/* The device accepts VIRTIO_DMAHEAP_REQ_ASSIGN_UUID: buffers get UUIDs for other devices. */
 #define VIRTIO_DMAHEAP_F_UUID 1
 /*
  * Buffers belong to a driver session: SESSION_OPEN, SESSION_CLOSE (which can suspend the
@@ -162,7 +162,7 @@ struct virtio_dmaheap_sync_req {
 	__le32 reserved;	/* 0 */
 };
 
-/* ASSIGN_UUID (reserved for cross-device sharing): give a buffer a UUID. */
+/* ASSIGN_UUID (needs VIRTIO_DMAHEAP_F_UUID): give a buffer a UUID other devices resolve. */
 struct virtio_dmaheap_assign_uuid_req {
 	struct virtio_dmaheap_req_hdr hdr;
 	__le64 buffer_id;
