@@ -13,6 +13,7 @@ pub mod config;
 pub mod control;
 pub mod core;
 pub mod daemon;
+pub mod export_socket;
 pub mod host;
 pub mod range;
 pub mod sandbox;
