@@ -2,8 +2,9 @@
 /*
  * virtio-dmaheap guest driver: shared definitions of its parts,
  * vdh_queue.c (requests), vdh_virtio.c (device life cycle, sessions, buffer
- * window), vdh_heap.c (dma-heaps and their sysfs directories) and
- * vdh_buffer.c (allocation and dma-buf ops).
+ * window), vdh_heap.c (dma-heaps and their sysfs directories),
+ * vdh_buffer.c (allocation and dma-buf ops), vdh_pool.c (freed buffers kept
+ * for reuse) and vdh_uuid.c (buffers as virtio_dma_bufs, with a UUID).
  */
 #ifndef VDH_H
 #define VDH_H
@@ -16,6 +17,7 @@
 #include <linux/rwsem.h>
 #include <linux/spinlock.h>
 #include <linux/types.h>
+#include <linux/uuid.h>
 #include <linux/version.h>
 #include <linux/virtio.h>
 #include <linux/wait.h>
@@ -23,6 +25,7 @@
 
 #include "virtio_dmaheap.h"
 
+struct dma_buf;
 struct dma_heap_ops;
 struct vdh_heap_kobj;
 struct vdh_req;
@@ -33,6 +36,13 @@ struct vdh_req;
 #else
 #define vdh_wq	system_unbound_wq
 #endif
+
+/*
+ * Cross-device sharing (VIRTIO_DMAHEAP_F_UUID) needs the kernel's virtio_dma_buf
+ * (CONFIG_VIRTIO_DMA_SHARED_BUFFER, which Kconfig selects in tree). Built
+ * against a kernel without it, the driver does not offer the feature.
+ */
+#define VDH_UUID	IS_ENABLED(CONFIG_VIRTIO_DMA_SHARED_BUFFER)
 
 /* More heaps than dma-heap minors make no sense. */
 #define VDH_MAX_HEAPS		64
@@ -108,6 +118,11 @@ struct vdh_buffer {
 	bool quarantined;		/* protected by the window's lock */
 	bool reserved;			/* idem: the window owner's session reserved it */
 	unsigned long pooled_at;	/* jiffies: when it went into vd->pool */
+	struct mutex uuid_lock;		/* one ASSIGN_UUID at a time; protects the next four */
+	uuid_t uuid;			/* valid if uuid_set */
+	bool uuid_set;
+	int uuid_err;			/* a cached failure (-EOPNOTSUPP only) */
+	bool uuid_asked;		/* an ASSIGN_UUID went out: never pool the buffer */
 };
 
 /* Which requests may go to the device. */
@@ -133,6 +148,7 @@ struct vdh_dev {
 	bool has_session;
 	bool has_no_sync;		/* heaps may say SYNC does nothing on the host */
 	bool has_batch;			/* ALLOC_BATCH */
+	bool has_uuid;			/* ASSIGN_UUID: buffers are virtio_dma_bufs */
 	u64 session;			/* open (or suspended) session, 0: none */
 	bool suspended;			/* SESSION_CLOSE suspended the session at freeze */
 	struct mutex life_lock;		/* serialises remove, freeze, restore, recovery */
@@ -168,6 +184,7 @@ int vdh_remote_alloc_batch(struct vdh_dev *vd, u32 heap_id, size_t len,
 			   unsigned int count, struct vdh_req **frees,
 			   struct virtio_dmaheap_buffer *out);
 int vdh_remote_sync(struct vdh_dev *vd, u64 id, u32 flags);
+int vdh_remote_assign_uuid(struct vdh_dev *vd, u64 id, u8 *uuid);
 int vdh_remote_session_open(struct vdh_dev *vd, u64 resume_id, u64 *id);
 int vdh_remote_session_close(struct vdh_dev *vd, u32 flags);
 int vdh_remote_reserve(struct vdh_dev *vd, u64 offset, u64 len);
@@ -189,6 +206,11 @@ void vdh_buf_destroy(struct vdh_buffer *buf);
 void vdh_buffers_revoke(struct vdh_dev *vd);
 int vdh_window_reserve(struct vdh_window *win, struct vdh_dev *vd);
 void vdh_window_disown(struct vdh_window *win, struct vdh_dev *vd);
+
+/* vdh_uuid.c */
+#if VDH_UUID
+int vdh_buf_get_uuid(struct dma_buf *dmabuf, uuid_t *uuid);
+#endif
 
 /* vdh_pool.c */
 void vdh_pool_init(struct vdh_dev *vd);

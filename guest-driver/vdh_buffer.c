@@ -12,6 +12,10 @@
  * users that mapped the buffer before (a vmap, a DMA mapping) cannot be
  * forced out: such a buffer is quarantined in its window, and every later
  * session reserves its range until the last of those users lets go.
+ *
+ * With VIRTIO_DMAHEAP_F_UUID every buffer is a virtio_dma_buf: the same ops,
+ * wrapped in struct virtio_dma_buf_ops, whose attach is virtio_dma_buf_attach
+ * (it calls ours) and whose get_uuid is in vdh_uuid.c.
  */
 
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
@@ -30,6 +34,7 @@
 #include <linux/scatterlist.h>
 #include <linux/sizes.h>
 #include <linux/slab.h>
+#include <linux/virtio_dma_buf.h>
 #include <linux/vmalloc.h>
 
 #include "vdh.h"
@@ -412,6 +417,7 @@ void vdh_buf_destroy(struct vdh_buffer *buf)
 		vdh_remote_free(vd, buf->free_req, buf->id);
 	else
 		vdh_free_req_discard(buf->free_req);
+	mutex_destroy(&buf->uuid_lock);
 	mutex_destroy(&buf->lock);
 	kfree(buf);
 	vdh_dev_put(vd);
@@ -471,6 +477,52 @@ static const struct dma_buf_ops vdh_buf_revoked_ops = {
 	.release = vdh_buf_release,
 };
 
+#if VDH_UUID
+/* The same two, as virtio_dma_bufs (VIRTIO_DMAHEAP_F_UUID). */
+static const struct virtio_dma_buf_ops vdh_vbuf_ops = {
+	.ops = {
+		.attach = virtio_dma_buf_attach,
+		.detach = vdh_buf_detach,
+		.map_dma_buf = vdh_buf_map,
+		.unmap_dma_buf = vdh_buf_unmap,
+		.begin_cpu_access = vdh_buf_begin_cpu_access,
+		.end_cpu_access = vdh_buf_end_cpu_access,
+		.mmap = vdh_buf_mmap,
+		.vmap = vdh_buf_vmap,
+		.vunmap = vdh_buf_vunmap,
+		.release = vdh_buf_release,
+	},
+	.device_attach = vdh_buf_attach,
+	.get_uuid = vdh_buf_get_uuid,
+};
+
+/* Still a virtio_dma_buf: virtio_dma_buf_get_uuid() reads the ops twice. */
+static const struct virtio_dma_buf_ops vdh_vbuf_revoked_ops = {
+	.ops = {
+		.attach = virtio_dma_buf_attach,
+		.detach = vdh_buf_detach,
+		.map_dma_buf = vdh_buf_map,
+		.unmap_dma_buf = vdh_buf_unmap,
+		.begin_cpu_access = vdh_buf_begin_cpu_access,
+		.end_cpu_access = vdh_buf_end_cpu_access,
+		.mmap = vdh_buf_mmap,
+		.vunmap = vdh_buf_vunmap,
+		.release = vdh_buf_release,
+	},
+	.device_attach = vdh_buf_attach,
+	.get_uuid = vdh_buf_get_uuid,
+};
+#endif
+
+static const struct dma_buf_ops *vdh_buf_revoked_ops_of(struct vdh_buffer *buf)
+{
+#if VDH_UUID
+	if (buf->dmabuf->ops == &vdh_vbuf_ops.ops)
+		return &vdh_vbuf_revoked_ops.ops;
+#endif
+	return &vdh_buf_revoked_ops;
+}
+
 /*
  * The buffer's session ended: zap its user mappings (the fault handler maps
  * nothing any more) and quarantine it while kernel users can reach it.
@@ -490,7 +542,7 @@ static void vdh_buf_revoke(struct vdh_buffer *buf)
 	if (vdh_buf_reachable(buf))
 		vdh_buf_quarantine(buf);
 	mutex_unlock(&buf->lock);
-	WRITE_ONCE(buf->dmabuf->ops, &vdh_buf_revoked_ops);
+	WRITE_ONCE(buf->dmabuf->ops, vdh_buf_revoked_ops_of(buf));
 	dma_resv_unlock(buf->dmabuf->resv);
 
 	/* The file may be on its way out: release() then waits for us. */
@@ -527,6 +579,20 @@ static int vdh_buf_place(struct vdh_buffer *buf, u64 min_align,
 	return 0;
 }
 
+/* A plain dma-buf, or a virtio_dma_buf if the device gives buffers UUIDs. */
+static struct dma_buf *vdh_dma_buf_export(struct vdh_dev *vd,
+					  struct dma_buf_export_info *exp_info)
+{
+#if VDH_UUID
+	if (vd->has_uuid) {
+		exp_info->ops = &vdh_vbuf_ops.ops;
+		return virtio_dma_buf_export(exp_info);
+	}
+#endif
+	exp_info->ops = &vdh_buf_ops;
+	return dma_buf_export(exp_info);
+}
+
 /* Publish and export a buffer, unless the device was removed meanwhile. */
 static int vdh_buf_export(struct vdh_buffer *buf, u32 fd_flags)
 {
@@ -535,7 +601,6 @@ static int vdh_buf_export(struct vdh_buffer *buf, u32 fd_flags)
 	int ret = 0;
 
 	exp_info.exp_name = buf->vh->name;
-	exp_info.ops = &vdh_buf_ops;
 	exp_info.size = buf->len;
 	exp_info.flags = fd_flags;
 	exp_info.priv = buf;
@@ -545,7 +610,7 @@ static int vdh_buf_export(struct vdh_buffer *buf, u32 fd_flags)
 		ret = -ENODEV;
 		goto unlock;
 	}
-	buf->dmabuf = dma_buf_export(&exp_info);
+	buf->dmabuf = vdh_dma_buf_export(vd, &exp_info);
 	if (IS_ERR(buf->dmabuf)) {
 		ret = PTR_ERR(buf->dmabuf);
 		goto unlock;
@@ -621,6 +686,7 @@ static struct vdh_buffer *vdh_buf_new(struct vdh_dev *vd, struct vdh_heap *vh,
 	INIT_LIST_HEAD(&buf->attachments);
 	INIT_LIST_HEAD(&buf->qnode);
 	mutex_init(&buf->lock);
+	mutex_init(&buf->uuid_lock);
 	buf->vh = vh;
 	buf->vd = vd;
 	buf->len = len;
@@ -632,15 +698,16 @@ static struct vdh_buffer *vdh_buf_new(struct vdh_dev *vd, struct vdh_heap *vh,
 	return buf;
 }
 
-/* A new buffer from the device. Called with alloc_sem held. */
 /* A buffer the device never allocated (or that was given back already). */
 static void vdh_buf_discard(struct vdh_buffer *buf)
 {
 	vdh_free_req_discard(buf->free_req);
+	mutex_destroy(&buf->uuid_lock);
 	mutex_destroy(&buf->lock);
 	kfree(buf);
 }
 
+/* A new buffer from the device. Called with alloc_sem held. */
 static struct dma_buf *vdh_buf_create(struct vdh_dev *vd, struct vdh_heap *vh,
 				      size_t len, u32 fd_flags,
 				      struct vdh_heap_props *props)

@@ -144,8 +144,10 @@ unsigned int vdh_pool_batch(struct vdh_dev *vd, const struct vdh_heap_props *pro
 /*
  * Keep released @buf for reuse, if it is worth it and safe: a small buffer of
  * a cached heap (the driver zeroes it through the kernel's write-back
- * mapping), of the current session, that no kernel user still maps. Called
- * with vd->buffers_lock held, after the buffer left vd->buffers.
+ * mapping), of the current session, that no kernel user still maps, and that
+ * never was offered a UUID (the host buffer behind a UUID may be held by an
+ * importer on the host: only a FREE ends its export). Called with
+ * vd->buffers_lock held, after the buffer left vd->buffers.
  */
 bool vdh_pool_put(struct vdh_buffer *buf)
 {
@@ -154,7 +156,7 @@ bool vdh_pool_put(struct vdh_buffer *buf)
 
 	lockdep_assert_held(&vd->buffers_lock);
 	if (!vdh_pool_fits(buf->cache, buf->len) || buf->revoked ||
-	    buf->dma_mapped || buf->vmap_cnt ||
+	    buf->dma_mapped || buf->vmap_cnt || buf->uuid_asked ||
 	    buf->session != READ_ONCE(vd->session))
 		return false;
 

@@ -39,6 +39,7 @@ union vdh_req_buf {
 	struct virtio_dmaheap_alloc_req alloc;
 	struct virtio_dmaheap_free_req free;
 	struct virtio_dmaheap_sync_req sync;
+	struct virtio_dmaheap_assign_uuid_req assign_uuid;
 	struct virtio_dmaheap_session_open_req open;
 	struct virtio_dmaheap_session_close_req close;
 	struct virtio_dmaheap_reserve_req reserve;
@@ -49,6 +50,7 @@ union vdh_resp_buf {
 	struct virtio_dmaheap_resp_hdr hdr;
 	struct virtio_dmaheap_heap_info_resp info;
 	struct virtio_dmaheap_alloc_resp alloc;
+	struct virtio_dmaheap_assign_uuid_resp assign_uuid;
 	struct virtio_dmaheap_session_open_resp open;
 };
 
@@ -124,6 +126,8 @@ static const char *vdh_req_name(const struct vdh_req *r)
 		return "FREE";
 	case VIRTIO_DMAHEAP_REQ_SYNC:
 		return "SYNC";
+	case VIRTIO_DMAHEAP_REQ_ASSIGN_UUID:
+		return "ASSIGN_UUID";
 	case VIRTIO_DMAHEAP_REQ_SESSION_OPEN:
 		return "SESSION_OPEN";
 	case VIRTIO_DMAHEAP_REQ_SESSION_CLOSE:
@@ -598,6 +602,25 @@ int vdh_remote_sync(struct vdh_dev *vd, u64 id, u32 flags)
 	ret = vdh_exec(vd, r);
 	if (ret)
 		return ret;
+	vdh_req_free(r);
+	return 0;
+}
+
+/* ASSIGN_UUID: the UUID the device registered for buffer @id, in @uuid[16]. */
+int vdh_remote_assign_uuid(struct vdh_dev *vd, u64 id, u8 *uuid)
+{
+	struct vdh_req *r;
+	int ret;
+
+	r = vdh_req_alloc(VIRTIO_DMAHEAP_REQ_ASSIGN_UUID, sizeof(r->req.assign_uuid),
+			  sizeof(r->resp.assign_uuid), GFP_KERNEL);
+	if (!r)
+		return -ENOMEM;
+	r->req.assign_uuid.buffer_id = cpu_to_le64(id);
+	ret = vdh_exec(vd, r);
+	if (ret)
+		return ret;
+	memcpy(uuid, r->resp.assign_uuid.uuid, sizeof(r->resp.assign_uuid.uuid));
 	vdh_req_free(r);
 	return 0;
 }

@@ -213,6 +213,8 @@ static struct vdh_dev *vdh_dev_alloc(struct virtio_device *vdev, u32 num_heaps)
 	vd->has_session = virtio_has_feature(vdev, VIRTIO_DMAHEAP_F_SESSION);
 	vd->has_no_sync = virtio_has_feature(vdev, VIRTIO_DMAHEAP_F_NO_SYNC);
 	vd->has_batch = virtio_has_feature(vdev, VIRTIO_DMAHEAP_F_BATCH);
+	/* Not in the feature table without virtio_dma_buf: do not even ask. */
+	vd->has_uuid = VDH_UUID && virtio_has_feature(vdev, VIRTIO_DMAHEAP_F_UUID);
 	return vd;
 }
 
@@ -346,10 +348,11 @@ static int vdh_probe(struct virtio_device *vdev)
 	mutex_unlock(&vd->life_lock);
 	if (ret)
 		goto stop_dev;
-	dev_info(&vdev->dev, "%u heap(s), buffer window %#llx+%#llx, queue %u%s%s%s\n",
+	dev_info(&vdev->dev, "%u heap(s), buffer window %#llx+%#llx, queue %u%s%s%s%s\n",
 		 num_heaps, (u64)win->base, win->size,
 		 virtqueue_get_vring_size(vd->vq), vd->has_sync ? ", sync" : "",
-		 vd->has_session ? ", sessions" : "", vd->has_batch ? ", batch" : "");
+		 vd->has_session ? ", sessions" : "", vd->has_batch ? ", batch" : "",
+		 vd->has_uuid ? ", uuid" : "");
 	return 0;
 
 stop_dev:
@@ -465,6 +468,9 @@ static const unsigned int vdh_features[] = {
 	VIRTIO_DMAHEAP_F_SESSION,
 	VIRTIO_DMAHEAP_F_NO_SYNC,
 	VIRTIO_DMAHEAP_F_BATCH,
+#if VDH_UUID
+	VIRTIO_DMAHEAP_F_UUID,
+#endif
 };
 
 static struct virtio_driver vdh_driver = {
