@@ -16,6 +16,15 @@
  * a time); writing a byte value to "poke" fills the held buffer through its
  * vmap, as a driver that kept writing after the buffer's device went away
  * would; writing anything to "release" lets it go.
+ *
+ * Cross-device sharing, what a virtio device's driver does before it hands a
+ * buffer to its device: writing a dma-buf fd to "uuid" checks
+ * is_virtio_dma_buf() (the write fails with EMEDIUMTYPE if it is not one)
+ * and calls virtio_dma_buf_get_uuid() from IMP_RACERS workers at once (the
+ * write fails with the first errno, or EILSEQ if they got different UUIDs);
+ * reading "uuid" then gives the UUID they got, 36 characters and a newline
+ * (an empty line before the first success). Built for a kernel
+ * without virtio_dma_buf (CONFIG_VIRTIO_DMA_SHARED_BUFFER), nothing is one.
  */
 
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
@@ -27,6 +36,12 @@
 #include <linux/module.h>
 #include <linux/platform_device.h>
 #include <linux/scatterlist.h>
+#include <linux/uuid.h>
+#include <linux/version.h>
+#include <linux/workqueue.h>
+#if IS_ENABLED(CONFIG_VIRTIO_DMA_SHARED_BUFFER)
+#include <linux/virtio_dma_buf.h>
+#endif
 
 #define MARK "importer"
 #define MARK_LEN 8
@@ -39,6 +54,10 @@ static struct dma_buf *imp_held;
 static struct iosys_map imp_held_map;
 static struct dma_buf_attachment *imp_held_att;
 static struct sg_table *imp_held_sgt;
+
+/* What the last successful write to "uuid" got. */
+static uuid_t imp_uuid;
+static bool imp_uuid_set;
 
 static int imp_check_vmap(struct dma_buf *db)
 {
@@ -282,6 +301,114 @@ static const struct kernel_param_ops imp_release_ops = {
 };
 module_param_cb(release, &imp_release_ops, NULL, 0200);
 MODULE_PARM_DESC(release, "write anything to let the held buffer go");
+
+#if IS_ENABLED(CONFIG_VIRTIO_DMA_SHARED_BUFFER)
+#define IMP_RACERS 8
+
+/* system_unbound_wq is deprecated since 6.17. */
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 17, 0)
+#define imp_wq	system_dfl_wq
+#else
+#define imp_wq	system_unbound_wq
+#endif
+
+struct imp_racer {
+	struct work_struct work;
+	struct dma_buf *db;
+	uuid_t uuid;
+	int ret;
+};
+
+static void imp_racer_fn(struct work_struct *work)
+{
+	struct imp_racer *r = container_of(work, struct imp_racer, work);
+
+	r->ret = virtio_dma_buf_get_uuid(r->db, &r->uuid);
+}
+
+/* get_uuid from IMP_RACERS workers at once: one answer for all of them. */
+static int imp_get_uuid(struct dma_buf *db, uuid_t *uuid)
+{
+	struct imp_racer r[IMP_RACERS];
+	int i, ret = 0;
+
+	if (!is_virtio_dma_buf(db))
+		return -EMEDIUMTYPE;
+	for (i = 0; i < IMP_RACERS; i++) {
+		INIT_WORK_ONSTACK(&r[i].work, imp_racer_fn);
+		r[i].db = db;
+		queue_work(imp_wq, &r[i].work);
+	}
+	for (i = 0; i < IMP_RACERS; i++) {
+		flush_work(&r[i].work);
+		destroy_work_on_stack(&r[i].work);
+	}
+	for (i = 0; i < IMP_RACERS && !ret; i++) {
+		ret = r[i].ret;
+		if (ret)
+			pr_info("uuid: get_uuid %d of %d: %d\n", i, IMP_RACERS, ret);
+		else if (!uuid_equal(&r[i].uuid, &r[0].uuid))
+			ret = -EILSEQ;
+	}
+	if (ret == -EILSEQ)
+		pr_err("uuid: concurrent get_uuid calls got different UUIDs\n");
+	if (!ret)
+		uuid_copy(uuid, &r[0].uuid);
+	return ret;
+}
+#else
+static int imp_get_uuid(struct dma_buf *db, uuid_t *uuid)
+{
+	pr_info("uuid: this kernel has no virtio_dma_buf\n");
+	return -EMEDIUMTYPE;
+}
+#endif
+
+static int imp_uuid_write(const char *val, const struct kernel_param *kp)
+{
+	struct dma_buf *db;
+	uuid_t uuid;
+	int fd, ret;
+
+	ret = kstrtoint(val, 0, &fd);
+	if (ret)
+		return ret;
+	db = dma_buf_get(fd);
+	if (IS_ERR(db))
+		return PTR_ERR(db);
+	ret = imp_get_uuid(db, &uuid);
+	if (ret == -EMEDIUMTYPE) {
+		pr_info("uuid: fd %d (%s) is not a virtio_dma_buf\n", fd, db->exp_name);
+		goto put;
+	}
+	if (ret)
+		goto put;
+	mutex_lock(&imp_lock);
+	uuid_copy(&imp_uuid, &uuid);
+	imp_uuid_set = true;
+	mutex_unlock(&imp_lock);
+put:
+	dma_buf_put(db);
+	return ret;
+}
+
+static int imp_uuid_read(char *buffer, const struct kernel_param *kp)
+{
+	int ret;
+
+	mutex_lock(&imp_lock);
+	ret = imp_uuid_set ? sysfs_emit(buffer, "%pUb\n", &imp_uuid) :
+			     sysfs_emit(buffer, "\n");
+	mutex_unlock(&imp_lock);
+	return ret;
+}
+
+static const struct kernel_param_ops imp_uuid_ops = {
+	.set = imp_uuid_write,
+	.get = imp_uuid_read,
+};
+module_param_cb(uuid, &imp_uuid_ops, NULL, 0600);
+MODULE_PARM_DESC(uuid, "write a dma-buf fd to get its virtio_dma_buf UUID, read it back");
 
 static int __init imp_init(void)
 {
