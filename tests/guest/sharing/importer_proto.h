@@ -1,0 +1,1 @@
+../../importer/importer_proto.h
