@@ -1,0 +1,529 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Cross-device sharing end to end (issue 13): a second device of the VM, the test
+//! importer (tests/importer on the host, tests/guest/sharing/dmaheap_sharing.ko here),
+//! gets a buffer's UUID from the guest, resolves it through the daemon's export socket,
+//! maps it, checks what the guest wrote and writes what the guest then reads.
+//! tests/sharing/run boots the VM for these cases (insmod dmaheap_sharing.ko first).
+//! Protocol: tests/importer/importer_proto.h, mirrored here.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use crate::cases::Ctx;
+use crate::env;
+use crate::host;
+use crate::sys::{self, errname, Buf, Heap};
+
+const DEV: &str = "/dev/dmaheap_sharing";
+
+const OP_CHECK: u32 = 1;
+const OP_HOLD: u32 = 2;
+const OP_CHECK_HELD: u32 = 3;
+const OP_RELEASE: u32 = 4;
+const OP_LOOKUP_ONLY: u32 = 5;
+
+/// `struct dmaheap_imp_resp`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct Resp {
+    status: u32,
+    reserved: u32,
+    len: u64,
+    fd_size: u64,
+    bad_offset: u64,
+    bad_got: u8,
+    bad_want: u8,
+    reserved2: [u8; 6],
+}
+
+/// `struct dmaheap_sharing_run`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct Run {
+    fd: i32,
+    op: u32,
+    seed_in: u64,
+    seed_out: u64,
+    uuid: [u8; 16],
+    len: u64,
+    resp: Resp,
+}
+
+const RESP_SIZE: usize = 40;
+const RUN_SIZE: usize = 88;
+const _: () = assert!(std::mem::size_of::<Resp>() == RESP_SIZE);
+const _: () = assert!(std::mem::size_of::<Run>() == RUN_SIZE);
+
+/// `_IOWR('S', 0x38, struct dmaheap_sharing_run)`.
+const IOC_RUN: u64 = (3 << 30) | ((RUN_SIZE as u64) << 16) | ((b'S' as u64) << 8) | 0x38;
+
+/// How long the daemon may take to show a free or a release in its stats.
+const STATS_WAIT: Duration = Duration::from_secs(15);
+
+/// The module's device.
+struct Sharing(File);
+
+impl Sharing {
+    fn open() -> Result<Sharing, String> {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(DEV)
+            .map(Sharing)
+            .map_err(|e| {
+                format!("{DEV}: {e} (insmod dmaheap_sharing.ko; is the importer device there?)")
+            })
+    }
+
+    /// One request: the filled struct, or the ioctl's errno (the module's: EMEDIUMTYPE
+    /// not a virtio_dma_buf, get_uuid's error, ETIMEDOUT, ...).
+    fn run(&self, mut r: Run) -> Result<Run, i32> {
+        // SAFETY: the ioctl reads and writes one `Run`, which lives for the call.
+        let rc = unsafe { libc::ioctl(self.0.as_raw_fd(), IOC_RUN as _, &mut r as *mut Run) };
+        if rc < 0 {
+            return Err(sys::errno());
+        }
+        Ok(r)
+    }
+
+    fn op(&self, op: u32, buf: Option<&Buf>, seed_in: u64, seed_out: u64) -> Result<Run, i32> {
+        self.run(Run {
+            fd: buf.map_or(-1, Buf::raw),
+            op,
+            seed_in,
+            seed_out,
+            ..Run::default()
+        })
+    }
+
+    /// LOOKUP_ONLY of a given UUID.
+    fn lookup(&self, uuid: [u8; 16]) -> Result<Run, i32> {
+        self.run(Run {
+            fd: -1,
+            op: OP_LOOKUP_ONLY,
+            uuid,
+            ..Run::default()
+        })
+    }
+}
+
+fn check(cond: bool, msg: impl FnOnce() -> String) -> Result<(), String> {
+    if cond {
+        Ok(())
+    } else {
+        Err(msg())
+    }
+}
+
+fn status_name(s: u32) -> String {
+    if s == 0 {
+        "0".into()
+    } else {
+        errname(s as i32)
+    }
+}
+
+/// The answer of a request that must have succeeded, with what the importer saw.
+fn must_ok(what: &str, r: Result<Run, i32>) -> Result<Run, String> {
+    let r = r.map_err(|e| format!("{what}: the ioctl failed with {}", errname(e)))?;
+    let p = &r.resp;
+    if p.status != 0 {
+        let mut m = format!(
+            "{what}: importer status {} (lookup len {}, fd size {}, buffer len {})",
+            status_name(p.status),
+            p.len,
+            p.fd_size,
+            r.len
+        );
+        if p.status == libc::EILSEQ as u32 {
+            m += &format!(
+                ": first differing byte at {}: {:#04x}, want {:#04x}",
+                p.bad_offset, p.bad_got, p.bad_want
+            );
+        }
+        return Err(m);
+    }
+    Ok(r)
+}
+
+/// Does the host have /dev/udmabuf (host hook `udmabuf`, registered by tests/sharing/run)?
+/// Without it a buffer sharing a memfd arena cannot be exported alone.
+fn host_has_udmabuf() -> Result<bool, String> {
+    match host::call(&["udmabuf"])?.trim() {
+        "yes" => Ok(true),
+        "no" => Ok(false),
+        o => Err(format!("host hook udmabuf answered {o:?}")),
+    }
+}
+
+/// Buffers up to this size share arenas on the heap (the daemon's arena-size / 8, from
+/// its --heap arguments; 64 MiB arenas by default).
+fn arena_limit(ctx: &Ctx) -> Result<u64, String> {
+    let name = ctx.daemon_name(&ctx.heap);
+    let specs = env::daemon_heap_specs()?;
+    let arena = match specs.iter().find(|s| s.name == name) {
+        Some(s) => match s.opts.get("arena-size") {
+            Some(v) => env::parse_size(v)?,
+            None => 64 << 20,
+        },
+        None => 64 << 20,
+    };
+    Ok(arena / 8)
+}
+
+fn is_v4(u: &[u8; 16]) -> bool {
+    u[6] >> 4 == 4 && u[8] >> 6 == 0b10
+}
+
+/// A buffer of `len` bytes holding `seed`'s pattern (written between SYNC start/end).
+fn filled(heap: &Heap, len: usize, seed: u64) -> Result<(Buf, sys::Map), String> {
+    let buf = heap.alloc(len)?;
+    let map = buf.mmap()?;
+    buf.sync(sys::SYNC_START | sys::SYNC_WRITE)
+        .map_err(|e| format!("SYNC start: {}", errname(e)))?;
+    map.fill(seed);
+    buf.sync(sys::SYNC_END | sys::SYNC_WRITE)
+        .map_err(|e| format!("SYNC end: {}", errname(e)))?;
+    Ok((buf, map))
+}
+
+/// The guest reads `seed`'s pattern (between SYNC start/end).
+fn guest_sees(buf: &Buf, map: &sys::Map, seed: u64, what: &str) -> Result<(), String> {
+    buf.sync(sys::SYNC_START | sys::SYNC_READ)
+        .map_err(|e| format!("SYNC start: {}", errname(e)))?;
+    let r = map.check(seed);
+    buf.sync(sys::SYNC_END | sys::SYNC_READ)
+        .map_err(|e| format!("SYNC end: {}", errname(e)))?;
+    r.map_err(|off| {
+        let got = map.read_vec(off, 8.min(buf.len - off));
+        let want = sys::pattern(seed, (off / 8) as u64).to_le_bytes();
+        format!(
+            "{what}: the guest reads {} at byte {off}, want {} (what the importer wrote)",
+            sys::hex(&got),
+            sys::hex(&want[..got.len()])
+        )
+    })
+}
+
+fn seed() -> u64 {
+    let b = sys::random_bytes(8);
+    u64::from_le_bytes(b.try_into().unwrap_or([7; 8])) | 1
+}
+
+/// One CHECK round trip of a `len`-byte buffer.
+fn roundtrip_one(s: &Sharing, heap: &Heap, len: usize) -> Result<String, String> {
+    let what = format!("{} KiB", len >> 10);
+    let (a, b, c) = (seed(), seed(), seed());
+    let (buf, map) = filled(heap, len, a).map_err(|e| format!("{what}: {e}"))?;
+    let r = must_ok(&format!("{what} CHECK"), s.op(OP_CHECK, Some(&buf), a, b))?;
+    check(
+        r.len == len as u64 && r.resp.len == len as u64 && r.resp.fd_size == len as u64,
+        || {
+            format!(
+                "{what}: dma-buf len {}, the export socket says {}, its fd has {} bytes",
+                r.len, r.resp.len, r.resp.fd_size
+            )
+        },
+    )?;
+    check(is_v4(&r.uuid), || {
+        format!("{what}: UUID {} is not RFC 4122 v4", sys::hex(&r.uuid))
+    })?;
+    guest_sees(&buf, &map, b, &what)?;
+    // Again, through a new lookup: the importer sees its own bytes and the guest's next.
+    filled_again(&buf, &map, c)?;
+    must_ok(
+        &format!("{what} second CHECK"),
+        s.op(OP_CHECK, Some(&buf), c, a),
+    )?;
+    guest_sees(&buf, &map, a, &what)?;
+    Ok(format!("{what} ok (uuid {})", sys::hex(&r.uuid)))
+}
+
+fn filled_again(buf: &Buf, map: &sys::Map, seed: u64) -> Result<(), String> {
+    buf.sync(sys::SYNC_START | sys::SYNC_WRITE)
+        .map_err(|e| format!("SYNC start: {}", errname(e)))?;
+    map.fill(seed);
+    buf.sync(sys::SYNC_END | sys::SYNC_WRITE)
+        .map_err(|e| format!("SYNC end: {}", errname(e)))
+}
+
+/// sharing-roundtrip.
+pub fn roundtrip(ctx: &Ctx) -> Result<(), String> {
+    let s = Sharing::open()?;
+    let heap = Heap::open(&ctx.heap).map_err(|e| format!("open {}: {e}", ctx.heap))?;
+    let limit = arena_limit(ctx)?;
+    let udmabuf = host_has_udmabuf()?;
+    for len in [4usize << 10, 64 << 10, 1 << 20, 8 << 20] {
+        if len as u64 <= limit && !udmabuf {
+            // An arena buffer without /dev/udmabuf on the host: not exportable alone.
+            let (buf, _map) = filled(&heap, len, 1)?;
+            let r = s.op(OP_CHECK, Some(&buf), 1, 2);
+            check(matches!(r, Err(libc::EOPNOTSUPP)), || {
+                format!(
+                    "{} KiB (an arena buffer, no /dev/udmabuf on the host): {:?}, want the \
+                     ioctl to fail with EOPNOTSUPP",
+                    len >> 10,
+                    r.map_err(errname)
+                )
+            })?;
+            println!(
+                "# sharing-roundtrip: {} KiB shares an arena (<= {limit} bytes) and the host \
+                 has no /dev/udmabuf: EOPNOTSUPP, as specified",
+                len >> 10
+            );
+            continue;
+        }
+        let line = roundtrip_one(&s, &heap, len)?;
+        if ctx.verbose {
+            println!("# sharing-roundtrip: {line}");
+        }
+    }
+    Ok(())
+}
+
+/// The heap's `bytes`, `buffers`, `exported`, `retained_buffers` (daemon stats).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Counts {
+    bytes: u64,
+    buffers: u64,
+    exported: u64,
+    retained: u64,
+    retained_bytes: u64,
+}
+
+fn counts(ctx: &Ctx) -> Result<Counts, String> {
+    let text = host::call(&["stats"])?;
+    let v = crate::json::parse(text.trim()).map_err(|e| format!("stats: {e} in {text:?}"))?;
+    let name = ctx.daemon_name(&ctx.heap);
+    let h = v
+        .get("heaps")
+        .and_then(|hs| hs.get(&name))
+        .ok_or_else(|| format!("stats: no heap {name} in {text:?}"))?;
+    let get = |k: &str| {
+        h.get(k)
+            .and_then(crate::json::Value::as_u64)
+            .ok_or_else(|| format!("stats: heap {name} has no {k} in {text:?}"))
+    };
+    Ok(Counts {
+        bytes: get("bytes")?,
+        buffers: get("buffers")?,
+        exported: get("exported")?,
+        retained: get("retained_buffers")?,
+        retained_bytes: get("retained_bytes")?,
+    })
+}
+
+/// Waits until the stats satisfy `f`; the last counts seen.
+fn wait_counts(ctx: &Ctx, what: &str, f: impl Fn(&Counts) -> bool) -> Result<Counts, String> {
+    let mut last = None;
+    let r = env::wait_until(what, STATS_WAIT, || {
+        let c = counts(ctx)?;
+        last = Some(c);
+        Ok(f(&c))
+    });
+    match (r, last) {
+        (Ok(()), Some(c)) => Ok(c),
+        (Err(e), last) => Err(format!("{e}; last stats {last:?}")),
+        (Ok(()), None) => Err(format!("{what}: no stats")),
+    }
+}
+
+/// sharing-lifetime.
+pub fn lifetime(ctx: &Ctx) -> Result<(), String> {
+    let s = Sharing::open()?;
+    let heap = Heap::open(&ctx.heap).map_err(|e| format!("open {}: {e}", ctx.heap))?;
+    let len = 1usize << 20;
+    let before = counts(ctx)?;
+    let (a, b) = (seed(), seed());
+    let (buf, map) = filled(&heap, len, a)?;
+    let held = must_ok("HOLD", s.op(OP_HOLD, Some(&buf), 0, 0))?;
+    let uuid = held.uuid;
+    let live = counts(ctx)?;
+    check(
+        live.exported == before.exported + 1 && live.buffers == before.buffers + 1,
+        || format!("held and live: stats {live:?}, before {before:?}"),
+    )?;
+    // The guest frees it: the daemon withdraws the UUID and retains the buffer, still
+    // charged.
+    drop(map);
+    drop(buf);
+    let retained = wait_counts(ctx, "the buffer retained after the guest's free", |c| {
+        c.retained == before.retained + 1
+    })?;
+    check(
+        retained.exported == before.exported
+            && retained.bytes == live.bytes
+            && retained.buffers == live.buffers
+            && retained.retained_bytes >= before.retained_bytes + len as u64,
+        || {
+            format!(
+                "retained: stats {retained:?}; while live {live:?}; before {before:?} (want \
+                 the buffer not exported, still charged: bytes and buffers as while live)"
+            )
+        },
+    )?;
+    let r = s
+        .lookup(uuid)
+        .map_err(|e| format!("LOOKUP_ONLY: {}", errname(e)))?;
+    check(r.resp.status == libc::ENOENT as u32, || {
+        format!(
+            "LOOKUP_ONLY of the freed buffer's UUID: status {}, want ENOENT",
+            status_name(r.resp.status)
+        )
+    })?;
+    must_ok("CHECK_HELD after the free", s.op(OP_CHECK_HELD, None, a, b))?;
+    must_ok(
+        "CHECK_HELD of its own write",
+        s.op(OP_CHECK_HELD, None, b, 0),
+    )?;
+    must_ok("RELEASE", s.op(OP_RELEASE, None, 0, 0))?;
+    let after = wait_counts(ctx, "the retained buffer released", |c| {
+        c.retained == before.retained
+    })?;
+    check(
+        after.bytes == before.bytes && after.buffers == before.buffers,
+        || format!("released: stats {after:?}, before {before:?}"),
+    )?;
+    let r = s.op(OP_RELEASE, None, 0, 0);
+    check(
+        matches!(r, Ok(ref r) if r.resp.status == libc::ENXIO as u32),
+        || format!("a second RELEASE: {r:?}, want status ENXIO"),
+    )
+}
+
+/// sharing-unknown.
+pub fn unknown(ctx: &Ctx) -> Result<(), String> {
+    let s = Sharing::open()?;
+    let mut uuid = [0u8; 16];
+    uuid.copy_from_slice(&sys::random_bytes(16));
+    let r = s
+        .lookup(uuid)
+        .map_err(|e| format!("LOOKUP_ONLY: {}", errname(e)))?;
+    check(
+        r.resp.status == libc::ENOENT as u32 && r.resp.len == 0,
+        || {
+            format!(
+                "a random UUID: status {}, len {}, want ENOENT",
+                status_name(r.resp.status),
+                r.resp.len
+            )
+        },
+    )?;
+    // A freed buffer's UUID.
+    let heap = Heap::open(&ctx.heap).map_err(|e| format!("open {}: {e}", ctx.heap))?;
+    let before = counts(ctx)?;
+    let buf = heap.alloc(1 << 20)?;
+    let r = must_ok(
+        "LOOKUP_ONLY of a live buffer",
+        s.op(OP_LOOKUP_ONLY, Some(&buf), 0, 0),
+    )?;
+    check(r.resp.len == 1 << 20, || {
+        format!("LOOKUP_ONLY of a live 1 MiB buffer: len {}", r.resp.len)
+    })?;
+    drop(buf);
+    wait_counts(ctx, "the buffer's free (its UUID withdrawn)", |c| {
+        c.exported == before.exported
+    })?;
+    let r2 = s
+        .lookup(r.uuid)
+        .map_err(|e| format!("LOOKUP_ONLY: {}", errname(e)))?;
+    check(r2.resp.status == libc::ENOENT as u32, || {
+        format!(
+            "a freed buffer's UUID {}: status {}, len {}, want ENOENT",
+            sys::hex(&r.uuid),
+            status_name(r2.resp.status),
+            r2.resp.len
+        )
+    })?;
+    // The guest kernel's own heap gives plain dma-bufs: not virtio_dma_bufs.
+    if let Ok(reference) = Heap::open(&ctx.reference) {
+        let b = reference.alloc(4096)?;
+        let r = s.op(OP_CHECK, Some(&b), 0, 0);
+        check(matches!(r, Err(libc::EMEDIUMTYPE)), || {
+            format!(
+                "a buffer of the guest's own {} heap: {:?}, want EMEDIUMTYPE",
+                ctx.reference,
+                r.map_err(errname)
+            )
+        })?;
+    }
+    // The importer answers what it does not know with an error, and nothing is held.
+    for (op, want) in [
+        (99, libc::EOPNOTSUPP),
+        (0, libc::EOPNOTSUPP),
+        (OP_CHECK_HELD, libc::ENXIO),
+        (OP_RELEASE, libc::ENXIO),
+    ] {
+        let r = s
+            .op(op, None, 0, 0)
+            .map_err(|e| format!("op {op}: ioctl {}", errname(e)))?;
+        check(r.resp.status == want as u32, || {
+            format!(
+                "op {op}: status {}, want {}",
+                status_name(r.resp.status),
+                errname(want)
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// sharing-small.
+pub fn small(ctx: &Ctx) -> Result<(), String> {
+    let s = Sharing::open()?;
+    let heap = Heap::open(&ctx.heap).map_err(|e| format!("open {}: {e}", ctx.heap))?;
+    let udmabuf = host_has_udmabuf()?;
+    let limit = arena_limit(ctx)?;
+    check(4096 <= limit, || {
+        format!("heap {}: 4 KiB buffers do not share arenas", ctx.heap)
+    })?;
+    let (a, b) = (seed(), seed());
+    let (buf, map) = filled(&heap, 4096, a)?;
+    let before = counts(ctx)?;
+    let r = s.op(OP_CHECK, Some(&buf), a, b);
+    if udmabuf {
+        must_ok("4 KiB arena buffer with /dev/udmabuf on the host", r)?;
+        return guest_sees(&buf, &map, b, "4 KiB");
+    }
+    check(matches!(r, Err(libc::EOPNOTSUPP)), || {
+        format!(
+            "a 4 KiB arena buffer, no /dev/udmabuf on the host: {:?}, want EOPNOTSUPP",
+            r.map_err(errname)
+        )
+    })?;
+    // Refused, it still works for the guest and is not exported.
+    guest_sees(&buf, &map, a, "4 KiB after the refusal")?;
+    let c = counts(ctx)?;
+    check(c.exported == before.exported, || {
+        format!("refused, yet exported: stats {c:?}, before {before:?}")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_header_agrees() {
+        let text = include_str!("../../importer/importer_proto.h");
+        let def = |k: &str| -> u64 {
+            text.lines()
+                .find_map(|l| {
+                    let w: Vec<&str> = l.split_whitespace().collect();
+                    (w.len() >= 3 && w[0] == "#define" && w[1] == k).then(|| w[2].parse().unwrap())
+                })
+                .unwrap()
+        };
+        assert_eq!(def("DMAHEAP_IMP_OP_CHECK"), u64::from(OP_CHECK));
+        assert_eq!(def("DMAHEAP_IMP_OP_HOLD"), u64::from(OP_HOLD));
+        assert_eq!(def("DMAHEAP_IMP_OP_CHECK_HELD"), u64::from(OP_CHECK_HELD));
+        assert_eq!(def("DMAHEAP_IMP_OP_RELEASE"), u64::from(OP_RELEASE));
+        assert_eq!(def("DMAHEAP_IMP_OP_LOOKUP_ONLY"), u64::from(OP_LOOKUP_ONLY));
+        assert_eq!(def("DMAHEAP_IMP_RESP_SIZE"), RESP_SIZE as u64);
+        assert_eq!(def("DMAHEAP_SHARING_RUN_SIZE"), RUN_SIZE as u64);
+        assert!(text.contains("_IOWR('S', 0x38, struct dmaheap_sharing_run)"));
+        assert_eq!(IOC_RUN, 0xc058_5338);
+    }
+}
