@@ -20,10 +20,12 @@
  * Cross-device sharing, what a virtio device's driver does before it hands a
  * buffer to its device: writing a dma-buf fd to "uuid" checks
  * is_virtio_dma_buf() (the write fails with EMEDIUMTYPE if it is not one)
- * and calls virtio_dma_buf_get_uuid() from IMP_RACERS workers at once (the
- * write fails with the first errno, or EILSEQ if they got different UUIDs);
- * reading "uuid" then gives the UUID they got, 36 characters and a newline
- * (an empty line before the first success). Built for a kernel
+ * and calls virtio_dma_buf_get_uuid() in the writer's context (the write
+ * fails with its errno; a fatal signal ends a call that waits for the
+ * device); reading "uuid" then gives the UUID, 36 characters and a newline
+ * (an empty line before the first success). Writing the fd to "uuid_race"
+ * does the same from IMP_RACERS workers at once (the write fails with the
+ * first errno, or EILSEQ if they got different UUIDs). Built for a kernel
  * without virtio_dma_buf (CONFIG_VIRTIO_DMA_SHARED_BUFFER), nothing is one.
  */
 
@@ -37,7 +39,6 @@
 #include <linux/platform_device.h>
 #include <linux/scatterlist.h>
 #include <linux/uuid.h>
-#include <linux/version.h>
 #include <linux/workqueue.h>
 #if IS_ENABLED(CONFIG_VIRTIO_DMA_SHARED_BUFFER)
 #include <linux/virtio_dma_buf.h>
@@ -305,13 +306,6 @@ MODULE_PARM_DESC(release, "write anything to let the held buffer go");
 #if IS_ENABLED(CONFIG_VIRTIO_DMA_SHARED_BUFFER)
 #define IMP_RACERS 8
 
-/* system_unbound_wq is deprecated since 6.17. */
-#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 17, 0)
-#define imp_wq	system_dfl_wq
-#else
-#define imp_wq	system_unbound_wq
-#endif
-
 struct imp_racer {
 	struct work_struct work;
 	struct dma_buf *db;
@@ -327,17 +321,15 @@ static void imp_racer_fn(struct work_struct *work)
 }
 
 /* get_uuid from IMP_RACERS workers at once: one answer for all of them. */
-static int imp_get_uuid(struct dma_buf *db, uuid_t *uuid)
+static int imp_get_uuid_race(struct dma_buf *db, uuid_t *uuid)
 {
 	struct imp_racer r[IMP_RACERS];
 	int i, ret = 0;
 
-	if (!is_virtio_dma_buf(db))
-		return -EMEDIUMTYPE;
 	for (i = 0; i < IMP_RACERS; i++) {
 		INIT_WORK_ONSTACK(&r[i].work, imp_racer_fn);
 		r[i].db = db;
-		queue_work(imp_wq, &r[i].work);
+		queue_work(system_dfl_wq, &r[i].work);	/* unbound: all at once */
 	}
 	for (i = 0; i < IMP_RACERS; i++) {
 		flush_work(&r[i].work);
@@ -356,15 +348,29 @@ static int imp_get_uuid(struct dma_buf *db, uuid_t *uuid)
 		uuid_copy(uuid, &r[0].uuid);
 	return ret;
 }
+
+static int imp_get_uuid(struct dma_buf *db, uuid_t *uuid, bool race)
+{
+	int ret;
+
+	if (!is_virtio_dma_buf(db))
+		return -EMEDIUMTYPE;
+	if (race)
+		return imp_get_uuid_race(db, uuid);
+	ret = virtio_dma_buf_get_uuid(db, uuid);
+	if (ret)
+		pr_info("uuid: get_uuid: %d\n", ret);
+	return ret;
+}
 #else
-static int imp_get_uuid(struct dma_buf *db, uuid_t *uuid)
+static int imp_get_uuid(struct dma_buf *db, uuid_t *uuid, bool race)
 {
 	pr_info("uuid: this kernel has no virtio_dma_buf\n");
 	return -EMEDIUMTYPE;
 }
 #endif
 
-static int imp_uuid_write(const char *val, const struct kernel_param *kp)
+static int imp_uuid_store(const char *val, bool race)
 {
 	struct dma_buf *db;
 	uuid_t uuid;
@@ -376,11 +382,9 @@ static int imp_uuid_write(const char *val, const struct kernel_param *kp)
 	db = dma_buf_get(fd);
 	if (IS_ERR(db))
 		return PTR_ERR(db);
-	ret = imp_get_uuid(db, &uuid);
-	if (ret == -EMEDIUMTYPE) {
+	ret = imp_get_uuid(db, &uuid, race);
+	if (ret == -EMEDIUMTYPE)
 		pr_info("uuid: fd %d (%s) is not a virtio_dma_buf\n", fd, db->exp_name);
-		goto put;
-	}
 	if (ret)
 		goto put;
 	mutex_lock(&imp_lock);
@@ -390,6 +394,11 @@ static int imp_uuid_write(const char *val, const struct kernel_param *kp)
 put:
 	dma_buf_put(db);
 	return ret;
+}
+
+static int imp_uuid_write(const char *val, const struct kernel_param *kp)
+{
+	return imp_uuid_store(val, false);
 }
 
 static int imp_uuid_read(char *buffer, const struct kernel_param *kp)
@@ -409,6 +418,17 @@ static const struct kernel_param_ops imp_uuid_ops = {
 };
 module_param_cb(uuid, &imp_uuid_ops, NULL, 0600);
 MODULE_PARM_DESC(uuid, "write a dma-buf fd to get its virtio_dma_buf UUID, read it back");
+
+static int imp_uuid_race_write(const char *val, const struct kernel_param *kp)
+{
+	return imp_uuid_store(val, true);
+}
+
+static const struct kernel_param_ops imp_uuid_race_ops = {
+	.set = imp_uuid_race_write,
+};
+module_param_cb(uuid_race, &imp_uuid_race_ops, NULL, 0200);
+MODULE_PARM_DESC(uuid_race, "as uuid, from 8 workers at once (read the UUID from uuid)");
 
 static int __init imp_init(void)
 {
