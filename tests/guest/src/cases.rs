@@ -68,6 +68,27 @@ pub const EXPLICIT_CASES: &[(&str, &str, CaseFn)] = &[
         importer,
     ),
     (
+        "uuid",
+        "VIRTIO_DMAHEAP_F_UUID (importer loaded; memfd heap, no host udmabuf): buffers are \
+         virtio_dma_bufs; get_uuid (8 callers at once) succeeds, is stable, counted by the \
+         daemon; every buffer its own random v4 UUID; a 4 KiB arena buffer gets EOPNOTSUPP \
+         and still works; a buffer asked for a UUID is never pooled",
+        crate::uuid::uuid,
+    ),
+    (
+        "uuid-revoked",
+        "after the host ends the session (ctl prepare-reset) and after the device is \
+         removed (unbind), get_uuid of old buffers fails with ENODEV; new buffers get new \
+         UUIDs (importer loaded; run it last: the device stays unbound)",
+        crate::uuid::uuid_revoked,
+    ),
+    (
+        "uuid-off",
+        "daemon --no-uuid: the feature is not negotiated, buffers are plain dma-bufs (the \
+         importer's uuid gives EMEDIUMTYPE) and work as before (importer loaded)",
+        crate::uuid::uuid_off,
+    ),
+    (
         "device-reset",
         "unbinding the driver (a device reset) while buffers are held and mapped releases \
          every host buffer and mapping; allocation then fails with ENODEV (run it last: \
@@ -102,7 +123,8 @@ pub const EXPLICIT_CASES: &[(&str, &str, CaseFn)] = &[
     (
         "killable",
         "with the daemon stopped (host hooks stop-daemon/cont-daemon), a fatal signal ends \
-         a waiting ALLOC and SYNC at once; the abandoned ALLOC leaks nothing",
+         a waiting ALLOC, get_uuid (importer loaded) and SYNC at once; the abandoned ALLOC \
+         leaks nothing",
         crate::lifecycle::killable,
     ),
     (

@@ -574,6 +574,16 @@ pub fn killable(ctx: &Ctx) -> Result<(), String> {
         })?;
         eprintln!("  killable: ALLOC ended {t:.1?} after SIGKILL");
         let fd = synced.raw();
+        // A driver's first virtio_dma_buf_get_uuid() waits for ASSIGN_UUID (the importer
+        // calls it in the writer's context).
+        if crate::uuid::negotiated(&ctx.heap)? {
+            let t = killed_while_waiting("get_uuid (ASSIGN_UUID)", move || {
+                i32::from(std::fs::write(crate::uuid::UUID_PARAM, fd.to_string()).is_err())
+            })?;
+            eprintln!("  killable: get_uuid ended {t:.1?} after SIGKILL");
+        } else {
+            eprintln!("  killable: VIRTIO_DMAHEAP_F_UUID not negotiated, get_uuid not tried");
+        }
         if !host_sync {
             let t0 = Instant::now();
             synced

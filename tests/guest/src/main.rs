@@ -16,6 +16,7 @@ mod json;
 mod lifecycle;
 mod nested;
 mod sys;
+mod uuid;
 
 use std::process::ExitCode;
 use std::time::Instant;

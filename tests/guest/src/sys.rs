@@ -69,6 +69,9 @@ pub fn errname(e: i32) -> String {
         libc::EOPNOTSUPP => "EOPNOTSUPP",
         libc::EOVERFLOW => "EOVERFLOW",
         libc::ETIMEDOUT => "ETIMEDOUT",
+        libc::EMEDIUMTYPE => "EMEDIUMTYPE",
+        libc::EINTR => "EINTR",
+        libc::EILSEQ => "EILSEQ",
         _ => return format!("errno {e}"),
     };
     name.to_string()
