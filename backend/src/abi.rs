@@ -10,7 +10,8 @@ pub const VIRTIO_ID_DMAHEAP: u32 = 37;
 
 /// Feature bit: the device accepts `VIRTIO_DMAHEAP_REQ_SYNC`.
 pub const VIRTIO_DMAHEAP_F_SYNC: u32 = 0;
-/// Feature bit: the device accepts `VIRTIO_DMAHEAP_REQ_ASSIGN_UUID` (never offered yet).
+/// Feature bit: the device accepts `VIRTIO_DMAHEAP_REQ_ASSIGN_UUID`: buffers get UUIDs for
+/// other devices.
 pub const VIRTIO_DMAHEAP_F_UUID: u32 = 1;
 /// Feature bit: buffers belong to a driver session (`SESSION_OPEN`, `SESSION_CLOSE`,
 /// `RESERVE`, `UNRESERVE`).

@@ -75,13 +75,35 @@ pub struct DaemonArgs {
 
     /// Unix socket for operators (created with mode 0600; an existing file is replaced):
     /// one request line, one reply. `stats` answers JSON: {"heaps": {NAME: {"bytes",
-    /// "buffers", "mappings", "arenas", "host_bytes"}}, "total": {...}, "limits": {...},
-    /// "session": "open"|"suspended"|"closed"|"implicit", "reserved_bytes": N}.
+    /// "buffers", "mappings", "arenas", "host_bytes", "exported", "retained_buffers",
+    /// "retained_bytes"}}, "total": {...}, "limits": {...}, "session":
+    /// "open"|"suspended"|"closed"|"implicit", "reserved_bytes": N}. Retained buffers
+    /// (freed by the guest while another process holds their export) count in "bytes"
+    /// and "buffers".
     /// `prepare-reset` ends the guest's session (every buffer leaves the window and its
     /// memory is released) so that resetting the VM next is safe with QEMU 11.1. See the
     /// `stats` and `ctl` subcommands.
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
+
+    /// Do not offer VIRTIO_DMAHEAP_F_UUID: the guest cannot give buffers UUIDs for other
+    /// devices (ASSIGN_UUID).
+    #[arg(long)]
+    pub no_uuid: bool,
+
+    /// Unix socket (created with mode 0600; an existing file is replaced) on which other
+    /// host processes, e.g. the back ends of other devices of the VM, resolve a buffer's
+    /// UUID (ASSIGN_UUID) to a file that maps exactly the buffer: send the 16 bytes of the
+    /// UUID, get {le32 status (0, or an errno: ENOENT), le32 0, le64 len} and, on success,
+    /// one fd (SCM_RIGHTS).
+    #[arg(long, value_name = "PATH", conflicts_with = "no_uuid")]
+    pub export_socket: Option<PathBuf>,
+
+    /// Also register UUIDs with the front end's shared-object table (vhost-user protocol
+    /// feature SHARED_OBJECT: SHARED_OBJECT_ADD/REMOVE, GET_SHARED_OBJECT). Off by default:
+    /// with QEMU 11.1.3 a lookup by another back end kills the VM.
+    #[arg(long, conflicts_with = "no_uuid")]
+    pub shared_object_table: bool,
 
     /// Also accept the debug commands `buffers`, `peek ID OFF LEN` and `poke ID OFF HEX`
     /// on the control socket (they read and write guest buffers: tests only).

@@ -100,7 +100,10 @@ impl HeapSpec {
     pub fn open(&self) -> Result<Heap, ProviderError> {
         let provider: Box<dyn HeapProvider> = match &self.source {
             HeapSource::DmaHeap(n) => Box::new(DmaHeapProvider::open(n)?),
-            HeapSource::Memfd => Box::new(MemfdProvider::new(&self.params.name)),
+            HeapSource::Memfd => Box::new(MemfdProvider::with_udmabuf(
+                &self.params.name,
+                crate::host::udmabuf::open_udmabuf_dev(),
+            )),
             HeapSource::Udmabuf => Box::new(UdmabufProvider::open(&self.params.name)?),
         };
         Ok(Heap {
@@ -136,6 +139,12 @@ pub struct Config {
     pub control_socket: Option<PathBuf>,
     /// Debug commands on the control socket.
     pub control_debug: bool,
+    /// Offer `VIRTIO_DMAHEAP_F_UUID`.
+    pub uuid: bool,
+    /// Export socket path (UUID -> buffer file).
+    pub export_socket: Option<PathBuf>,
+    /// Register UUIDs with the front end's shared-object table.
+    pub shared_object_table: bool,
     /// Containment applied after start-up.
     pub sandbox: crate::sandbox::Sandbox,
 }
@@ -354,6 +363,9 @@ impl Config {
             },
             control_socket: args.control_socket,
             control_debug: args.control_debug,
+            uuid: !args.no_uuid,
+            export_socket: args.export_socket,
+            shared_object_table: args.shared_object_table,
             sandbox: crate::sandbox::Sandbox {
                 seccomp: args.seccomp,
                 user: args.user,
@@ -409,6 +421,34 @@ mod tests {
         assert_eq!(c.heaps[0].source, HeapSource::Memfd);
         assert_eq!(c.heaps[0].params.min_align, 4096);
         assert!(!c.control_debug);
+        assert!(c.uuid);
+        assert!(!c.shared_object_table);
+        assert_eq!(c.export_socket, None);
+    }
+
+    #[test]
+    fn uuid_options() {
+        let c = cfg(&[
+            "--socket-path",
+            "/tmp/s",
+            "--export-socket",
+            "/tmp/e",
+            "--shared-object-table",
+        ])
+        .unwrap();
+        assert!(c.uuid && c.shared_object_table);
+        assert_eq!(c.export_socket, Some("/tmp/e".into()));
+        let c = cfg(&["--socket-path", "/tmp/s", "--no-uuid"]).unwrap();
+        assert!(!c.uuid);
+        assert!(Args::try_parse_from([
+            "x",
+            "--socket-path",
+            "/s",
+            "--no-uuid",
+            "--export-socket",
+            "/e"
+        ])
+        .is_err());
     }
 
     #[test]

@@ -50,6 +50,9 @@ pub enum DaemonError {
     /// The control socket failed.
     #[error("control socket")]
     Control(#[source] ControlError),
+    /// The export socket failed.
+    #[error("export socket")]
+    ExportSocket(#[source] crate::export_socket::ExportSocketError),
     /// vhost-user daemon failure.
     #[error("vhost-user daemon: {0}")]
     Vhost(vhost_user_backend::Error),
@@ -151,10 +154,10 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     // start at an unpredictable value, so that a stale FREE of the guest from an earlier
     // daemon process cannot free a buffer of this one.
     let ids = Arc::new(AtomicU64::new(unpredictable_id_start()));
-    let handle = Arc::new(
-        DeviceHandle::new(Device::new(heaps, cfg.limits.clone(), ids))
-            .map_err(DaemonError::WorkerEvents)?,
-    );
+    let mut device = Device::new(heaps, cfg.limits.clone(), ids);
+    device.set_uuid_offered(cfg.uuid);
+    device.set_shared_object_table(cfg.shared_object_table);
+    let handle = Arc::new(DeviceHandle::new(device).map_err(DaemonError::WorkerEvents)?);
     // Before the sandbox, which allows arming a timerfd but not creating one.
     let timer = Arc::new(WorkerTimer::new().map_err(DaemonError::WorkerEvents)?);
 
@@ -162,6 +165,14 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     let mut cleanup = Vec::new();
     if let SocketSpec::Path(p) = &cfg.socket {
         cleanup.push(p.clone());
+    }
+    if let Some(path) = &cfg.export_socket {
+        let listener = crate::export_socket::bind(path).map_err(DaemonError::ExportSocket)?;
+        cleanup.push(path.clone());
+        // Lookups read the export table only: never the device lock.
+        let table = handle.export_table();
+        let lookup: crate::export_socket::Lookup = Arc::new(move |uuid| table.lookup(uuid));
+        crate::export_socket::serve(listener, lookup).map_err(DaemonError::ExportSocket)?;
     }
     if let Some(path) = &cfg.control_socket {
         control::spawn(path, handle.clone(), cfg.control_debug).map_err(DaemonError::Control)?;

@@ -221,7 +221,7 @@ fn alloc_and_sync_argument_errors() {
         let s = fe.sync(b.id, flags);
         assert_eq!(s, S_INVAL, "SYNC {what}: {}", status_name(s));
     }
-    // ASSIGN_UUID needs F_UUID, never offered.
+    // ASSIGN_UUID needs F_UUID, which this driver did not accept.
     let c = fe.request(&assign_uuid_req(b.id), ASSIGN_UUID_RESP_SIZE as u32);
     let s = FrontEnd::status_of(&c, "ASSIGN_UUID");
     assert_eq!(s, S_UNSUPP, "ASSIGN_UUID: {}", status_name(s));

@@ -51,6 +51,7 @@ fn stats_show_what_the_guest_holds_per_heap() {
             bytes: a.bytes + b.bytes,
             buffers: 5,
             mappings: live,
+            ..Default::default()
         },
         "{}",
         st.raw

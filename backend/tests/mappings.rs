@@ -84,7 +84,8 @@ fn a_thousand_small_buffers_share_a_handful_of_mappings() {
         Counters {
             bytes: 0,
             buffers: 0,
-            mappings: live
+            mappings: live,
+            ..Default::default()
         },
         "{}",
         st.raw

@@ -466,6 +466,12 @@ pub struct Counters {
     pub bytes: u64,
     pub buffers: u64,
     pub mappings: u64,
+    /// Live buffers with a UUID.
+    pub exported: u64,
+    /// Buffers freed by the guest but held for importers (counted in `buffers`).
+    pub retained_buffers: u64,
+    /// Their bytes (counted in `bytes`).
+    pub retained_bytes: u64,
 }
 
 /// The parsed reply of `stats`.
@@ -489,6 +495,9 @@ impl Stats {
                 bytes: c.get("bytes")?.as_u64()?,
                 buffers: c.get("buffers")?.as_u64()?,
                 mappings: c.get("mappings")?.as_u64()?,
+                exported: c.get("exported")?.as_u64()?,
+                retained_buffers: c.get("retained_buffers")?.as_u64()?,
+                retained_bytes: c.get("retained_bytes")?.as_u64()?,
             })
         };
         let heaps_v = v

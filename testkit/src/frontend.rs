@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserMMap, VhostUserMMapFlags,
+    VhostUserSharedMsg,
 };
 use vhost::vhost_user::{
     Frontend, FrontendReqHandler, VhostUserFrontend, VhostUserFrontendReqHandler,
@@ -56,6 +57,18 @@ pub fn wanted_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
 }
 
+/// The protocol features QEMU 11.1 acks when the daemon offers them: the ones it needs,
+/// and SHARED_OBJECT (which the daemon offers with `--shared-object-table` only).
+pub fn qemu_protocol_features() -> VhostUserProtocolFeatures {
+    wanted_protocol_features() | VhostUserProtocolFeatures::SHARED_OBJECT
+}
+
+fn uuid_of_msg(msg: &VhostUserSharedMsg) -> [u8; 16] {
+    let mut u = [0u8; 16];
+    u.copy_from_slice(vm_memory::ByteValued::as_slice(msg));
+    u
+}
+
 /// One event seen on the backend request channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ShmEvent {
@@ -71,6 +84,10 @@ pub enum ShmEvent {
         len: u64,
         accepted: bool,
     },
+    /// SHARED_OBJECT_ADD.
+    SharedAdd { uuid: [u8; 16], accepted: bool },
+    /// SHARED_OBJECT_REMOVE.
+    SharedRemove { uuid: [u8; 16], accepted: bool },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -114,6 +131,11 @@ pub struct ShmWindow {
     /// SIGSEGV when the driver starts the device again (its vhost-user memory table still
     /// lists the dropped regions); the driver prevents it with SESSION_CLOSE.
     pub resets_with_live_mappings: usize,
+    /// The shared-object table as QEMU keeps it: UUIDs this back end added and has not
+    /// removed.
+    pub shared_objects: BTreeSet<[u8; 16]>,
+    /// Refuse SHARED_OBJECT_ADD while set (fault injection).
+    pub refuse_shared_adds: bool,
 }
 
 impl std::fmt::Debug for ShmWindow {
@@ -165,6 +187,8 @@ impl ShmWindow {
             mem_regions_removed: 0,
             dropped_at_reset: BTreeSet::new(),
             resets_with_live_mappings: 0,
+            shared_objects: BTreeSet::new(),
+            refuse_shared_adds: false,
         }
     }
 
@@ -360,6 +384,40 @@ impl Drop for ShmWindow {
 }
 
 impl VhostUserFrontendReqHandlerMut for ShmWindow {
+    fn shared_object_add(&mut self, msg: &VhostUserSharedMsg) -> std::io::Result<u64> {
+        let uuid = uuid_of_msg(msg);
+        if self.refuse_shared_adds {
+            self.events.push(ShmEvent::SharedAdd {
+                uuid,
+                accepted: false,
+            });
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // QEMU's table refuses a UUID it has already.
+        let accepted = self.shared_objects.insert(uuid);
+        self.events.push(ShmEvent::SharedAdd { uuid, accepted });
+        if !accepted {
+            self.violations.push(format!(
+                "SHARED_OBJECT_ADD of {uuid:02x?}, which is registered"
+            ));
+            return Err(std::io::Error::from_raw_os_error(libc::EEXIST));
+        }
+        Ok(0)
+    }
+
+    fn shared_object_remove(&mut self, msg: &VhostUserSharedMsg) -> std::io::Result<u64> {
+        let uuid = uuid_of_msg(msg);
+        let accepted = self.shared_objects.remove(&uuid);
+        self.events.push(ShmEvent::SharedRemove { uuid, accepted });
+        if !accepted {
+            self.violations.push(format!(
+                "SHARED_OBJECT_REMOVE of {uuid:02x?}, which is not registered"
+            ));
+            return Err(std::io::Error::from_raw_os_error(libc::ENOENT));
+        }
+        Ok(0)
+    }
+
     fn shmem_map(&mut self, req: &VhostUserMMap, fd: &dyn AsRawFd) -> std::io::Result<u64> {
         let (shmid, fd_offset, shm_offset, len, flags) =
             (req.shmid, req.fd_offset, req.shm_offset, req.len, req.flags);
@@ -527,6 +585,14 @@ impl VhostUserFrontendReqHandler for ShmShared {
     fn shmem_unmap(&self, req: &VhostUserMMap) -> std::io::Result<u64> {
         self.window.lock().unwrap().shmem_unmap(req)
     }
+
+    fn shared_object_add(&self, msg: &VhostUserSharedMsg) -> std::io::Result<u64> {
+        self.window.lock().unwrap().shared_object_add(msg)
+    }
+
+    fn shared_object_remove(&self, msg: &VhostUserSharedMsg) -> std::io::Result<u64> {
+        self.window.lock().unwrap().shared_object_remove(msg)
+    }
 }
 
 /// A descriptor-chain segment.
@@ -676,7 +742,7 @@ impl FrontEnd {
     }
 
     fn handshake_with(stream: UnixStream, device_features: u64) -> FrontEnd {
-        Self::handshake_full(stream, device_features, wanted_protocol_features())
+        Self::handshake_full(stream, device_features, qemu_protocol_features())
     }
 
     /// [`FrontEnd::connect_acking`] the session feature, and SESSION_OPEN as the guest
@@ -703,6 +769,8 @@ impl FrontEnd {
         device_features: u64,
         protocol: VhostUserProtocolFeatures,
     ) -> FrontEnd {
+        // SHARED_OBJECT is acked when the daemon offers it (as QEMU 11.1 does).
+        let optional = protocol & VhostUserProtocolFeatures::SHARED_OBJECT;
         let protocol = protocol & wanted_protocol_features();
         let mut fe = Frontend::from_stream(stream, 1);
         fe.set_owner().expect("SET_OWNER");
@@ -718,6 +786,7 @@ impl FrontEnd {
             missing.is_empty(),
             "daemon lacks protocol features QEMU needs: {missing:?} (offered {proto:?})"
         );
+        let protocol = protocol | (optional & proto);
         fe.set_protocol_features(protocol)
             .expect("SET_PROTOCOL_FEATURES");
         let has = |f: VhostUserProtocolFeatures| protocol.contains(f);
@@ -1326,6 +1395,43 @@ impl FrontEnd {
     pub fn write_buffer(&self, b: &Buffer, off: u64, bytes: &[u8]) {
         assert!(off + bytes.len() as u64 <= b.len);
         self.write_window(b.offset + off, bytes)
+    }
+
+    /// ASSIGN_UUID; the UUID, or the status.
+    pub fn assign_uuid(&mut self, buffer_id: u64) -> Result<[u8; 16], u32> {
+        let c = self.request(&assign_uuid_req(buffer_id), ASSIGN_UUID_RESP_SIZE as u32);
+        let status = Self::status_of(&c, &format!("ASSIGN_UUID {buffer_id}"));
+        if status != S_OK {
+            return Err(status);
+        }
+        assert_eq!(
+            c.used_len as usize, ASSIGN_UUID_RESP_SIZE,
+            "ASSIGN_UUID {buffer_id}: used length"
+        );
+        let mut uuid = [0u8; 16];
+        uuid.copy_from_slice(&c.written[8..24]);
+        Ok(uuid)
+    }
+
+    /// GET_SHARED_OBJECT on the front-end channel, as QEMU sends it when another back end
+    /// looks `uuid` up (the UUID in the body, as the vhost-user spec says): the fd the
+    /// daemon answered with, or `None` if it answered without one.
+    pub fn get_shared_object(&mut self, uuid: &[u8; 16]) -> Option<File> {
+        let mut msg = VhostUserSharedMsg::default();
+        vm_memory::ByteValued::as_mut_slice(&mut msg).copy_from_slice(uuid);
+        self.fe.get_shared_object(&msg).ok()
+    }
+
+    /// The UUIDs the daemon registered and has not withdrawn (QEMU's table).
+    pub fn shared_objects(&self) -> BTreeSet<[u8; 16]> {
+        self.shm().shared_objects.clone()
+    }
+
+    /// Whether the daemon offered SHARED_OBJECT (acked unless the test connected with a
+    /// protocol subset without it).
+    pub fn has_shared_objects(&self) -> bool {
+        self.protocol_features
+            .contains(VhostUserProtocolFeatures::SHARED_OBJECT)
     }
 
     /// Closes the connection and waits for the backend channel to close too.

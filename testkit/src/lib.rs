@@ -15,15 +15,18 @@
 //!   while the device is stopped) is recorded as a violation, and a front end with
 //!   violations fails its test when dropped. Fault injection: refuse or stall SHMEM_MAP,
 //!   refuse SHMEM_UNMAP, cut both channels like a killed VMM.
+//! - [`export`]: a client of the daemon's export socket (UUID -> the buffer's file).
 //! - [`proto`]: the wire format: the constants and sizes of the daemon's header-checked
 //!   `abi.rs`, the shared request encoders (`vhost_user_dmaheap::testing`), response
 //!   parsers.
 #![allow(clippy::unwrap_used, missing_debug_implementations)]
 
 pub mod daemon;
+pub mod export;
 pub mod frontend;
 pub mod proto;
 
 pub use daemon::{Counters, Daemon, Stats, DEADLINE};
+pub use export::ExportClient;
 pub use frontend::{parse_alloc, Completion, FrontEnd, Seg, POISON};
 pub use proto::*;

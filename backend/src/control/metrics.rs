@@ -41,7 +41,7 @@ const NONE: &[&str] = &[];
 const HEAP: &[&str] = &[HEAP_LABEL];
 
 /// Every family, in output order (all gauges).
-pub const FAMILIES: [Family; 17] = [
+pub const FAMILIES: [Family; 23] = [
     fam("up", NONE, "1 if the daemon answered the stats request, 0 if not."),
     fam("heap_buffer_bytes", HEAP, "Bytes held by the guest's live buffers of the heap."),
     fam("heap_buffers", HEAP, "Live buffers of the heap."),
@@ -60,11 +60,41 @@ pub const FAMILIES: [Family; 17] = [
         HEAP,
         "Host memory held for the heap (all its mappings), in bytes.",
     ),
+    fam(
+        "heap_exported_buffers",
+        HEAP,
+        "Live buffers of the heap that have a UUID (ASSIGN_UUID): shared with other devices.",
+    ),
+    fam(
+        "heap_retained_buffers",
+        HEAP,
+        "Buffers of the heap the guest freed while other devices may still hold them: kept out of reuse and still counted in heap_buffers.",
+    ),
+    fam(
+        "heap_retained_bytes",
+        HEAP,
+        "Bytes of the heap's retained buffers (still counted in heap_buffer_bytes).",
+    ),
     fam("buffer_bytes", NONE, "Bytes held by the guest's live buffers, all heaps."),
     fam("buffers", NONE, "Live buffers, all heaps."),
     fam("mappings", NONE, "Live mappings in the shared memory window, all heaps."),
     fam("arenas", NONE, "Live arenas, all heaps."),
     fam("host_bytes", NONE, "Host memory held for the guest's buffers, all heaps, in bytes."),
+    fam(
+        "exported_buffers",
+        NONE,
+        "Live buffers that have a UUID (ASSIGN_UUID), all heaps.",
+    ),
+    fam(
+        "retained_buffers",
+        NONE,
+        "Buffers freed by the guest but held for other devices, all heaps (still counted in buffers).",
+    ),
+    fam(
+        "retained_bytes",
+        NONE,
+        "Bytes of the retained buffers, all heaps (still counted in buffer_bytes).",
+    ),
     fam(
         "reserved_bytes",
         NONE,
@@ -203,6 +233,9 @@ fn counter(name: &str, h: &HeapStats) -> Option<u64> {
         "mappings" => h.mappings,
         "arenas" => h.arenas,
         "host_bytes" => h.host_bytes,
+        "exported_buffers" => h.exported,
+        "retained_buffers" => h.retained_buffers,
+        "retained_bytes" => h.retained_bytes,
         _ => return None,
     })
 }
@@ -279,6 +312,9 @@ mod tests {
             mappings: 1,
             arenas: 1,
             host_bytes: 64 << 20,
+            exported: 1,
+            retained_buffers: 1,
+            retained_bytes: 4096,
         };
         let b = HeapStats {
             bytes: 16 << 20,
@@ -286,6 +322,7 @@ mod tests {
             mappings: 1,
             arenas: 0,
             host_bytes: 16 << 20,
+            ..Default::default()
         };
         s.heaps.insert("linux,cma".into(), a.clone());
         s.heaps.insert("system".into(), b.clone());
@@ -295,6 +332,9 @@ mod tests {
             mappings: 2,
             arenas: 1,
             host_bytes: a.host_bytes + b.host_bytes,
+            exported: 1,
+            retained_buffers: 1,
+            retained_bytes: 4096,
         };
         s
     }
@@ -351,11 +391,17 @@ mod tests {
             "vhost_user_dmaheap_session{state=\"suspended\"} 0",
             "vhost_user_dmaheap_session{state=\"closed\"} 0",
             "vhost_user_dmaheap_session{state=\"implicit\"} 0",
+            "vhost_user_dmaheap_heap_exported_buffers{heap=\"linux,cma\"} 1",
+            "vhost_user_dmaheap_heap_retained_buffers{heap=\"system\"} 0",
+            "vhost_user_dmaheap_heap_retained_bytes{heap=\"linux,cma\"} 4096",
+            "vhost_user_dmaheap_exported_buffers 1",
+            "vhost_user_dmaheap_retained_buffers 1",
+            "vhost_user_dmaheap_retained_bytes 4096",
         ] {
             assert!(s.contains(&want), "missing {want:?} in\n{page}");
         }
-        // 1 up + 5 per-heap families x 2 heaps + 10 device-wide + 4 session states.
-        assert_eq!(s.len(), 1 + 5 * 2 + 10 + 4, "{page}");
+        // 1 up + 8 per-heap families x 2 heaps + 13 device-wide + 4 session states.
+        assert_eq!(s.len(), 1 + 8 * 2 + 13 + 4, "{page}");
         assert!(page.ends_with('\n'));
         // Each family's samples follow its own TYPE line (the Go parser requires it).
         let mut current = "";

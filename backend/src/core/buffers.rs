@@ -232,6 +232,9 @@ impl Device {
 
     /// Frees a buffer.
     pub fn free(&mut self, id: u64, mapper: &mut dyn Mapper) -> Result<(), RequestError> {
+        if self.uuid_of(id).is_some() {
+            return self.free_exported(id, mapper);
+        }
         let rec = self.pool.remove_buffer(id).ok_or(RequestError::NoBuffer)?;
         self.idle.touch();
         self.quota.uncharge(rec.heap, rec.len);

@@ -8,12 +8,12 @@
 //! deadline.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError, TryLockError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{Device, Stats};
+use super::{Device, ExportTable, Stats, Uuid};
 use crate::abi::Config;
 
 /// How long a host request may wait for the vring worker.
@@ -47,6 +47,11 @@ pub struct DeviceHandle {
     /// `SHMEM_MAP`/`SHMEM_UNMAP` in a later one.
     epoch: AtomicU64,
     acked_features: AtomicU64,
+    /// The device-specific features offered.
+    device_features: u64,
+    /// The export table (`GET_SHARED_OBJECT` reads it without the device lock).
+    exports: Arc<ExportTable>,
+    shared_object_table: bool,
     connected: AtomicBool,
     config: Config,
     shm_size: u64,
@@ -64,14 +69,17 @@ impl DeviceHandle {
             config: dev.config(),
             shm_size: dev.limits().shm_size,
             stats: Mutex::new(dev.stats()),
-            dev: Mutex::new(dev),
             forget: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
-            acked_features: AtomicU64::new(Device::device_features()),
+            acked_features: AtomicU64::new(dev.device_features()),
+            device_features: dev.device_features(),
+            exports: dev.export_table(),
+            shared_object_table: dev.shared_object_table(),
             connected: AtomicBool::new(false),
             mailbox: Mutex::new(HostMailbox::default()),
             mailbox_cv: Condvar::new(),
             host_wake: EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+            dev: Mutex::new(dev),
         })
     }
 
@@ -150,6 +158,27 @@ impl DeviceHandle {
     /// The features the driver accepted.
     pub fn acked_features(&self) -> u64 {
         self.acked_features.load(Ordering::SeqCst)
+    }
+
+    /// The device-specific feature bits offered.
+    pub fn device_features(&self) -> u64 {
+        self.device_features
+    }
+
+    /// The export registered under `uuid` (a new fd of it), for `GET_SHARED_OBJECT`;
+    /// never waits for the device.
+    pub fn shared_object(&self, uuid: &Uuid) -> Option<(std::fs::File, u64)> {
+        self.exports.lookup(uuid)
+    }
+
+    /// The export table (for the export socket's lookups; never the device lock).
+    pub fn export_table(&self) -> Arc<ExportTable> {
+        self.exports.clone()
+    }
+
+    /// Whether UUIDs are registered with the front end (`--shared-object-table`).
+    pub fn shared_object_table(&self) -> bool {
+        self.shared_object_table
     }
 
     /// The configuration space.

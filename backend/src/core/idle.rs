@@ -84,9 +84,19 @@ impl Device {
 
     /// When [`Device::release_idle`] should run next: the idle delay after the last ALLOC
     /// or FREE, if some heap without live buffers still holds arenas, or some heap holds
-    /// large spares. `None`: nothing to release (or the attempt for this idle period was
-    /// made already).
+    /// large spares; or when retained buffers are to be checked
+    /// ([`Device::poll_retained`]). `None`: nothing to do (or the attempt for this idle
+    /// period was made already).
     pub fn idle_deadline(&self) -> Option<Instant> {
+        match (self.spare_deadline(), self.retained_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// When the spares go (see [`Device::idle_deadline`], which also covers the poll of
+    /// retained buffers).
+    fn spare_deadline(&self) -> Option<Instant> {
         let last = self.idle.last_activity?;
         (0..self.heaps.len())
             .any(|h| {
@@ -105,7 +115,7 @@ impl Device {
     /// running device). One attempt per idle period: an arena whose unmap fails stays (and
     /// stays usable); the next ALLOC or FREE starts a new period.
     pub fn release_idle(&mut self, now: Instant, mapper: &mut dyn Mapper) -> usize {
-        if self.idle_deadline().is_none_or(|d| now < d) {
+        if self.spare_deadline().is_none_or(|d| now < d) {
             return 0;
         }
         self.idle.last_activity = None;

@@ -9,10 +9,12 @@
 //! * [`quota`]: the per-VM and per-heap accounting, one charge and one uncharge path;
 //! * [`idle`]: which emptied mappings stay mapped for reuse, and when they go;
 //! * [`session`]: the driver's session (`VIRTIO_DMAHEAP_F_SESSION`);
+//! * [`export`]: sharing buffers with other devices by UUID (`VIRTIO_DMAHEAP_F_UUID`);
 //! * [`handle`]: the device behind its lock, shared by the vhost-user layer, the control
 //!   socket and the daemon.
 
 mod buffers;
+pub mod export;
 pub mod handle;
 mod idle;
 mod mapper;
@@ -24,6 +26,7 @@ mod session;
 #[cfg(test)]
 mod tests;
 
+pub use export::{ExportTable, Retained, Uuid};
 pub use handle::{DeviceHandle, HostRequest, HostResult, HOST_REQUEST_TIMEOUT};
 pub use idle::{MAX_LARGE_SPARES, SPARE_IDLE_DELAY};
 pub use mapper::{MapError, Mapper};
@@ -33,6 +36,7 @@ pub use params::{
 pub use ratelimit::RateLimit;
 pub use session::{SessionState, MAX_RESERVATIONS};
 
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::AtomicU64;
@@ -76,6 +80,10 @@ pub enum RequestError {
     /// No open session.
     #[error("no session")]
     NoSession,
+    /// Not supported (here: a buffer that cannot be exported alone, or a front end
+    /// without a shared-object table).
+    #[error("not supported")]
+    Unsupp,
     /// The ring stopped while the request needed the front end: serve it again later
     /// ([`Reply::Retry`]); never sent to the driver.
     #[error("ring stopped: retry")]
@@ -126,6 +134,23 @@ pub struct Device {
     /// Keys for unpredictable session ids.
     id_keys: RandomState,
     sessions_opened: u64,
+    /// Whether `VIRTIO_DMAHEAP_F_UUID` is offered.
+    uuid_offered: bool,
+    /// UUID -> export fd, read by `GET_SHARED_OBJECT` without the device lock.
+    exports: Arc<ExportTable>,
+    /// Live buffers with a UUID.
+    exported: HashMap<u64, export::Exported>,
+    /// Buffers freed by the guest but held for importers, by their old id.
+    retained: BTreeMap<u64, Retained>,
+    /// Sees when dma-buf exports are closed (`None`: could not be set up; then nothing
+    /// retained is released before the session ends).
+    watch: Option<export::ReleaseWatch>,
+    /// When retained buffers are checked for release next.
+    retained_next: Option<std::time::Instant>,
+    /// Register UUIDs with the front end's shared-object table.
+    share_table: bool,
+    /// The front end has no shared-object table (learnt at the first ASSIGN_UUID).
+    share_unsupported: bool,
 }
 
 impl Device {
@@ -144,11 +169,29 @@ impl Device {
                 session: false,
                 no_sync: false,
                 batch: false,
+                uuid: false,
             },
             ratelimit: RateLimit::new(),
             session: SessionState::Open(0),
             id_keys: RandomState::new(),
             sessions_opened: 0,
+            uuid_offered: true,
+            exports: Arc::new(ExportTable::default()),
+            exported: HashMap::new(),
+            retained: BTreeMap::new(),
+            watch: match export::ReleaseWatch::new() {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    log::warn!(
+                        "cannot watch exports for release ({e}): buffers freed while \
+                         shared stay charged until the session ends"
+                    );
+                    None
+                }
+            },
+            retained_next: None,
+            share_table: false,
+            share_unsupported: false,
         }
     }
 
@@ -164,13 +207,17 @@ impl Device {
     }
 
     /// The virtio feature bits the device offers (device-specific bits only).
-    pub fn device_features() -> u64 {
-        Features::OFFERED
+    pub fn device_features(&self) -> u64 {
+        if self.uuid_offered {
+            Features::OFFERED | (1 << VIRTIO_DMAHEAP_F_UUID)
+        } else {
+            Features::OFFERED
+        }
     }
 
-    /// Records the features the driver accepted.
+    /// Records the features the driver accepted (of those offered).
     pub fn set_acked_features(&mut self, features: u64) {
-        self.features = Features::from_bits(features);
+        self.features = Features::from_bits(features & self.device_features());
     }
 
     /// The configuration space.
@@ -224,6 +271,9 @@ impl Device {
                 len,
             } => self.alloc_batch(heap_id, count, len, mapper),
             Request::Free { buffer_id } => done(self.free(buffer_id, mapper)),
+            Request::AssignUuid { buffer_id } => self
+                .assign_uuid(buffer_id, mapper)
+                .map(|uuid| Answer::Uuid { uuid }),
             Request::Sync {
                 buffer_id,
                 flags,
@@ -295,9 +345,13 @@ impl Device {
         let mut per: Vec<HeapStats> = (0..self.heaps.len())
             .map(|h| {
                 let u = self.quota.heap(h);
+                let (exported, retained_buffers, retained_bytes) = self.export_counts(h);
                 HeapStats {
                     bytes: u.bytes,
                     buffers: u.buffers,
+                    exported,
+                    retained_buffers,
+                    retained_bytes,
                     ..Default::default()
                 }
             })
@@ -328,6 +382,9 @@ impl Device {
             stats.total.mappings += s.mappings;
             stats.total.arenas += s.arenas;
             stats.total.host_bytes += s.host_bytes;
+            stats.total.exported += s.exported;
+            stats.total.retained_buffers += s.retained_buffers;
+            stats.total.retained_bytes += s.retained_bytes;
             stats.heaps.insert(heap.params.name.clone(), s);
         }
         stats

@@ -94,9 +94,9 @@ pub struct Limits {
 /// Counters of one heap, as shown by `stats`.
 #[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct HeapStats {
-    /// Bytes held by live buffers.
+    /// Bytes held by live (and retained) buffers.
     pub bytes: u64,
-    /// Live buffers.
+    /// Live (and retained) buffers.
     pub buffers: u64,
     /// Live mappings in the window (arenas and own mappings).
     pub mappings: u64,
@@ -104,6 +104,16 @@ pub struct HeapStats {
     pub arenas: u64,
     /// Host bytes held (all mappings).
     pub host_bytes: u64,
+    /// Live buffers with a UUID (ASSIGN_UUID).
+    #[serde(default)]
+    pub exported: u64,
+    /// Buffers the guest freed while shared, held (and still counted in `bytes` and
+    /// `buffers`) until their importers let go.
+    #[serde(default)]
+    pub retained_buffers: u64,
+    /// Bytes of the retained buffers.
+    #[serde(default)]
+    pub retained_bytes: u64,
 }
 
 /// Snapshot of the device counters.

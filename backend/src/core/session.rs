@@ -101,6 +101,10 @@ impl Device {
         let SessionState::Open(id) = self.session else {
             return Err(RequestError::NoSession);
         };
+        // A suspended session's exports stay registered; a closed one's are withdrawn.
+        if flags & VIRTIO_DMAHEAP_CLOSE_SUSPEND == 0 {
+            self.withdraw_all(mapper)?;
+        }
         self.unmap_all(mapper)?;
         if flags & VIRTIO_DMAHEAP_CLOSE_SUSPEND != 0 {
             self.drop_empty_arenas();
@@ -212,6 +216,7 @@ impl Device {
     /// running device). [`RequestError::Retry`] if the ring stopped half way (nothing is
     /// lost: a second attempt continues).
     pub fn end_session(&mut self, mapper: &mut dyn Mapper) -> Result<(usize, usize), RequestError> {
+        self.withdraw_all(mapper)?;
         self.unmap_all(mapper)?;
         let counts = (self.pool.buffer_count(), self.pool.mapping_count());
         if counts != (0, 0) {
@@ -239,8 +244,8 @@ impl Device {
     }
 
     /// The front end went away (or reset the device behind our back): drops every buffer,
-    /// mapping, reservation and session without unmapping anything, releasing the host
-    /// memory. The buffer id sequence goes on.
+    /// mapping, reservation, export and session without unmapping or withdrawing
+    /// anything, releasing the host memory. The buffer id sequence goes on.
     pub fn disconnect(&mut self) {
         if self.pool.buffer_count() > 0 || self.pool.mapping_count() > 0 {
             debug!(
@@ -251,6 +256,7 @@ impl Device {
         }
         self.drop_records();
         self.session = SessionState::Open(0);
+        self.share_unsupported = false;
     }
 
     /// Forgets every buffer, mapping and reservation (already out of the window).
@@ -258,6 +264,7 @@ impl Device {
         self.pool.clear();
         self.quota.clear();
         self.idle.clear();
+        self.drop_exports();
     }
 
     /// Releases the arenas that hold no buffer and the spare large mappings (already out

@@ -11,7 +11,10 @@ use vm_memory::mmap::MmapRegion;
 use vm_memory::{FileOffset, VolatileMemory, VolatileSlice};
 
 use super::ioctl::{self, DmaHeapAllocationData};
-use super::{check_range, dma_buf_sync, HeapProvider, HostBuffer, ProviderError, Result};
+use super::{
+    check_range, dma_buf_sync, dup_file, Export, ExportKind, HeapProvider, HostBuffer,
+    ProviderError, Result,
+};
 
 /// A host mapping of a dma-buf, for zeroing and debug access.
 #[derive(Debug)]
@@ -110,6 +113,18 @@ impl HostBuffer for DmaBuf {
 
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.map.write_at(offset, data)
+    }
+
+    /// The whole dma-buf only: a heap's dma-buf cannot be cut into ranges.
+    fn export(&self, offset: u64, len: u64) -> Result<Option<Export>> {
+        check_range(offset, len, self.size)?;
+        if offset != 0 || len != self.size {
+            return Ok(None);
+        }
+        Ok(Some(Export {
+            file: dup_file(self.fd.as_fd())?,
+            kind: ExportKind::DmaBuf,
+        }))
     }
 }
 

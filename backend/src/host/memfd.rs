@@ -2,27 +2,42 @@
 
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::Arc;
 
 use nix::fcntl::{fallocate, FallocateFlags, SealFlag};
 
 use super::{
-    check_range, file_read_at, file_write_at, new_memfd, to_off, write_zeroes_pwrite, HeapProvider,
-    HostBuffer, ProviderError, Result,
+    check_range, dup_file, file_read_at, file_write_at, new_memfd, to_off, udmabuf_over,
+    write_zeroes_pwrite, Export, ExportKind, HeapProvider, HostBuffer, ProviderError, Result,
 };
 
 /// Largest freed range zeroed by writing zeroes rather than by punching a hole.
 pub const ZERO_BY_WRITE_MAX: u64 = 256 << 10;
 
+/// Plain memfd buffers.
 #[derive(Debug)]
 pub struct MemfdProvider {
     name: String,
+    /// `/dev/udmabuf`, if the host has one: exports of a range of a memfd (an arena's
+    /// buffer) are udmabufs over that range.
+    udmabuf: Option<Arc<File>>,
 }
 
 impl MemfdProvider {
-    /// A provider naming its memfds after `name`.
+    /// A provider naming its memfds after `name`; ranges of its memfds cannot be exported.
     pub fn new(name: &str) -> Self {
         Self {
             name: name.to_string(),
+            udmabuf: None,
+        }
+    }
+
+    /// A provider that exports ranges of its memfds as udmabufs through `udmabuf` (an open
+    /// `/dev/udmabuf`, see [`super::udmabuf::open_udmabuf_dev`]).
+    pub fn with_udmabuf(name: &str, udmabuf: Option<Arc<File>>) -> Self {
+        Self {
+            name: name.to_string(),
+            udmabuf,
         }
     }
 }
@@ -34,7 +49,11 @@ impl HeapProvider for MemfdProvider {
             len,
             SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW,
         )?;
-        Ok(Box::new(MemfdBuffer { file, size: len }))
+        Ok(Box::new(MemfdBuffer {
+            file,
+            size: len,
+            udmabuf: self.udmabuf.clone(),
+        }))
     }
 
     fn describe(&self) -> String {
@@ -51,6 +70,7 @@ impl HeapProvider for MemfdProvider {
 pub struct MemfdBuffer {
     file: File,
     size: u64,
+    udmabuf: Option<Arc<File>>,
 }
 
 impl HostBuffer for MemfdBuffer {
@@ -90,6 +110,25 @@ impl HostBuffer for MemfdBuffer {
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
         file_write_at(&self.file, self.size, offset, data)
     }
+
+    /// The whole buffer: its own memfd (sealed against growing and shrinking); a range: a
+    /// udmabuf over it where `/dev/udmabuf` exists, else nothing.
+    fn export(&self, offset: u64, len: u64) -> Result<Option<Export>> {
+        check_range(offset, len, self.size)?;
+        if offset == 0 && len == self.size {
+            return Ok(Some(Export {
+                file: dup_file(self.file.as_fd())?,
+                kind: ExportKind::Memfd,
+            }));
+        }
+        let Some(dev) = &self.udmabuf else {
+            return Ok(None);
+        };
+        Ok(Some(Export {
+            file: udmabuf_over(dev, &self.file, offset, len)?,
+            kind: ExportKind::DmaBuf,
+        }))
+    }
 }
 
 #[cfg(test)]
@@ -99,5 +138,42 @@ mod tests {
     #[test]
     fn memfd_provider() {
         super::super::exercise(&MemfdProvider::new("test"));
+    }
+
+    #[test]
+    fn exports_the_whole_memfd_and_no_range_without_udmabuf() {
+        use std::os::unix::fs::FileExt;
+        let b = MemfdProvider::new("test").allocate(64 * 1024).unwrap();
+        b.write_at(4096, b"whole").unwrap();
+        let e = b.export(0, 64 * 1024).unwrap().unwrap();
+        assert_eq!(e.kind, ExportKind::Memfd);
+        assert_eq!(e.file.metadata().unwrap().len(), 64 * 1024);
+        let mut got = [0u8; 5];
+        e.file.read_exact_at(&mut got, 4096).unwrap();
+        assert_eq!(&got, b"whole");
+        e.file.write_all_at(b"back", 8192).unwrap();
+        let mut back = [0u8; 4];
+        b.read_at(8192, &mut back).unwrap();
+        assert_eq!(&back, b"back");
+        assert!(e.file.set_len(128 * 1024).is_err(), "the size is sealed");
+        assert!(b.export(4096, 4096).unwrap().is_none());
+        assert!(b.export(60 * 1024, 8192).is_err());
+    }
+
+    /// Where /dev/udmabuf exists: a range is exported as a udmabuf of exactly that range.
+    #[test]
+    fn exports_a_range_as_udmabuf_where_available() {
+        let Some(dev) = super::super::udmabuf::open_udmabuf_dev() else {
+            eprintln!("skipped: no /dev/udmabuf");
+            return;
+        };
+        let b = MemfdProvider::with_udmabuf("test", Some(dev))
+            .allocate(64 * 1024)
+            .unwrap();
+        let e = b.export(8192, 4096).unwrap().unwrap();
+        assert_eq!(e.kind, ExportKind::DmaBuf);
+        use std::io::{Seek, SeekFrom};
+        let mut f = e.file;
+        assert_eq!(f.seek(SeekFrom::End(0)).unwrap(), 4096);
     }
 }

@@ -17,10 +17,28 @@ pub use dma_heap::{DmaBuf, DmaHeapProvider};
 pub use memfd::{MemfdBuffer, MemfdProvider};
 pub use udmabuf::{Udmabuf, UdmabufProvider};
 
+/// What an importer gets for a buffer shared by UUID: an fd that maps exactly the buffer.
+#[derive(Debug)]
+pub struct Export {
+    /// The fd handed to the front end (`GET_SHARED_OBJECT`).
+    pub file: File,
+    /// What kind of file it is.
+    pub kind: ExportKind,
+}
+
+/// The kind of an [`Export`]: whether the daemon can see when it is released.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportKind {
+    /// A dma-buf: it can be polled, so a private epoll instance sees its last close.
+    DmaBuf,
+    /// A sealed memfd: no poll, so its release cannot be seen.
+    Memfd,
+}
+
 use std::fmt::Debug;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
@@ -102,6 +120,43 @@ pub trait HostBuffer: Send + Sync + Debug {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
     /// Copies bytes into the buffer.
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<()>;
+    /// An fd for an importer that maps exactly `[offset, offset + len)` of this buffer and
+    /// nothing else (offset 0 in the fd is `offset` here). `Ok(None)`: this provider cannot
+    /// export that range alone (e.g. a range of a dma-heap dma-buf).
+    fn export(&self, offset: u64, len: u64) -> Result<Option<Export>> {
+        let _ = (offset, len);
+        Ok(None)
+    }
+}
+
+/// A new fd of `file` (the same open file), close-on-exec.
+pub(crate) fn dup_file(fd: BorrowedFd<'_>) -> Result<File> {
+    fd.try_clone_to_owned()
+        .map(File::from)
+        .map_err(|e| ProviderError::io("dup", e))
+}
+
+/// A udmabuf (a dma-buf) over `[offset, offset + len)` of `memfd` (which must be sealed
+/// against shrinking and not against writes), made through the open `/dev/udmabuf` `dev`.
+pub(crate) fn udmabuf_over(dev: &File, memfd: &File, offset: u64, len: u64) -> Result<File> {
+    let memfd_raw = u32::try_from(memfd.as_raw_fd()).map_err(|_| ProviderError::Io {
+        what: "UDMABUF_CREATE",
+        source: io::Error::other("negative fd"),
+    })?;
+    let create = ioctl::UdmabufCreate {
+        memfd: memfd_raw,
+        flags: ioctl::UDMABUF_FLAGS_CLOEXEC,
+        offset,
+        size: len,
+    };
+    // SAFETY: `dev` is an open /dev/udmabuf fd and `create` a live `struct udmabuf_create`
+    // the kernel only reads.
+    let raw = unsafe { ioctl::udmabuf_create(dev.as_raw_fd(), &create) }
+        .map_err(|e| ProviderError::io("UDMABUF_CREATE", e))?;
+    // SAFETY: the ioctl returned a new dma-buf fd that nobody else owns.
+    Ok(File::from(unsafe {
+        std::os::fd::OwnedFd::from_raw_fd(raw)
+    }))
 }
 
 pub(crate) fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {

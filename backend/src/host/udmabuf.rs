@@ -1,23 +1,23 @@
 //! memfd buffers exported as dma-bufs through `/dev/udmabuf`.
 
 use std::fs::{File, OpenOptions};
-use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
+use std::sync::Arc;
 
 use nix::fcntl::SealFlag;
 
-use super::ioctl::{self, UdmabufCreate, DMA_BUF_SYNC_END, UDMABUF_FLAGS_CLOEXEC};
+use super::ioctl::DMA_BUF_SYNC_END;
 use super::{
-    check_range, dma_buf_sync, file_read_at, file_write_at, new_memfd, write_zeroes_pwrite,
-    HeapProvider, HostBuffer, ProviderError, Result,
+    check_range, dma_buf_sync, dup_file, file_read_at, file_write_at, new_memfd, udmabuf_over,
+    write_zeroes_pwrite, Export, ExportKind, HeapProvider, HostBuffer, ProviderError, Result,
 };
 
 /// memfd buffers exported as dma-bufs through `/dev/udmabuf`.
 #[derive(Debug)]
 pub struct UdmabufProvider {
     name: String,
-    dev: File,
+    dev: Arc<File>,
 }
 
 impl UdmabufProvider {
@@ -34,9 +34,19 @@ impl UdmabufProvider {
             })?;
         Ok(Self {
             name: name.to_string(),
-            dev,
+            dev: Arc::new(dev),
         })
     }
+}
+
+/// Opens `/dev/udmabuf` if this host has one (for exports of memfd ranges).
+pub fn open_udmabuf_dev() -> Option<Arc<File>> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/udmabuf")
+        .ok()
+        .map(Arc::new)
 }
 
 /// A udmabuf: the memfd (for zeroing with pwrite, never with hole punching, which would
@@ -44,33 +54,20 @@ impl UdmabufProvider {
 #[derive(Debug)]
 pub struct Udmabuf {
     memfd: File,
-    dmabuf: OwnedFd,
+    dmabuf: File,
     size: u64,
+    dev: Arc<File>,
 }
 
 impl HeapProvider for UdmabufProvider {
     fn allocate(&self, len: u64) -> Result<Box<dyn HostBuffer>> {
         let memfd = new_memfd(&self.name, len, SealFlag::F_SEAL_SHRINK)?;
-        let memfd_raw = u32::try_from(memfd.as_raw_fd()).map_err(|_| ProviderError::Io {
-            what: "UDMABUF_CREATE",
-            source: io::Error::other("negative fd"),
-        })?;
-        let create = UdmabufCreate {
-            memfd: memfd_raw,
-            flags: UDMABUF_FLAGS_CLOEXEC,
-            offset: 0,
-            size: len,
-        };
-        // SAFETY: `self.dev` is an open /dev/udmabuf fd and `create` a live
-        // `struct udmabuf_create` the kernel only reads.
-        let raw = unsafe { ioctl::udmabuf_create(self.dev.as_raw_fd(), &create) }
-            .map_err(|e| ProviderError::io("UDMABUF_CREATE", e))?;
-        // SAFETY: the ioctl returned a new dma-buf fd that nobody else owns.
-        let dmabuf = unsafe { OwnedFd::from_raw_fd(raw) };
+        let dmabuf = udmabuf_over(&self.dev, &memfd, 0, len)?;
         Ok(Box::new(Udmabuf {
             memfd,
             dmabuf,
             size: len,
+            dev: self.dev.clone(),
         }))
     }
 
@@ -113,6 +110,19 @@ impl HostBuffer for Udmabuf {
 
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
         file_write_at(&self.memfd, self.size, offset, data)
+    }
+
+    fn export(&self, offset: u64, len: u64) -> Result<Option<Export>> {
+        check_range(offset, len, self.size)?;
+        let file = if offset == 0 && len == self.size {
+            dup_file(self.dmabuf.as_fd())?
+        } else {
+            udmabuf_over(&self.dev, &self.memfd, offset, len)?
+        };
+        Ok(Some(Export {
+            file,
+            kind: ExportKind::DmaBuf,
+        }))
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::core::{MapError, Mapper};
-use crate::host::{HeapProvider, HostBuffer, MemfdProvider, ProviderError};
+use crate::host::{Export, ExportKind, HeapProvider, HostBuffer, MemfdProvider, ProviderError};
 
 /// Faults to inject into a [`FakeProvider`] (each counter: that many next calls fail) and
 /// what it counts.
@@ -30,6 +30,14 @@ pub struct Faults {
     pub syncs: AtomicU64,
     /// Host buffers alive.
     pub live: AtomicI64,
+    /// Exports that fail with EIO.
+    pub export_fails: AtomicU32,
+    /// Make every export a pollable stand-in for a dma-buf (a pipe's read end: what the
+    /// release watch needs of a dma-buf, without /dev/udmabuf), even of a range of an arena.
+    /// It maps nothing: only for tests of the lifetime bookkeeping.
+    pub fake_dmabuf_exports: std::sync::atomic::AtomicBool,
+    /// Calls of [`HostBuffer::export`].
+    pub exports: AtomicU64,
 }
 
 fn take(c: &AtomicU32) -> bool {
@@ -127,6 +135,25 @@ impl HostBuffer for CountedBuffer {
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), ProviderError> {
         self.inner.write_at(offset, data)
     }
+    fn export(&self, offset: u64, len: u64) -> Result<Option<Export>, ProviderError> {
+        self.faults.exports.fetch_add(1, Ordering::SeqCst);
+        if take(&self.faults.export_fails) {
+            return Err(ProviderError::Io {
+                what: "injected export",
+                source: io::Error::from_raw_os_error(libc::EIO),
+            });
+        }
+        if self.faults.fake_dmabuf_exports.load(Ordering::SeqCst) {
+            crate::host::check_range(offset, len, self.size())?;
+            let (r, w) = nix::unistd::pipe().map_err(|e| ProviderError::io("pipe", e))?;
+            drop(w);
+            return Ok(Some(Export {
+                file: std::fs::File::from(r),
+                kind: ExportKind::DmaBuf,
+            }));
+        }
+        self.inner.export(offset, len)
+    }
 }
 
 /// A mapper that behaves like QEMU 11.1: a map that overlaps a live mapping or leaves the
@@ -150,6 +177,16 @@ pub struct FakeMapper {
     pub refuse_unmaps: u32,
     /// The ring stopped.
     pub stopped: bool,
+    /// UUIDs registered (SHARED_OBJECT_ADD) and not withdrawn, as QEMU's table holds them.
+    pub shared: std::collections::BTreeSet<[u8; 16]>,
+    /// The front end has no shared-object table (SHARED_OBJECT not negotiated).
+    pub no_shared_objects: bool,
+    /// SHARED_OBJECT_ADDs to refuse (`u32::MAX`: all).
+    pub refuse_shares: u32,
+    /// Successful SHARED_OBJECT_ADDs and _REMOVEs.
+    pub shares: u64,
+    /// Successful SHARED_OBJECT_REMOVEs.
+    pub unshares: u64,
 }
 
 fn take_count(c: &mut u32) -> bool {
@@ -227,6 +264,33 @@ impl Mapper for FakeMapper {
         }
         self.mapped.insert(shm_offset, len);
         self.maps += 1;
+        Ok(())
+    }
+
+    fn share(&mut self, uuid: &[u8; 16]) -> Result<(), MapError> {
+        if self.stopped {
+            return Err(MapError::NotRunning);
+        }
+        if self.no_shared_objects {
+            return Err(MapError::Unsupported);
+        }
+        if take_count(&mut self.refuse_shares) {
+            return Err(MapError::Refused(io::Error::other("injected refusal")));
+        }
+        assert!(self.shared.insert(*uuid), "UUID {uuid:02x?} added twice");
+        self.shares += 1;
+        Ok(())
+    }
+
+    fn unshare(&mut self, uuid: &[u8; 16]) -> Result<(), MapError> {
+        if self.stopped {
+            return Err(MapError::NotRunning);
+        }
+        assert!(
+            !self.no_shared_objects && self.shared.remove(uuid),
+            "REMOVE of UUID {uuid:02x?}, which is not registered"
+        );
+        self.unshares += 1;
         Ok(())
     }
 

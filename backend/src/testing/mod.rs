@@ -82,6 +82,15 @@ pub fn alloc(d: &mut Device, m: &mut FakeMapper, heap: u32, len: u64) -> (u32, u
     )
 }
 
+/// ASSIGN_UUID through [`Device::handle`]; returns (status, uuid).
+pub fn assign_uuid(d: &mut Device, m: &mut FakeMapper, id: u64) -> (u32, [u8; 16]) {
+    let mut resp = answer(d, &assign_uuid_req(id), ASSIGN_UUID_RESP_SIZE, m);
+    resp.resize(ASSIGN_UUID_RESP_SIZE, 0);
+    let mut uuid = [0u8; 16];
+    uuid.copy_from_slice(&resp[8..24]);
+    (le32(&resp, 0), uuid)
+}
+
 /// FREE through [`Device::handle`]; returns the status.
 pub fn free(d: &mut Device, m: &mut FakeMapper, id: u64) -> u32 {
     status_of(&answer(d, &free_req(id), RESP_HDR_SIZE, m))

@@ -14,6 +14,8 @@ pub const HEAP_INFO_RESP_SIZE: usize = size_of::<abi::HeapInfoResp>();
 pub const ALLOC_RESP_SIZE: usize = size_of::<abi::AllocResp>();
 /// Size of the ALLOC_BATCH response.
 pub const ALLOC_BATCH_RESP_SIZE: usize = size_of::<abi::AllocBatchResp>();
+/// Size of the ASSIGN_UUID response.
+pub const ASSIGN_UUID_RESP_SIZE: usize = size_of::<abi::AssignUuidResp>();
 /// Size of the SESSION_OPEN response.
 pub const SESSION_OPEN_RESP_SIZE: usize = size_of::<abi::SessionOpenResp>();
 

@@ -34,6 +34,7 @@ mod timer;
 pub use queue::{handle_chain, serve_chain, write_answer};
 pub use timer::WorkerTimer;
 
+use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -41,7 +42,7 @@ use std::time::{Duration, Instant};
 
 use log::{debug, info};
 use vhost::vhost_user::message::{
-    VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserVirtioFeatures,
+    VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::Backend;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
@@ -54,7 +55,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::core::{Device, DeviceHandle, HostRequest, RateLimit};
+use crate::core::{DeviceHandle, HostRequest, RateLimit};
 use crate::wire::Reply;
 use queue::{InFlight, RingState};
 use shmem::{ring_running, ChannelMapper};
@@ -340,9 +341,16 @@ impl VhuDmaheap {
                 vring,
                 epoch,
             };
-            let released = dev.release_idle(Instant::now(), &mut mapper);
+            let now = Instant::now();
+            let released = dev.release_idle(now, &mut mapper);
             if released > 0 {
                 debug!("idle timer: {released} mapping(s) released");
+            }
+            let retained = dev.poll_retained(now);
+            if retained > 0 {
+                debug!("idle timer: {retained} retained buffer(s) released by their importers");
+            }
+            if released + retained > 0 {
                 self.handle.publish(&dev);
             }
             dev.idle_deadline()
@@ -411,7 +419,7 @@ impl VhostUserBackend for VhuDmaheap {
             | (1 << VIRTIO_RING_F_EVENT_IDX)
             | (1 << VIRTIO_RING_F_INDIRECT_DESC)
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
-            | Device::device_features()
+            | self.handle.device_features()
     }
 
     fn acked_features(&self, features: u64) {
@@ -428,11 +436,17 @@ impl VhostUserBackend for VhuDmaheap {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG
+        let base = VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::BACKEND_REQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::SHMEM
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+        // Only when the operator asks for it: QEMU 11.1.3's table is broken (spec A.5).
+        if self.handle.shared_object_table() {
+            base | VhostUserProtocolFeatures::SHARED_OBJECT
+        } else {
+            base
+        }
     }
 
     fn reset_device(&self) {
@@ -520,6 +534,26 @@ impl VhostUserBackend for VhuDmaheap {
             self.drain(vring)?;
         }
         Ok(())
+    }
+
+    /// Another back end looks up a UUID this device registered (QEMU sends this while its
+    /// main loop waits): answered from the export table, never with the device lock. No
+    /// export: an error, which the vhost crate answers with no fd.
+    fn get_shared_object(&self, uuid: VhostUserSharedMsg) -> io::Result<File> {
+        let bytes = shmem::shared_msg_uuid(&uuid);
+        let name = crate::core::export::uuid_string(&bytes);
+        match self.handle.shared_object(&bytes) {
+            Some((f, _)) => {
+                debug!("GET_SHARED_OBJECT {name}: answered");
+                Ok(f)
+            }
+            None => {
+                self.warn(format_args!(
+                    "GET_SHARED_OBJECT {name}: no such export (withdrawn or never assigned)"
+                ));
+                Err(io::Error::from_raw_os_error(libc::ENOENT))
+            }
+        }
     }
 
     fn get_shmem_config(&self) -> io::Result<VhostUserShMemConfig> {

@@ -4,10 +4,11 @@
 use std::os::fd::BorrowedFd;
 
 use log::debug;
-use vhost::vhost_user::message::{VhostUserMMap, VhostUserMMapFlags};
+use vhost::vhost_user::message::{VhostUserMMap, VhostUserMMapFlags, VhostUserSharedMsg};
 use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
+use vm_memory::ByteValued;
 
 use crate::abi::VIRTIO_DMAHEAP_SHM_BUFFERS;
 use crate::core::{DeviceHandle, MapError, Mapper};
@@ -54,6 +55,24 @@ impl Mapper for ChannelMapper<'_> {
             .map_err(MapError::Refused)
     }
 
+    fn share(&mut self, uuid: &[u8; 16]) -> Result<(), MapError> {
+        let backend = self.check()?;
+        debug!("SHARED_OBJECT_ADD");
+        backend
+            .shared_object_add(&shared_msg(uuid))
+            .map(|_| ())
+            .map_err(shared_object_error)
+    }
+
+    fn unshare(&mut self, uuid: &[u8; 16]) -> Result<(), MapError> {
+        let backend = self.check()?;
+        debug!("SHARED_OBJECT_REMOVE");
+        backend
+            .shared_object_remove(&shared_msg(uuid))
+            .map(|_| ())
+            .map_err(shared_object_error)
+    }
+
     fn unmap(&mut self, shm_offset: u64, len: u64) -> Result<(), MapError> {
         let backend = self.check()?;
         let msg = VhostUserMMap {
@@ -69,6 +88,30 @@ impl Mapper for ChannelMapper<'_> {
             .shmem_unmap(&msg)
             .map(|_| ())
             .map_err(MapError::Refused)
+    }
+}
+
+/// The message of a UUID, built from its bytes (its 16 bytes are the whole message).
+pub(super) fn shared_msg(uuid: &[u8; 16]) -> VhostUserSharedMsg {
+    let mut msg = VhostUserSharedMsg::default();
+    msg.as_mut_slice().copy_from_slice(uuid);
+    msg
+}
+
+/// The UUID of a message, as bytes.
+pub(super) fn shared_msg_uuid(msg: &VhostUserSharedMsg) -> [u8; 16] {
+    let mut uuid = [0u8; 16];
+    uuid.copy_from_slice(msg.as_slice());
+    uuid
+}
+
+/// The vhost crate refuses shared-object requests itself when the front end did not
+/// negotiate `VHOST_USER_PROTOCOL_F_SHARED_OBJECT` (it has no other way to tell us).
+fn shared_object_error(e: std::io::Error) -> MapError {
+    if e.kind() == std::io::ErrorKind::Other && e.to_string().contains("not negotiated") {
+        MapError::Unsupported
+    } else {
+        MapError::Refused(e)
     }
 }
 

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::abi::*;
+use crate::core::Device;
 use crate::core::{MapError, Mapper};
 use crate::testing::{alloc_req, device, FakeMapper};
 use queue::handle_chain;

@@ -38,10 +38,13 @@ pub struct Features {
     pub no_sync: bool,
     /// `VIRTIO_DMAHEAP_F_BATCH`: ALLOC_BATCH.
     pub batch: bool,
+    /// `VIRTIO_DMAHEAP_F_UUID`: ASSIGN_UUID.
+    pub uuid: bool,
 }
 
 impl Features {
-    /// The device-specific feature bits the device offers.
+    /// The device-specific feature bits the device always offers (`VIRTIO_DMAHEAP_F_UUID`
+    /// too unless the operator turned it off, see [`crate::core::Device::device_features`]).
     pub const OFFERED: u64 = (1 << VIRTIO_DMAHEAP_F_SYNC)
         | (1 << VIRTIO_DMAHEAP_F_SESSION)
         | (1 << VIRTIO_DMAHEAP_F_NO_SYNC)
@@ -55,6 +58,7 @@ impl Features {
             session: has(VIRTIO_DMAHEAP_F_SESSION),
             no_sync: has(VIRTIO_DMAHEAP_F_NO_SYNC),
             batch: has(VIRTIO_DMAHEAP_F_BATCH),
+            uuid: has(VIRTIO_DMAHEAP_F_UUID),
         }
     }
 }
@@ -101,6 +105,11 @@ pub enum Request {
         flags: u32,
         /// Must be 0.
         reserved: u32,
+    },
+    /// `VIRTIO_DMAHEAP_REQ_ASSIGN_UUID` (with `VIRTIO_DMAHEAP_F_UUID`).
+    AssignUuid {
+        /// Buffer id.
+        buffer_id: u64,
     },
     /// `VIRTIO_DMAHEAP_REQ_SESSION_OPEN` (with `VIRTIO_DMAHEAP_F_SESSION`).
     SessionOpen {
@@ -153,6 +162,11 @@ pub enum Answer {
     },
     /// ALLOC_BATCH: each buffer's (id, window offset, length), at most [`BATCH_MAX`].
     AllocBatch(Vec<(u64, u64, u64)>),
+    /// ASSIGN_UUID.
+    Uuid {
+        /// The buffer's UUID.
+        uuid: [u8; 16],
+    },
     /// SESSION_OPEN.
     SessionOpened {
         /// The session id.
@@ -233,6 +247,7 @@ pub fn status(e: RequestError) -> Option<u32> {
         RequestError::WindowFull => VIRTIO_DMAHEAP_S_WINDOW_FULL,
         RequestError::TooBig => VIRTIO_DMAHEAP_S_TOO_BIG,
         RequestError::NoSession => VIRTIO_DMAHEAP_S_NO_SESSION,
+        RequestError::Unsupp => VIRTIO_DMAHEAP_S_UNSUPP,
         RequestError::Retry => return None,
     })
 }
@@ -257,6 +272,9 @@ fn sizes_of(ty: u32, features: Features) -> Option<(usize, usize)> {
         }
         VIRTIO_DMAHEAP_REQ_FREE => (size_of::<FreeReq>(), hdr),
         VIRTIO_DMAHEAP_REQ_SYNC if features.sync => (size_of::<SyncReq>(), hdr),
+        VIRTIO_DMAHEAP_REQ_ASSIGN_UUID if features.uuid => {
+            (size_of::<AssignUuidReq>(), size_of::<AssignUuidResp>())
+        }
         VIRTIO_DMAHEAP_REQ_SESSION_OPEN if features.session => {
             (size_of::<SessionOpenReq>(), size_of::<SessionOpenResp>())
         }
@@ -314,6 +332,11 @@ pub fn decode(req: &[u8], writable: usize, features: Features) -> Result<Request
             flags: r.flags.to_native(),
             reserved: r.reserved.to_native(),
         }),
+        VIRTIO_DMAHEAP_REQ_ASSIGN_UUID => {
+            parse::<AssignUuidReq>(req).map(|r| Request::AssignUuid {
+                buffer_id: r.buffer_id.to_native(),
+            })
+        }
         VIRTIO_DMAHEAP_REQ_SESSION_OPEN => {
             parse::<SessionOpenReq>(req).map(|r| Request::SessionOpen {
                 resume_id: r.resume_id.to_native(),
@@ -407,6 +430,16 @@ pub fn encode(req: &Request, outcome: Result<Answer, RequestError>) -> Reply {
             }
             r.as_slice().to_vec()
         }
+        Request::AssignUuid { .. } => {
+            let mut r = AssignUuidResp {
+                hdr,
+                ..Default::default()
+            };
+            if let Some(Answer::Uuid { uuid }) = answer {
+                r.uuid = uuid;
+            }
+            r.as_slice().to_vec()
+        }
         Request::SessionOpen { .. } => {
             let mut r = SessionOpenResp {
                 hdr,
@@ -441,6 +474,7 @@ mod tests {
         session: true,
         no_sync: true,
         batch: true,
+        uuid: true,
     };
 
     #[test]
@@ -507,6 +541,7 @@ mod tests {
             session: false,
             no_sync: false,
             batch: false,
+            uuid: false,
         };
         let d = |b: &[u8], w, f| decode(b, w, f).map_err(DecodeError::status);
         assert_eq!(d(&[1, 0, 0], 8, ALL), Err(VIRTIO_DMAHEAP_S_INVAL));
@@ -516,8 +551,17 @@ mod tests {
             Err(VIRTIO_DMAHEAP_S_UNSUPP)
         );
         assert_eq!(
-            d(&assign_uuid_req(1), 24, ALL),
+            d(&assign_uuid_req(1), 24, none),
             Err(VIRTIO_DMAHEAP_S_UNSUPP)
+        );
+        assert_eq!(
+            decode(&assign_uuid_req(9), 24, ALL),
+            Ok(Request::AssignUuid { buffer_id: 9 })
+        );
+        assert_eq!(d(&assign_uuid_req(9), 23, ALL), Err(VIRTIO_DMAHEAP_S_INVAL));
+        assert_eq!(
+            d(&assign_uuid_req(9)[..12], 24, ALL),
+            Err(VIRTIO_DMAHEAP_S_INVAL)
         );
         let a = alloc_req(0, 0, 4096);
         assert_eq!(d(&a[..20], 32, ALL), Err(VIRTIO_DMAHEAP_S_INVAL));

@@ -1,6 +1,7 @@
 //! Unit tests of the device core, through [`Device::handle`] and the shared fakes.
 
 mod batch;
+mod export;
 mod idle;
 mod session;
 
