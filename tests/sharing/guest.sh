@@ -25,7 +25,8 @@ else
 	ls /sys/bus/virtio/devices/*/device 2>/dev/null | while read -r f; do echo "# $f: $(cat "$f")"; done
 	exit 1
 fi
-dmaheap-guest-tests --heap "$heap" sharing-roundtrip sharing-lifetime sharing-unknown sharing-small || rc=1
+dmaheap-guest-tests --heap "$heap" sharing-roundtrip sharing-lifetime sharing-unknown sharing-small \
+	sharing-killable || rc=1
 # Removal with nothing in flight, then the device still answers after a reload.
 if rmmod dmaheap_sharing; then
 	echo "ok   rmmod-dmaheap_sharing"
