@@ -199,7 +199,8 @@ mod tests {
         let (eio, einval, enxio) = (libc::EIO as u32, libc::EINVAL as u32, libc::ENXIO as u32);
         let untouched = 0xdead_beef;
         let lookup = req(proto::OP_LOOKUP_ONLY);
-        let cases: Vec<(&str, Vec<u8>, Vec<RawDescriptor>, (u32, u32))> = vec![
+        type Case<'a> = (&'a str, Vec<u8>, Vec<RawDescriptor>, (u32, u32));
+        let cases: Vec<Case> = vec![
             (
                 "good",
                 lookup.clone(),
