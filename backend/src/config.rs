@@ -369,6 +369,7 @@ impl Config {
             sandbox: crate::sandbox::Sandbox {
                 seccomp: args.seccomp,
                 user: args.user,
+                reopen_dir: None,
             },
         })
     }

@@ -180,7 +180,11 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     }
     spawn_signal_thread(cleanup, signals)?;
     // Start-up is done: drop privileges and install the syscall filter on every thread.
-    crate::sandbox::enter(&cfg.sandbox).map_err(DaemonError::Sandbox)?;
+    let sandbox = crate::sandbox::Sandbox {
+        reopen_dir: handle.reopen_dir(),
+        ..cfg.sandbox.clone()
+    };
+    crate::sandbox::enter(&sandbox).map_err(DaemonError::Sandbox)?;
     info!(
         "listening ({:?}); window {} bytes, max {} mappings, {} buffers, {} bytes",
         cfg.socket,

@@ -52,6 +52,10 @@ pub struct Sandbox {
     pub seccomp: SeccompMode,
     /// User (name or numeric uid) to switch to; `None`: keep the current one.
     pub user: Option<String>,
+    /// An `O_PATH` fd of `/proc/self/fd` opened before the filter: `openat(fd, "N",
+    /// O_RDWR | O_CLOEXEC)` on it stays allowed (the export of a shared memfd buffer is a
+    /// reopened file, whose last close inotify reports; see `core::export`).
+    pub reopen_dir: Option<i32>,
 }
 
 /// Sandbox errors.
@@ -95,7 +99,7 @@ pub fn enter(cfg: &Sandbox) -> Result<(), SandboxError> {
         warn!("seccomp filter disabled (--seccomp=off)");
         return Ok(());
     }
-    for prog in filters(cfg.seccomp)? {
+    for prog in filters_with(cfg.seccomp, cfg.reopen_dir)? {
         seccompiler::apply_filter_all_threads(&prog).map_err(SandboxError::Install)?;
     }
     info!(
@@ -216,6 +220,11 @@ fn plain_syscalls() -> Vec<(i64, &'static str)> {
         (libc::SYS_ftruncate, "memfd size"),
         (libc::SYS_fallocate, "memfd zeroing (punch hole)"),
         (libc::SYS_eventfd2, "vhost-user-backend per connection"),
+        (
+            libc::SYS_inotify_add_watch,
+            "watching shared memfd buffers for their last close",
+        ),
+        (libc::SYS_inotify_rm_watch, "released shared memfd buffers"),
         (libc::SYS_epoll_create1, "vhost-user-backend per connection"),
         (libc::SYS_epoll_ctl, "vhost-user-backend event loop"),
         (libc::SYS_epoll_pwait, "vhost-user-backend event loop"),
@@ -260,6 +269,15 @@ fn plain_syscalls() -> Vec<(i64, &'static str)> {
 /// fail with EACCES, and the allowlist (anything else kills the process). Mode `log`: the
 /// allowlist only, logging instead of killing.
 pub fn filters(mode: SeccompMode) -> Result<Vec<BpfProgram>, SandboxError> {
+    filters_with(mode, None)
+}
+
+/// [`filters`], with `openat(reopen_dir, _, O_RDWR | O_CLOEXEC)` allowed if `reopen_dir`
+/// is set (see [`Sandbox::reopen_dir`]).
+pub fn filters_with(
+    mode: SeccompMode,
+    reopen_dir: Option<i32>,
+) -> Result<Vec<BpfProgram>, SandboxError> {
     use std::collections::BTreeMap;
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for (nr, _why) in plain_syscalls() {
@@ -337,7 +355,7 @@ pub fn filters(mode: SeccompMode) -> Result<Vec<BpfProgram>, SandboxError> {
     // takes the strictest answer, so these errno answers win over the allowlist's Allow.
     let mut progs = errno_syscalls()
         .into_iter()
-        .map(|(nrs, errno)| errno_filter(&nrs, errno))
+        .map(|(nrs, errno)| errno_filter(&nrs, errno, reopen_dir))
         .collect::<Result<Vec<_>, _>>()?;
     progs.push(allow);
     Ok(progs)
@@ -356,10 +374,43 @@ fn errno_syscalls() -> Vec<(Vec<i64>, i32)> {
     ]
 }
 
-/// A filter that answers `errno` to `syscalls` and allows everything else.
-fn errno_filter(syscalls: &[i64], errno: i32) -> Result<BpfProgram, SandboxError> {
+/// A filter that answers `errno` to `syscalls` and allows everything else; with
+/// `reopen_dir`, `openat(reopen_dir, _, O_RDWR | O_CLOEXEC)` is let through (any other
+/// dirfd or flags still fail).
+fn errno_filter(
+    syscalls: &[i64],
+    errno: i32,
+    reopen_dir: Option<i32>,
+) -> Result<BpfProgram, SandboxError> {
+    let mut rules = std::collections::BTreeMap::new();
+    for &nr in syscalls {
+        let r = match reopen_dir {
+            Some(dir) if nr == libc::SYS_openat && dir >= 0 => {
+                let flags = (libc::O_RDWR | libc::O_CLOEXEC) as u64;
+                // Fails unless both match: dirfd != dir, or flags != O_RDWR|O_CLOEXEC.
+                vec![
+                    rule(vec![SeccompCondition::new(
+                        0,
+                        SeccompCmpArgLen::Dword,
+                        SeccompCmpOp::Ne,
+                        dir as u64,
+                    )
+                    .map_err(SandboxError::Build)?])?,
+                    rule(vec![SeccompCondition::new(
+                        2,
+                        SeccompCmpArgLen::Dword,
+                        SeccompCmpOp::Ne,
+                        flags,
+                    )
+                    .map_err(SandboxError::Build)?])?,
+                ]
+            }
+            _ => Vec::new(),
+        };
+        rules.insert(nr, r);
+    }
     SeccompFilter::new(
-        syscalls.iter().map(|&nr| (nr, Vec::new())).collect(),
+        rules,
         SeccompAction::Allow,
         SeccompAction::Errno(errno as u32),
         arch(),
@@ -410,9 +461,29 @@ mod tests {
         };
         // Created before the filter, as the daemon does.
         let timer = crate::vhost::WorkerTimer::new().unwrap();
-        for prog in filters(SeccompMode::On).unwrap() {
+        let watch = crate::core::export::ReleaseWatch::new().unwrap();
+        let memfd = std::fs::File::from(
+            nix::sys::memfd::memfd_create("probe", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap(),
+        );
+        for prog in filters_with(SeccompMode::On, Some(watch.reopen_dir())).unwrap() {
             seccompiler::apply_filter_all_threads(&prog).unwrap();
         }
+        // Reopening a memfd through the /proc/self/fd dirfd works; nothing else opens.
+        watch.reopen(&memfd).unwrap();
+        let name =
+            std::ffi::CString::new(std::os::fd::AsRawFd::as_raw_fd(&memfd).to_string()).unwrap();
+        // SAFETY: plain openat with a NUL-terminated name; the result is only compared.
+        let ro = unsafe { libc::openat(watch.reopen_dir(), name.as_ptr(), libc::O_RDONLY) };
+        assert_eq!(ro, -1, "openat with other flags must fail");
+        // SAFETY: as above, with another dirfd (AT_FDCWD).
+        let cwd = unsafe {
+            libc::openat(
+                libc::AT_FDCWD,
+                c"/dev/null".as_ptr(),
+                libc::O_RDWR | libc::O_CLOEXEC,
+            )
+        };
+        assert_eq!(cwd, -1, "openat from another dirfd must fail");
         // The vring worker arms and reads its timerfd under the filter.
         timer.arm(std::time::Instant::now());
         let start = std::time::Instant::now();

@@ -13,14 +13,14 @@
 //!   still charged to the quotas ("retained"), until the daemon sees that no copy of the
 //!   export is open any more: a dma-buf export is registered in a private epoll instance
 //!   (which does not hold the file); the item leaves `/proc/self/fdinfo/<epfd>` when the
-//!   last reference is closed ([`ReleaseWatch`]). A memfd cannot be polled: it stays
-//!   retained until the session or the connection ends.
+//!   last reference is closed; a memfd's export is a reopened file whose last close
+//!   inotify reports ([`ReleaseWatch`]).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -98,33 +98,146 @@ impl ExportTable {
     }
 }
 
-/// Sees when dma-buf exports are closed everywhere: a private epoll instance in which each
-/// export is registered (an epoll item does not hold its file, and leaves the instance
-/// when the file's last reference goes), read back through `/proc/self/fdinfo/<epfd>`,
-/// opened at creation (the sandbox forbids opening files later).
+/// Sees when exports are closed everywhere, so that retained buffers can be released.
+///
+/// * A dma-buf is registered in a private epoll instance: an epoll item does not hold its
+///   file, and leaves the instance when the file's last reference goes; the items are read
+///   back through `/proc/self/fdinfo/<epfd>`, opened at creation (the sandbox forbids
+///   opening files later).
+/// * A memfd cannot be polled. Its export is a reopened file (`/proc/self/fd/N`: a struct
+///   file of its own; the `memfd_create` file itself sends no notifications), whose last
+///   close inotify reports as `IN_CLOSE_WRITE`. The watch pins the inode: it is removed
+///   as soon as the buffer is released or forgotten.
 #[derive(Debug)]
 pub struct ReleaseWatch {
     epoll: OwnedFd,
     fdinfo: File,
     next_token: u64,
+    inotify: OwnedFd,
+    /// `/proc/self/fd`, `O_PATH`: reopening a memfd is `openat(this, "N", O_RDWR)`.
+    proc_fd: OwnedFd,
+}
+
+/// How a retained buffer is watched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Watch {
+    /// A dma-buf: its [`ReleaseWatch`] epoll token.
+    Epoll(u64),
+    /// A reopened memfd: its inotify watch descriptor.
+    Inotify(i32),
+}
+
+fn check(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
 }
 
 impl ReleaseWatch {
     /// A new, empty watch.
     pub fn new() -> io::Result<Self> {
         // SAFETY: plain system call; the result is checked.
-        let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let raw = check(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
         // SAFETY: `raw` is a new fd nobody else owns.
         let epoll = unsafe { OwnedFd::from_raw_fd(raw) };
         let fdinfo = File::open(format!("/proc/self/fdinfo/{raw}"))?;
+        // SAFETY: plain system call; the result is checked.
+        let raw = check(unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) })?;
+        // SAFETY: `raw` is a new fd nobody else owns.
+        let inotify = unsafe { OwnedFd::from_raw_fd(raw) };
+        let proc_fd = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+            .open("/proc/self/fd")?;
         Ok(Self {
             epoll,
             fdinfo,
             next_token: 1,
+            inotify,
+            proc_fd: proc_fd.into(),
         })
+    }
+
+    /// The `/proc/self/fd` fd the sandbox must let `openat` use.
+    pub fn reopen_dir(&self) -> i32 {
+        self.proc_fd.as_raw_fd()
+    }
+
+    /// A new open file of `file` (a memfd), read-write.
+    pub fn reopen(&self, file: &File) -> io::Result<File> {
+        let name = std::ffi::CString::new(file.as_raw_fd().to_string())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: `proc_fd` is an open directory fd and `name` a NUL-terminated string.
+        let raw = check(unsafe {
+            libc::openat(
+                self.proc_fd.as_raw_fd(),
+                name.as_ptr(),
+                libc::O_RDWR | libc::O_CLOEXEC,
+            )
+        })?;
+        // SAFETY: `raw` is a new fd nobody else owns.
+        Ok(File::from(unsafe { OwnedFd::from_raw_fd(raw) }))
+    }
+
+    /// Watches `file` (a reopened memfd) for its last close.
+    pub fn watch_close(&mut self, file: &File) -> io::Result<i32> {
+        let path = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: the inotify fd is open and `path` a NUL-terminated string.
+        check(unsafe {
+            libc::inotify_add_watch(
+                self.inotify.as_raw_fd(),
+                path.as_ptr(),
+                libc::IN_CLOSE_WRITE | libc::IN_CLOSE_NOWRITE,
+            )
+        })
+    }
+
+    /// Removes an inotify watch (lets the inode go).
+    pub fn unwatch(&mut self, wd: i32) {
+        // SAFETY: plain system call on our inotify fd; an unknown wd only fails.
+        let _ = unsafe { libc::inotify_rm_watch(self.inotify.as_raw_fd(), wd) };
+    }
+
+    /// Watch descriptors whose file was closed (or whose inode went) since the last call.
+    pub fn closed(&mut self) -> io::Result<HashSet<i32>> {
+        let mut out = HashSet::new();
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            // SAFETY: `buf` is a live, writable buffer of `buf.len()` bytes.
+            let n =
+                unsafe { libc::read(self.inotify.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                return match e.raw_os_error() {
+                    Some(libc::EAGAIN) => Ok(out),
+                    Some(libc::EINTR) => continue,
+                    _ => Err(e),
+                };
+            }
+            let n = n as usize;
+            if n == 0 {
+                return Ok(out);
+            }
+            let mut at = 0;
+            let head = std::mem::size_of::<libc::inotify_event>();
+            while at + head <= n {
+                let word = |i: usize| {
+                    let mut b = [0u8; 4];
+                    b.copy_from_slice(&buf[at + i..at + i + 4]);
+                    b
+                };
+                let wd = i32::from_ne_bytes(word(0));
+                let mask = u32::from_ne_bytes(word(4));
+                let len = u32::from_ne_bytes(word(12)) as usize;
+                if mask & (libc::IN_CLOSE_WRITE | libc::IN_CLOSE_NOWRITE | libc::IN_IGNORED) != 0 {
+                    out.insert(wd);
+                }
+                at += head + len;
+            }
+        }
     }
 
     /// Registers `file`; returns the token under which [`ReleaseWatch::alive`] lists it.
@@ -135,17 +248,14 @@ impl ReleaseWatch {
             u64: token,
         };
         // SAFETY: both fds are open; `ev` is a live epoll_event the kernel only reads.
-        let r = unsafe {
+        check(unsafe {
             libc::epoll_ctl(
                 self.epoll.as_raw_fd(),
                 libc::EPOLL_CTL_ADD,
                 file.as_fd().as_raw_fd(),
                 &mut ev,
             )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        })?;
         self.next_token += 1;
         Ok(token)
     }
@@ -197,8 +307,8 @@ pub struct Retained {
     /// in the arena, length). `None`: the buffer had a host allocation of its own, which
     /// left the window (the importer's fd holds the memory).
     pub range: Option<(u64, u64, u64)>,
-    /// The [`ReleaseWatch`] token; `None`: cannot be watched (a memfd).
-    pub token: Option<u64>,
+    /// How its release is seen; `None`: it cannot be (it stays until the session ends).
+    pub token: Option<Watch>,
 }
 
 /// How often retained, watched buffers are checked for release.
@@ -224,6 +334,11 @@ impl Device {
     /// Whether UUIDs are registered with the front end's shared-object table.
     pub fn shared_object_table(&self) -> bool {
         self.share_table
+    }
+
+    /// See [`super::DeviceHandle::reopen_dir`].
+    pub fn reopen_dir(&self) -> Option<i32> {
+        self.watch.as_ref().map(ReleaseWatch::reopen_dir)
     }
 
     /// The UUID of a live buffer, if it has one.
@@ -260,6 +375,18 @@ impl Device {
                 return Err(status);
             }
         };
+        // A memfd's export is a reopened file, so that its last close can be seen.
+        let mut export = export;
+        if export.kind == ExportKind::Memfd {
+            match self.watch.as_ref().map(|w| w.reopen(&export.file)) {
+                Some(Ok(f)) => export.file = f,
+                Some(Err(e)) => self.ratelimit.warn(format_args!(
+                    "buffer {id}: cannot reopen its memfd ({e}): if freed while shared, it \
+                     stays charged until the session ends"
+                )),
+                None => {}
+            }
+        }
         let uuid = random_uuid().map_err(|e| {
             self.ratelimit
                 .warn(format_args!("getrandom for a UUID failed: {e}"));
@@ -359,18 +486,23 @@ impl Device {
         };
         self.idle.touch();
         // Watch before our last reference goes, so that the registration sees the file.
-        let token = match &export {
-            Some((file, ExportKind::DmaBuf)) => match self.watch.as_mut().map(|w| w.watch(file)) {
-                Some(Ok(t)) => Some(t),
-                Some(Err(e)) => {
-                    self.ratelimit.warn(format_args!(
-                        "buffer {id}: cannot watch its export ({e}): retained until the \
-                         session ends"
-                    ));
-                    None
+        let token = match (&export, self.watch.as_mut()) {
+            (Some((file, kind)), Some(w)) => {
+                let r = match kind {
+                    ExportKind::DmaBuf => w.watch(file).map(Watch::Epoll),
+                    ExportKind::Memfd => w.watch_close(file).map(Watch::Inotify),
+                };
+                match r {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        self.ratelimit.warn(format_args!(
+                            "buffer {id}: cannot watch its export ({e}): retained until the \
+                             session ends"
+                        ));
+                        None
+                    }
                 }
-                None => None,
-            },
+            }
             _ => None,
         };
         drop(export);
@@ -436,12 +568,22 @@ impl Device {
 
     /// Releases every retained buffer whose export is closed everywhere, now.
     pub fn release_closed_exports(&mut self) -> usize {
-        let Some(watch) = &self.watch else {
+        let Some(watch) = self.watch.as_mut() else {
             return 0;
         };
-        let alive = match watch.alive() {
-            Ok(a) => a,
-            Err(e) => {
+        let alive = if self
+            .retained
+            .values()
+            .any(|r| matches!(r.token, Some(Watch::Epoll(_))))
+        {
+            watch.alive()
+        } else {
+            Ok(HashSet::new())
+        };
+        let closed = watch.closed();
+        let (alive, closed) = match (alive, closed) {
+            (Ok(a), Ok(c)) => (a, c),
+            (Err(e), _) | (_, Err(e)) => {
                 self.ratelimit
                     .warn(format_args!("reading the export watch failed: {e}"));
                 return 0;
@@ -450,7 +592,11 @@ impl Device {
         let gone: Vec<u64> = self
             .retained
             .iter()
-            .filter(|(_, r)| r.token.is_some_and(|t| !alive.contains(&t)))
+            .filter(|(_, r)| match r.token {
+                Some(Watch::Epoll(t)) => !alive.contains(&t),
+                Some(Watch::Inotify(wd)) => closed.contains(&wd),
+                None => false,
+            })
             .map(|(&id, _)| id)
             .collect();
         for &id in &gone {
@@ -464,6 +610,9 @@ impl Device {
     /// Gives a retained buffer's memory and charge back.
     fn release_retained(&mut self, id: u64, r: Retained) {
         debug!("retained buffer {id}: export released");
+        if let (Some(Watch::Inotify(wd)), Some(w)) = (r.token, self.watch.as_mut()) {
+            w.unwatch(wd);
+        }
         self.quota.uncharge(r.heap, r.charged);
         self.idle.touch();
         let Some((woff, off, len)) = r.range else {
@@ -492,7 +641,11 @@ impl Device {
     /// kernel keeps the pages for whoever still holds an fd).
     pub(super) fn drop_exports(&mut self) {
         self.exported.clear();
-        self.retained.clear();
+        for r in std::mem::take(&mut self.retained).into_values() {
+            if let (Some(Watch::Inotify(wd)), Some(w)) = (r.token, self.watch.as_mut()) {
+                w.unwatch(wd);
+            }
+        }
         self.retained_next = None;
         self.exports.clear();
     }

@@ -52,6 +52,7 @@ pub struct DeviceHandle {
     /// The export table (`GET_SHARED_OBJECT` reads it without the device lock).
     exports: Arc<ExportTable>,
     shared_object_table: bool,
+    reopen_dir: Option<i32>,
     connected: AtomicBool,
     config: Config,
     shm_size: u64,
@@ -75,6 +76,7 @@ impl DeviceHandle {
             device_features: dev.device_features(),
             exports: dev.export_table(),
             shared_object_table: dev.shared_object_table(),
+            reopen_dir: dev.reopen_dir(),
             connected: AtomicBool::new(false),
             mailbox: Mutex::new(HostMailbox::default()),
             mailbox_cv: Condvar::new(),
@@ -174,6 +176,12 @@ impl DeviceHandle {
     /// The export table (for the export socket's lookups; never the device lock).
     pub fn export_table(&self) -> Arc<ExportTable> {
         self.exports.clone()
+    }
+
+    /// The `/proc/self/fd` fd through which shared memfd buffers are reopened (the sandbox
+    /// must allow `openat` on it), if release watching could be set up.
+    pub fn reopen_dir(&self) -> Option<i32> {
+        self.reopen_dir
     }
 
     /// Whether UUIDs are registered with the front end (`--shared-object-table`).

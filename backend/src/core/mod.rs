@@ -26,7 +26,7 @@ mod session;
 #[cfg(test)]
 mod tests;
 
-pub use export::{ExportTable, Retained, Uuid};
+pub use export::{ExportTable, Retained, Uuid, Watch};
 pub use handle::{DeviceHandle, HostRequest, HostResult, HOST_REQUEST_TIMEOUT};
 pub use idle::{MAX_LARGE_SPARES, SPARE_IDLE_DELAY};
 pub use mapper::{MapError, Mapper};

@@ -189,17 +189,15 @@ fn free_while_the_ring_is_stopped_is_retried_before_anything_changes() {
 }
 
 #[test]
-fn freed_memfd_export_is_retained_and_charged_until_the_session_ends() {
+fn freed_memfd_export_is_retained_and_charged_until_its_last_close() {
     let (mut d, f, mut m) = dev();
     d.set_acked_features(UUID | SESSION);
-    let (st, _) = {
-        let r = answer(&mut d, &session_open_req(0), SESSION_OPEN_RESP_SIZE, &mut m);
-        (status_of(&r), ())
-    };
-    assert_eq!(st, VIRTIO_DMAHEAP_S_OK);
+    let r = answer(&mut d, &session_open_req(0), SESSION_OPEN_RESP_SIZE, &mut m);
+    assert_eq!(status_of(&r), VIRTIO_DMAHEAP_S_OK);
     let (id, off) = ok_alloc(&mut d, &mut m, LARGE);
     let u = ok_uuid(&mut d, &mut m, id);
     let (held, _) = d.export_table().lookup(&u).unwrap();
+    let second = held.try_clone().unwrap();
     d.poke(id, 0, b"kept").unwrap();
     assert_eq!(free(&mut d, &mut m, id), VIRTIO_DMAHEAP_S_OK);
     // Out of the window, withdrawn, still charged.
@@ -218,14 +216,38 @@ fn freed_memfd_export_is_retained_and_charged_until_the_session_ends() {
     held.read_exact_at(&mut got, 0).unwrap();
     assert_eq!(&got, b"kept");
     assert_eq!(f.live.load(Ordering::SeqCst), 0);
-    // A memfd cannot be watched: closing it changes nothing until the session ends.
+    // One of two copies closed: still held.
     drop(held);
     assert_eq!(d.poll_retained(Instant::now() + Duration::from_secs(60)), 0);
+    assert_eq!(d.stats().total.retained_buffers, 1);
+    // The last one: released at the next poll.
+    drop(second);
+    assert_eq!(
+        d.poll_retained(Instant::now() + Duration::from_secs(120)),
+        1
+    );
+    let st = d.stats();
+    assert_eq!((st.total.buffers, st.total.retained_buffers), (0, 0));
+}
+
+/// Retained buffers nobody released are forgotten when the session ends.
+#[test]
+fn a_new_session_forgets_retained_buffers() {
+    let (mut d, _, mut m) = dev();
+    d.set_acked_features(UUID | SESSION);
+    let r = answer(&mut d, &session_open_req(0), SESSION_OPEN_RESP_SIZE, &mut m);
+    assert_eq!(status_of(&r), VIRTIO_DMAHEAP_S_OK);
+    let (id, _) = ok_alloc(&mut d, &mut m, LARGE);
+    let u = ok_uuid(&mut d, &mut m, id);
+    let (held, _) = d.export_table().lookup(&u).unwrap();
+    assert_eq!(free(&mut d, &mut m, id), VIRTIO_DMAHEAP_S_OK);
     assert_eq!(d.stats().total.retained_buffers, 1);
     let r = answer(&mut d, &session_open_req(0), SESSION_OPEN_RESP_SIZE, &mut m);
     assert_eq!(status_of(&r), VIRTIO_DMAHEAP_S_OK);
     let st = d.stats();
     assert_eq!((st.total.buffers, st.total.retained_buffers), (0, 0));
+    // The kernel keeps the memory for the holder.
+    held.write_all_at(b"mine", 0).unwrap();
 }
 
 /// The release watch on a real pollable file (a pipe): the item goes with the last close.
@@ -241,9 +263,21 @@ fn release_watch_sees_the_last_close() {
     drop(dup);
     assert!(!w.alive().unwrap().contains(&t));
     drop(wr);
-    // A memfd cannot be polled: refused, so it is never mistaken for released.
-    let mfd = nix::sys::memfd::memfd_create("x", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap();
-    assert!(w.watch(&std::fs::File::from(mfd)).is_err());
+    // A memfd cannot be polled: refused, so it is never mistaken for released. Its
+    // reopened file is watched with inotify instead; the memfd_create file is silent.
+    let mfd = std::fs::File::from(
+        nix::sys::memfd::memfd_create("x", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap(),
+    );
+    assert!(w.watch(&mfd).is_err());
+    let re = w.reopen(&mfd).unwrap();
+    let re2 = re.try_clone().unwrap();
+    let wd = w.watch_close(&re).unwrap();
+    drop(mfd);
+    drop(re);
+    assert!(!w.closed().unwrap().contains(&wd), "a dup still holds it");
+    drop(re2);
+    assert!(w.closed().unwrap().contains(&wd));
+    w.unwatch(wd);
 }
 
 #[test]
