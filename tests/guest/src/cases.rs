@@ -89,6 +89,40 @@ pub const EXPLICIT_CASES: &[(&str, &str, CaseFn)] = &[
         crate::uuid::uuid_off,
     ),
     (
+        "sharing-roundtrip",
+        "4 KiB..8 MiB through the test importer (tests/sharing/run): the bytes the guest \
+         wrote are what the importer saw through the export socket, the importer's writes \
+         are what the guest reads after SYNC start; arena buffers without /dev/udmabuf on \
+         the host give EOPNOTSUPP",
+        crate::sharing::roundtrip,
+    ),
+    (
+        "sharing-lifetime",
+        "the importer holds a buffer the guest frees: retained and still charged in the \
+         daemon's stats, its UUID withdrawn, the importer still reads and writes it; \
+         released when the importer lets go",
+        crate::sharing::lifetime,
+    ),
+    (
+        "sharing-unknown",
+        "a random UUID and a freed buffer's UUID give ENOENT; a plain dma-buf EMEDIUMTYPE; \
+         unknown ops and CHECK_HELD/RELEASE with nothing held an error status",
+        crate::sharing::unknown,
+    ),
+    (
+        "sharing-small",
+        "a 4 KiB arena buffer: EOPNOTSUPP without /dev/udmabuf on the host (it still \
+         works and is not exported); with /dev/udmabuf, a round trip",
+        crate::sharing::small,
+    ),
+    (
+        "sharing-killable",
+        "with the test importer stopped (host hooks stop-importer/cont-importer), a fatal \
+         signal ends a waiting request at once; the abandoned request is served later and \
+         the next one works",
+        crate::sharing::killable,
+    ),
+    (
         "device-reset",
         "unbinding the driver (a device reset) while buffers are held and mapped releases \
          every host buffer and mapping; allocation then fails with ENODEV (run it last: \

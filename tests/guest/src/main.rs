@@ -15,6 +15,7 @@ mod host;
 mod json;
 mod lifecycle;
 mod nested;
+mod sharing;
 mod sys;
 mod uuid;
 
