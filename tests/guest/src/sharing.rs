@@ -279,7 +279,11 @@ pub fn roundtrip(ctx: &Ctx) -> Result<(), String> {
             println!("# sharing-roundtrip: {line}");
         }
     }
-    Ok(())
+    // Freed by the guest and closed by the importer: the daemon releases them.
+    wait_counts(ctx, "the freed buffers released (none retained)", |c| {
+        c.retained == 0 && c.exported == 0
+    })
+    .map(|_| ())
 }
 
 /// The heap's `bytes`, `buffers`, `exported`, `retained_buffers` (daemon stats).
@@ -334,7 +338,10 @@ pub fn lifetime(ctx: &Ctx) -> Result<(), String> {
     let s = Sharing::open()?;
     let heap = Heap::open(&ctx.heap).map_err(|e| format!("open {}: {e}", ctx.heap))?;
     let len = 1usize << 20;
-    let before = counts(ctx)?;
+    // Earlier cases' buffers are freed and no importer holds them: none stays retained.
+    let before = wait_counts(ctx, "no buffer retained before the case", |c| {
+        c.retained == 0
+    })?;
     let (a, b) = (seed(), seed());
     let (buf, map) = filled(&heap, len, a)?;
     let held = must_ok("HOLD", s.op(OP_HOLD, Some(&buf), 0, 0))?;
