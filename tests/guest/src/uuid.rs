@@ -112,8 +112,12 @@ pub fn negotiated(heap: &str) -> Result<bool, String> {
     heap_has_feature(&env::sysfs_heap(heap)?, F_UUID)
 }
 
+/// virtio_dma_buf is in the kernel (a loaded module or built in).
 fn kernel_has_virtio_dma_buf() -> bool {
-    std::path::Path::new("/sys/module/virtio_dma_buf").exists()
+    std::fs::read_to_string("/proc/kallsyms").is_ok_and(|s| {
+        s.lines()
+            .any(|l| l.split_whitespace().nth(2) == Some("virtio_dma_buf_export"))
+    })
 }
 
 /// The buffer is written and read by the guest and the host, and the importer's checks
@@ -170,7 +174,7 @@ pub fn uuid(ctx: &Ctx) -> Result<(), String> {
             if kernel_has_virtio_dma_buf() {
                 ""
             } else {
-                " (no /sys/module/virtio_dma_buf: kernel without CONFIG_VIRTIO_DMA_SHARED_BUFFER?)"
+                " (no virtio_dma_buf_export in /proc/kallsyms: kernel without CONFIG_VIRTIO_DMA_SHARED_BUFFER)"
             }
         ));
     }
