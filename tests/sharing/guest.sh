@@ -26,7 +26,7 @@ else
 	exit 1
 fi
 dmaheap-guest-tests --heap "$heap" sharing-roundtrip sharing-lifetime sharing-unknown sharing-small \
-	sharing-killable || rc=1
+	sharing-killable sharing-remove || rc=1
 # Removal with nothing in flight, then the device still answers after a reload.
 if rmmod dmaheap_sharing; then
 	echo "ok   rmmod-dmaheap_sharing"

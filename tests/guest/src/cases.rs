@@ -123,6 +123,13 @@ pub const EXPLICIT_CASES: &[(&str, &str, CaseFn)] = &[
         crate::sharing::killable,
     ),
     (
+        "sharing-remove",
+        "the test importer's device unbound while a request waits for the stopped \
+         importer: the waiter ends (ENODEV or its answer), requests give ENODEV until it \
+         is bound again, then work",
+        crate::sharing::remove,
+    ),
+    (
         "device-reset",
         "unbinding the driver (a device reset) while buffers are held and mapped releases \
          every host buffer and mapping; allocation then fails with ENODEV (run it last: \

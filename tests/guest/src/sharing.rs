@@ -581,6 +581,106 @@ pub fn killable(ctx: &Ctx) -> Result<(), String> {
     guest_sees(&buf, &map, c, "after the resume")
 }
 
+const DRIVER: &str = "/sys/bus/virtio/drivers/dmaheap_sharing";
+
+/// The virtio device the module drives (`virtioN`).
+fn bound_device() -> Result<String, String> {
+    std::fs::read_dir(DRIVER)
+        .map_err(|e| format!("{DRIVER}: {e}"))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("virtio"))
+        .ok_or_else(|| format!("no device bound to {DRIVER}"))
+}
+
+/// sharing-remove.
+pub fn remove(ctx: &Ctx) -> Result<(), String> {
+    let s = Sharing::open()?;
+    let heap = Heap::open(&ctx.heap).map_err(|e| format!("open {}: {e}", ctx.heap))?;
+    let (a, b) = (seed(), seed());
+    let (buf, map) = filled(&heap, 1 << 20, a)?;
+    must_ok("CHECK before the stop", s.op(OP_CHECK, Some(&buf), a, 0))?;
+    let dev = bound_device()?;
+    host::call(&["stop-importer"])?;
+    // SAFETY: the child only makes system calls and exits.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        let e = errname(sys::errno());
+        host::call(&["cont-importer"])?;
+        return Err(format!("fork: {e}"));
+    }
+    if pid == 0 {
+        let rc = match s.op(OP_CHECK, Some(&buf), a, b) {
+            Ok(r) if r.resp.status == 0 => 0,
+            Ok(_) => 100,
+            Err(e) => e & 0x7f,
+        };
+        // SAFETY: leaving the child at once.
+        unsafe { libc::_exit(rc) };
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let mut status = 0;
+    // SAFETY: polling our own child.
+    let early = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } != 0;
+    // The reset below waits for the importer (QEMU stops its rings), and QEMU's main loop
+    // with it, so the host resumes the importer by itself a little later.
+    let later = host::call(&["cont-importer-later", "2"]);
+    if early || later.is_err() {
+        host::call(&["cont-importer"])?;
+        later?;
+        return Err("the CHECK finished although the importer is stopped".into());
+    }
+    let t0 = std::time::Instant::now();
+    std::fs::write(format!("{DRIVER}/unbind"), &dev).map_err(|e| format!("unbind {dev}: {e}"))?;
+    let unbind = t0.elapsed();
+    let waited = loop {
+        // SAFETY: as above.
+        if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
+            break t0.elapsed();
+        }
+        if t0.elapsed() > Duration::from_secs(15) {
+            return Err("the waiting CHECK still waits 15 s after the device was unbound".into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let code = libc::WEXITSTATUS(status);
+    eprintln!(
+        "  sharing-remove: unbind took {unbind:.1?}; the waiting CHECK ended after \
+         {waited:.1?} with {}",
+        if code == 0 {
+            "its answer".to_string()
+        } else {
+            errname(code)
+        }
+    );
+    check(code == 0 || code == libc::ENODEV, || {
+        format!(
+            "the waiting CHECK ended with {}, want ENODEV or its answer",
+            errname(code)
+        )
+    })?;
+    let r = s.op(OP_LOOKUP_ONLY, None, 0, 0);
+    check(matches!(r, Err(libc::ENODEV)), || {
+        format!(
+            "a request with no device bound: {:?}, want ENODEV",
+            r.map_err(errname)
+        )
+    })?;
+    // Whichever way the race went, the buffer holds the guest's bytes or the importer's.
+    buf.sync(sys::SYNC_START | sys::SYNC_READ)
+        .map_err(|e| format!("SYNC start: {}", errname(e)))?;
+    let intact = map.check(a).is_ok() || map.check(b).is_ok();
+    buf.sync(sys::SYNC_END | sys::SYNC_READ)
+        .map_err(|e| format!("SYNC end: {}", errname(e)))?;
+    check(intact, || {
+        "the buffer holds neither the guest's nor the importer's pattern".into()
+    })?;
+    std::fs::write(format!("{DRIVER}/bind"), &dev).map_err(|e| format!("bind {dev}: {e}"))?;
+    let c = seed();
+    must_ok("CHECK after the rebind", s.op(OP_CHECK, Some(&buf), 0, c))?;
+    guest_sees(&buf, &map, c, "after the rebind")
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
