@@ -21,12 +21,21 @@
 //!   and in total, and stay within the quotas; mappings within the mapping cap;
 //! * a new buffer reads as zero where an earlier buffer had written (freed ranges are
 //!   zeroed before reuse);
-//! * the mapper never sees an overlapping, out-of-window or unknown request.
+//! * the mapper never sees an overlapping, out-of-window or unknown request;
+//! * ASSIGN_UUID (with injected export failures, stand-in dma-buf exports of arena ranges,
+//!   the front end's table on or off, importers holding and closing exports): a UUID maps
+//!   to exactly one live buffer (the same one every time) and resolves while it lives;
+//!   a freed one never resolves again, to anything; the front end's table holds exactly
+//!   the registered UUIDs of live buffers; a freed exported buffer is retained (charged)
+//!   while an importer holds its file and released once nobody does; no live buffer ever
+//!   overlaps the window range a retained buffer keeps.
 #![no_main]
 
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::sync::atomic::Ordering;
 
 use arbitrary::Arbitrary;
 use common::*;
@@ -107,10 +116,23 @@ enum Op {
         sync: bool,
         session: bool,
         batch: bool,
+        uuid: bool,
     },
     /// The vring worker's timer fires: the idle policy releases spares whose idle
     /// deadline passed (as if the deadline had come).
     Idle,
+    AssignUuid(Id),
+    /// An importer resolves the UUID of the n-th exported live buffer and keeps the file.
+    Hold(u8),
+    /// The n-th held file is closed.
+    Drop(u8),
+    /// The worker's poll of retained buffers.
+    PollRetained,
+    /// Register UUIDs with the front end's table (`--shared-object-table`).
+    ShareTable(bool),
+    /// Exports are stand-in dma-bufs (arena ranges become exportable) or the provider's own.
+    FakeDmabuf(bool),
+    FailExport(u8),
 }
 
 #[derive(Debug, Arbitrary)]
@@ -152,6 +174,17 @@ struct Model {
     reserved: BTreeMap<u64, u64>,
     /// Bytes written by the host into live buffers: (id, offset) -> byte.
     written: BTreeMap<(u64, u64), u8>,
+    uuid: bool,
+    /// UUIDs of live buffers: id -> (uuid, registered with the front end).
+    uuids: BTreeMap<u64, ([u8; 16], bool)>,
+    /// Every UUID ever answered, and withdrawn ones.
+    all_uuids: BTreeMap<[u8; 16], u64>,
+    withdrawn: BTreeSet<[u8; 16]>,
+    /// Freed exported buffers the device still holds, with the files importers hold.
+    retained: BTreeSet<u64>,
+    /// Files importers hold: (buffer id, file).
+    held: Vec<(u64, File)>,
+    table: bool,
 }
 
 impl Model {
@@ -217,6 +250,21 @@ impl Model {
         self.live.clear();
         self.reserved.clear();
         self.written.clear();
+        for (u, _) in self.uuids.values() {
+            self.withdrawn.insert(*u);
+        }
+        self.uuids.clear();
+        self.retained.clear();
+    }
+
+    /// A live buffer was freed.
+    fn freed_buffer(&mut self, id: u64) {
+        self.freed.push(id);
+        self.written.retain(|&(i, _), _| i != id);
+        if let Some((u, _)) = self.uuids.remove(&id) {
+            self.withdrawn.insert(u);
+            self.retained.insert(id);
+        }
     }
 }
 
@@ -315,6 +363,13 @@ fuzz_target!(|ops: Vec<Op>| {
         last_session: 0,
         reserved: BTreeMap::new(),
         written: BTreeMap::new(),
+        uuid: false,
+        uuids: BTreeMap::new(),
+        all_uuids: BTreeMap::new(),
+        withdrawn: BTreeSet::new(),
+        retained: BTreeSet::new(),
+        held: Vec::new(),
+        table: false,
     };
     for op in ops.iter().take(256) {
         match op {
@@ -398,8 +453,7 @@ fuzz_target!(|ops: Vec<Op>| {
                     assert_eq!(st, S_NO_SESSION, "FREE outside a session");
                 } else if m.live.remove(&id).is_some() {
                     assert_eq!(st, S_OK, "FREE of live buffer {id}");
-                    m.freed.push(id);
-                    m.written.retain(|&(i, _), _| i != id);
+                    m.freed_buffer(id);
                 } else {
                     assert_eq!(st, S_NO_BUFFER, "FREE of dead buffer {id}");
                 }
@@ -446,8 +500,10 @@ fuzz_target!(|ops: Vec<Op>| {
             }
             Op::Disconnect => {
                 dev.disconnect();
-                // The front end went away with its mappings; the memory goes with them.
+                // The front end went away with its mappings and its table; the memory goes
+                // with them.
                 mapper.mapped.clear();
+                mapper.shared.clear();
                 mapper.stopped = false;
                 m.end_session();
                 m.dirty.clear();
@@ -584,7 +640,21 @@ fuzz_target!(|ops: Vec<Op>| {
                         m.end_session();
                         m.session = Session::Closed;
                     }
-                    Err(_) => assert!(was_stopped, "the host could not end the session"),
+                    Err(_) => {
+                        assert!(was_stopped, "the host could not end the session");
+                        // Progress is kept: UUIDs withdrawn before the stop stay withdrawn.
+                        let gone: Vec<u64> = m
+                            .uuids
+                            .keys()
+                            .copied()
+                            .filter(|id| dev.uuid_of(*id).is_none())
+                            .collect();
+                        for id in gone {
+                            if let Some((u, _)) = m.uuids.remove(&id) {
+                                m.withdrawn.insert(u);
+                            }
+                        }
+                    }
                 }
             }
             Op::Stop(stopped) => mapper.stopped = *stopped,
@@ -616,30 +686,168 @@ fuzz_target!(|ops: Vec<Op>| {
                 sync,
                 session,
                 batch,
+                uuid,
             } => {
                 dev.set_acked_features(
                     (u64::from(*sync) << F_SYNC)
                         | (u64::from(*session) << F_SESSION)
-                        | (u64::from(*batch) << F_BATCH),
+                        | (u64::from(*batch) << F_BATCH)
+                        | (u64::from(*uuid) << F_UUID),
                 );
                 m.sync = *sync;
                 m.session_acked = *session;
                 m.batch = *batch;
+                m.uuid = *uuid;
             }
+            Op::AssignUuid(id) => {
+                let id = m.pick(id);
+                let resp = run(
+                    &mut dev,
+                    &assign_uuid_req(id),
+                    ASSIGN_UUID_RESP,
+                    &mut mapper,
+                );
+                let st = status(&resp, ASSIGN_UUID_RESP);
+                if !m.uuid {
+                    assert_eq!(st, S_UNSUPP, "ASSIGN_UUID without the feature");
+                    continue;
+                }
+                if !m.session_ok() {
+                    // Rejected before it is served: a bare resp_hdr.
+                    assert_eq!((st, resp.len()), (S_NO_SESSION, RESP_HDR));
+                    continue;
+                }
+                assert_eq!(resp.len(), ASSIGN_UUID_RESP);
+                let mut u = [0u8; 16];
+                u.copy_from_slice(&resp[8..24]);
+                if !m.live.contains_key(&id) {
+                    assert_eq!(st, S_NO_BUFFER, "ASSIGN_UUID of dead buffer {id}");
+                } else if let Some(&(known, _)) = m.uuids.get(&id) {
+                    assert_eq!((st, u), (S_OK, known), "a second UUID for buffer {id}");
+                } else if st == S_OK {
+                    assert!(u[6] >> 4 == 4 && u[8] & 0xc0 == 0x80, "not v4: {u:02x?}");
+                    assert!(
+                        m.all_uuids.insert(u, id).is_none(),
+                        "UUID {u:02x?} answered for two buffers"
+                    );
+                    m.uuids.insert(id, (u, m.table));
+                } else {
+                    assert!(
+                        matches!(st, S_UNSUPP | S_IOERR | S_NOMEM),
+                        "ASSIGN_UUID failed with {st}"
+                    );
+                    assert!(
+                        st != S_UNSUPP || !faults.fake_dmabuf_exports.load(Ordering::SeqCst),
+                        "UNSUPP although every range can be exported"
+                    );
+                    assert!(u.iter().all(|&b| b == 0), "a UUID with an error");
+                }
+            }
+            Op::Hold(n) => {
+                if !m.uuids.is_empty() {
+                    let (&id, &(u, _)) = m
+                        .uuids
+                        .iter()
+                        .nth(usize::from(*n) % m.uuids.len())
+                        .expect("index in range");
+                    let (f, len) = dev.export_table().lookup(&u).expect("a live UUID resolves");
+                    assert_eq!(len, m.live[&id].len, "export length");
+                    m.held.push((id, f));
+                }
+            }
+            Op::Drop(n) => {
+                if !m.held.is_empty() {
+                    let i = usize::from(*n) % m.held.len();
+                    m.held.swap_remove(i);
+                }
+            }
+            Op::PollRetained => {
+                dev.release_closed_exports();
+                let held: BTreeSet<u64> = m.held.iter().map(|(id, _)| *id).collect();
+                m.retained.retain(|id| held.contains(id));
+            }
+            Op::ShareTable(on) => {
+                dev.set_shared_object_table(*on);
+                m.table = *on;
+            }
+            Op::FakeDmabuf(on) => faults.fake_dmabuf_exports.store(*on, Ordering::SeqCst),
+            Op::FailExport(n) => faults
+                .export_fails
+                .store(u32::from(n % 3), Ordering::SeqCst),
         }
 
         // Invariants after every step.
         let s = dev.stats();
-        let sum: u64 = m.live.values().map(|b| b.len).sum();
-        assert_eq!(s.total.bytes, sum, "accounting != sum of live buffers");
-        assert_eq!(s.total.buffers, m.live.len() as u64);
+        // Retained buffers: the ones the model expects; still charged.
+        let dev_retained: BTreeMap<u64, vhost_user_dmaheap::core::Retained> =
+            dev.retained().map(|(id, r)| (id, *r)).collect();
+        assert!(
+            m.retained.iter().all(|id| dev_retained.contains_key(id)),
+            "a buffer an importer holds was released: {:?} vs {:?}",
+            m.retained,
+            dev_retained.keys()
+        );
+        // (The device may still hold one the model saw released: it sees closes at its
+        // polls.) Every retained buffer is one the guest freed while it had a UUID.
+        let freed: BTreeSet<u64> = m.freed.iter().copied().collect();
+        for (id, r) in &dev_retained {
+            assert!(freed.contains(id), "retained buffer {id} was never freed");
+            if let Some((woff, off, len)) = r.range {
+                let (start, end) = (woff + off, woff + off + len);
+                for (lid, b) in &m.live {
+                    assert!(
+                        b.off + b.len <= start || end <= b.off,
+                        "live buffer {lid} {:#x}+{:#x} in retained {id}'s range {start:#x}..{end:#x}",
+                        b.off,
+                        b.len
+                    );
+                }
+            }
+        }
+        let rsum: u64 = dev_retained.values().map(|r| r.charged).sum();
+        let sum: u64 = m.live.values().map(|b| b.len).sum::<u64>() + rsum;
+        assert_eq!(s.total.bytes, sum, "accounting != live + retained buffers");
+        assert_eq!(s.total.buffers, (m.live.len() + dev_retained.len()) as u64);
+        assert_eq!(s.total.retained_buffers, dev_retained.len() as u64);
+        assert_eq!(s.total.exported, m.uuids.len() as u64);
         assert!(s.total.bytes <= MAX_BYTES && s.total.buffers <= MAX_BUFFERS);
         for (i, p) in params.iter().enumerate() {
             let hs = &s.heaps[&p.name];
-            let hsum: u64 = m.live.values().filter(|b| b.heap == i).map(|b| b.len).sum();
+            let hsum: u64 = m
+                .live
+                .values()
+                .filter(|b| b.heap == i)
+                .map(|b| b.len)
+                .sum::<u64>()
+                + dev_retained
+                    .values()
+                    .filter(|r| r.heap == i)
+                    .map(|r| r.charged)
+                    .sum::<u64>();
             assert_eq!(hs.bytes, hsum, "heap {} bytes", p.name);
             assert!(p.max_bytes.is_none_or(|q| hs.bytes <= q), "heap quota");
         }
+        // A UUID maps to exactly its live buffer; withdrawn ones to nothing.
+        let table = dev.export_table();
+        assert_eq!(table.len(), m.uuids.len(), "export table vs live UUIDs");
+        for (id, (u, _)) in &m.uuids {
+            assert_eq!(dev.uuid_of(*id), Some(*u));
+            let (_, len) = table.lookup(u).expect("a live buffer's UUID resolves");
+            assert_eq!(len, m.live[id].len);
+        }
+        for u in &m.withdrawn {
+            assert!(
+                table.lookup(u).is_none(),
+                "withdrawn UUID {u:02x?} resolves"
+            );
+        }
+        let registered: BTreeSet<[u8; 16]> = m
+            .uuids
+            .values()
+            .filter(|(_, r)| *r)
+            .map(|(u, _)| *u)
+            .collect();
+        assert_eq!(mapper.shared, registered, "the front end's table");
         assert!(s.total.mappings as usize <= MAX_MAPPINGS, "mapping cap");
         assert_eq!(
             s.total.mappings,

@@ -79,8 +79,16 @@ fn table(stats: &Stats) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<24} {:>14} {:>9} {:>9} {:>7} {:>14}",
-        "HEAP", "BYTES", "BUFFERS", "MAPPINGS", "ARENAS", "HOST_BYTES"
+        "{:<24} {:>14} {:>9} {:>9} {:>7} {:>14} {:>8} {:>8} {:>14}",
+        "HEAP",
+        "BYTES",
+        "BUFFERS",
+        "MAPPINGS",
+        "ARENAS",
+        "HOST_BYTES",
+        "EXPORTED",
+        "RETAINED",
+        "RETAINED_BYTES"
     );
     let rows = stats
         .heaps
@@ -90,8 +98,16 @@ fn table(stats: &Stats) -> String {
     for (name, h) in rows {
         let _ = writeln!(
             s,
-            "{:<24} {:>14} {:>9} {:>9} {:>7} {:>14}",
-            name, h.bytes, h.buffers, h.mappings, h.arenas, h.host_bytes
+            "{:<24} {:>14} {:>9} {:>9} {:>7} {:>14} {:>8} {:>8} {:>14}",
+            name,
+            h.bytes,
+            h.buffers,
+            h.mappings,
+            h.arenas,
+            h.host_bytes,
+            h.exported,
+            h.retained_buffers,
+            h.retained_bytes
         );
     }
     let _ = writeln!(

@@ -465,9 +465,16 @@ impl Device {
 
     /// Withdraws every live buffer's UUID (the session ends). Progress is kept when the
     /// ring stops half way.
+    /// The ones registered with the front end go first, so that a stop of the ring leaves
+    /// the others untouched.
     pub(super) fn withdraw_all(&mut self, mapper: &mut dyn Mapper) -> Result<(), RequestError> {
-        let ids: Vec<u64> = self.exported.keys().copied().collect();
-        for id in ids {
+        let mut ids: Vec<(bool, u64)> = self
+            .exported
+            .iter()
+            .map(|(&id, e)| (!e.registered, id))
+            .collect();
+        ids.sort_unstable();
+        for (_, id) in ids {
             self.withdraw(id, mapper)?;
         }
         Ok(())

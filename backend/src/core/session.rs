@@ -101,11 +101,11 @@ impl Device {
         let SessionState::Open(id) = self.session else {
             return Err(RequestError::NoSession);
         };
+        self.unmap_all(mapper)?;
         // A suspended session's exports stay registered; a closed one's are withdrawn.
         if flags & VIRTIO_DMAHEAP_CLOSE_SUSPEND == 0 {
             self.withdraw_all(mapper)?;
         }
-        self.unmap_all(mapper)?;
         if flags & VIRTIO_DMAHEAP_CLOSE_SUSPEND != 0 {
             self.drop_empty_arenas();
             self.session = SessionState::Suspended(id);
@@ -216,8 +216,8 @@ impl Device {
     /// running device). [`RequestError::Retry`] if the ring stopped half way (nothing is
     /// lost: a second attempt continues).
     pub fn end_session(&mut self, mapper: &mut dyn Mapper) -> Result<(usize, usize), RequestError> {
-        self.withdraw_all(mapper)?;
         self.unmap_all(mapper)?;
+        self.withdraw_all(mapper)?;
         let counts = (self.pool.buffer_count(), self.pool.mapping_count());
         if counts != (0, 0) {
             debug!(

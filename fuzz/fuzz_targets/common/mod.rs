@@ -9,8 +9,9 @@ use std::sync::Arc;
 use vhost_user_dmaheap::core::{CacheMode, Device, HeapParams, Limits};
 #[allow(unused_imports)]
 pub use vhost_user_dmaheap::testing::{
-    alloc_batch_req, alloc_req, device_with, free_req, heap_info_req, le32, le64, reserve_req,
-    serve_with_retry, session_close_req, session_open_req, sync_req, FakeMapper, Faults,
+    alloc_batch_req, alloc_req, assign_uuid_req, device_with, free_req, heap_info_req, le32, le64,
+    reserve_req, serve_with_retry, session_close_req, session_open_req, sync_req, FakeMapper,
+    Faults,
 };
 
 pub const PAGE: u64 = 4096;
@@ -22,6 +23,7 @@ pub const PAGE: u64 = 4096;
 pub use vhost_user_dmaheap::abi::{
     VIRTIO_DMAHEAP_CLOSE_SUSPEND as CLOSE_SUSPEND, VIRTIO_DMAHEAP_F_BATCH as F_BATCH,
     VIRTIO_DMAHEAP_F_SESSION as F_SESSION, VIRTIO_DMAHEAP_F_SYNC as F_SYNC,
+    VIRTIO_DMAHEAP_F_UUID as F_UUID, VIRTIO_DMAHEAP_REQ_ASSIGN_UUID as REQ_ASSIGN_UUID,
     VIRTIO_DMAHEAP_REQ_RESERVE as REQ_RESERVE,
     VIRTIO_DMAHEAP_REQ_SESSION_CLOSE as REQ_SESSION_CLOSE,
     VIRTIO_DMAHEAP_REQ_SESSION_OPEN as REQ_SESSION_OPEN,
@@ -42,6 +44,7 @@ pub const RESP_HDR: usize = std::mem::size_of::<vhost_user_dmaheap::abi::RespHdr
 pub const HEAP_INFO_RESP: usize = std::mem::size_of::<vhost_user_dmaheap::abi::HeapInfoResp>();
 pub const ALLOC_RESP: usize = std::mem::size_of::<vhost_user_dmaheap::abi::AllocResp>();
 pub const ALLOC_BATCH_RESP: usize = std::mem::size_of::<vhost_user_dmaheap::abi::AllocBatchResp>();
+pub const ASSIGN_UUID_RESP: usize = std::mem::size_of::<vhost_user_dmaheap::abi::AssignUuidResp>();
 pub const SESSION_OPEN_RESP: usize =
     std::mem::size_of::<vhost_user_dmaheap::abi::SessionOpenResp>();
 
