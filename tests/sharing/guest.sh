@@ -27,16 +27,19 @@ else
 fi
 dmaheap-guest-tests --heap "$heap" sharing-roundtrip sharing-lifetime sharing-unknown sharing-small \
 	sharing-killable sharing-remove || rc=1
-# Removal with nothing in flight, then the device still answers after a reload.
+# Hostile local clients on the daemon's export socket (host hook; prints its own lines).
+rg-host export-abuse || rc=1
+# Removal with nothing in flight; after the reload (and the abuse) sharing still works.
 if rmmod dmaheap_sharing; then
 	echo "ok   rmmod-dmaheap_sharing"
 else
 	fail "rmmod-dmaheap_sharing: rmmod failed"
 fi
-if insmod /opt/extra/dmaheap_sharing.ko && dmaheap-guest-tests --heap "$heap" sharing-unknown >/tmp/again 2>&1; then
+if insmod /opt/extra/dmaheap_sharing.ko &&
+	dmaheap-guest-tests --heap "$heap" sharing-roundtrip sharing-unknown >/tmp/again 2>&1; then
 	echo "ok   reload-dmaheap_sharing"
 else
 	cat /tmp/again
-	fail "reload-dmaheap_sharing: sharing-unknown failed after rmmod and insmod"
+	fail "reload-dmaheap_sharing: sharing-roundtrip or sharing-unknown failed after rmmod, insmod and the export socket abuse"
 fi
 exit $rc
