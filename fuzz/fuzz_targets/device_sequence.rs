@@ -670,7 +670,7 @@ fuzz_target!(|ops: Vec<Op>| {
             Op::FailUnmap(n) => mapper.refuse_unmaps = u32::from(n % 4),
             Op::Idle => {
                 // Fired at the deadline the device asked for, as the timer would be.
-                if let Some(deadline) = dev.idle_deadline() {
+                if let Some(deadline) = dev.spare_deadline() {
                     let held = dev.stats().total;
                     dev.release_idle(deadline, &mut mapper);
                     let now = dev.stats().total;
@@ -679,7 +679,7 @@ fuzz_target!(|ops: Vec<Op>| {
                         (held.buffers, held.bytes),
                         "the idle policy released a live buffer"
                     );
-                    assert_eq!(dev.idle_deadline(), None, "one attempt per idle period");
+                    assert_eq!(dev.spare_deadline(), None, "one attempt per idle period");
                 }
             }
             Op::Features {

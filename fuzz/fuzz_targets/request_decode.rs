@@ -7,9 +7,10 @@
 //!
 //! Checked for every response: never longer than the writable part; nothing at all below
 //! a resp_hdr; a defined status; reserved 0; an OK response has its full size; an OK
-//! ALLOC is page-granular, aligned, inside the window and backed by a mapping. After the
-//! run: the device's counters match the buffers it reported, and the fake mapper saw no
-//! request QEMU would refuse.
+//! ALLOC is page-granular, aligned, inside the window and backed by a mapping; an OK
+//! ASSIGN_UUID has its full size and a v4 UUID. After the run: the device's counters match
+//! the buffers it reported (plus retained ones), and the fake mapper saw no request QEMU
+//! would refuse.
 #![no_main]
 
 mod common;
@@ -51,6 +52,7 @@ fuzz_target!(|data: &[u8]| {
                 REQ_HEAP_INFO => HEAP_INFO_RESP,
                 REQ_ALLOC => ALLOC_RESP,
                 REQ_SESSION_OPEN => SESSION_OPEN_RESP,
+                REQ_ASSIGN_UUID => ASSIGN_UUID_RESP,
                 _ => RESP_HDR,
             };
             assert!(
@@ -86,12 +88,26 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(resp.len(), SESSION_OPEN_RESP);
                 assert_ne!(le64(&resp, 8), 0, "session id 0");
             }
+            REQ_ASSIGN_UUID => {
+                assert_eq!(resp.len(), ASSIGN_UUID_RESP);
+                assert!(
+                    resp[14] >> 4 == 4 && resp[16] & 0xc0 == 0x80,
+                    "not a v4 UUID"
+                );
+            }
             other => panic!("OK for request type {other}"),
         }
     }
+    // Live buffers plus retained ones (freed while exported: still charged).
     let s = dev.stats();
     let listed = dev.buffers();
-    assert_eq!(s.total.buffers, listed.len() as u64);
-    assert_eq!(s.total.bytes, listed.iter().map(|b| b.len).sum::<u64>());
+    assert_eq!(
+        s.total.buffers,
+        listed.len() as u64 + s.total.retained_buffers
+    );
+    assert_eq!(
+        s.total.bytes,
+        listed.iter().map(|b| b.len).sum::<u64>() + s.total.retained_bytes
+    );
     assert_eq!(s.total.mappings, mapper.mapped.len() as u64);
 });

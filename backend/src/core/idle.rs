@@ -96,7 +96,7 @@ impl Device {
 
     /// When the spares go (see [`Device::idle_deadline`], which also covers the poll of
     /// retained buffers).
-    fn spare_deadline(&self) -> Option<Instant> {
+    pub fn spare_deadline(&self) -> Option<Instant> {
         let last = self.idle.last_activity?;
         (0..self.heaps.len())
             .any(|h| {

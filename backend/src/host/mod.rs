@@ -9,6 +9,8 @@
 //! substitute fakes ([`crate::testing`]).
 
 pub mod dma_heap;
+#[cfg(test)]
+mod export_tests;
 pub mod ioctl;
 pub mod memfd;
 pub mod udmabuf;
