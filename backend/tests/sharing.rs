@@ -456,3 +456,36 @@ fn sharing_works_under_seccomp() {
         .wait_stats("released", |st| st.total.retained_buffers == 0);
     s.daemon.assert_alive();
 }
+
+/// GET_SHARED_OBJECT and the export socket answer while the vring worker holds the device
+/// waiting for the front end to acknowledge a SHMEM_MAP (QEMU sends GET_SHARED_OBJECT
+/// with its main loop blocked: a handler that took the device lock would deadlock).
+#[test]
+fn lookups_answer_while_the_worker_waits_for_the_front_end() {
+    let mut s = setup(&["--shared-object-table"]);
+    let b = s.fe.alloc_ok(0, MIB);
+    let u = s.fe.assign_uuid(b.id).unwrap();
+    s.fe.stall_maps(true);
+    let head = s.fe.submit(&[
+        Seg::R(alloc_req(0, 0, 32 * MIB)),
+        Seg::W(ALLOC_RESP_SIZE as u32),
+    ]);
+    s.fe.kick();
+    let start = Instant::now();
+    while s.fe.stalled_maps() == 0 {
+        assert!(start.elapsed() < DEADLINE, "the ALLOC never sent SHMEM_MAP");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let t0 = Instant::now();
+    let f =
+        s.fe.get_shared_object(&u)
+            .expect("GET_SHARED_OBJECT while busy");
+    let (g, len) = ExportClient::connect(&s.export).resolve(&u).unwrap();
+    let took = t0.elapsed();
+    eprintln!("two lookups while a SHMEM_MAP is pending: {took:?}");
+    assert!(took < Duration::from_secs(2), "lookups took {took:?}");
+    assert_eq!((size_of(&f), size_of(&g), len), (MIB, MIB, MIB));
+    s.fe.stall_maps(false);
+    parse_alloc(&s.fe.wait(head), "the stalled ALLOC").unwrap();
+    s.fe.assert_no_violations();
+}
