@@ -125,6 +125,8 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     signals.add(Signal::SIGINT);
     signals.thread_block().map_err(DaemonError::Signals)?;
 
+    // Every buffer shared by UUID holds an fd (its export): use the whole fd allowance.
+    crate::core::export::raise_nofile_limit();
     if cfg.fallback_memfd {
         warn!(
             "no --heap given and no /dev/dma_heap/system on this host: exporting a memfd \

@@ -311,6 +311,49 @@ pub struct Retained {
     pub token: Option<Watch>,
 }
 
+/// Raises the soft limit of open files to the hard one (as systemd recommends services
+/// that need many fds do), before the sandbox. Failures only log.
+pub fn raise_nofile_limit() {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `l` is a live rlimit the kernel writes.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) } != 0 || l.rlim_cur >= l.rlim_max {
+        return;
+    }
+    let want = libc::rlimit {
+        rlim_cur: l.rlim_max,
+        rlim_max: l.rlim_max,
+    };
+    // SAFETY: `want` is a live rlimit the kernel reads.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } != 0 {
+        log::warn!(
+            "cannot raise the open-file limit to {}: {}",
+            l.rlim_max,
+            io::Error::last_os_error()
+        );
+    }
+}
+
+/// Most live exports: each holds an fd, so half of the open-file limit (less a reserve
+/// for sockets, arenas and the vhost-user machinery), at least 16. A guest that asks for
+/// more is answered `VIRTIO_DMAHEAP_S_NOMEM` instead of starving the daemon of fds.
+pub fn export_cap() -> usize {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `l` is a live rlimit the kernel writes.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) } != 0 {
+        return 16;
+    }
+    let soft = usize::try_from(l.rlim_cur).unwrap_or(usize::MAX);
+    (soft.saturating_sub(1024) / 2)
+        .max(soft.min(1024) / 4)
+        .max(16)
+}
+
 /// How often retained, watched buffers are checked for release.
 pub const RETAINED_POLL: Duration = Duration::from_millis(200);
 
@@ -329,6 +372,11 @@ impl Device {
     /// (`--shared-object-table`; default: no, QEMU 11.1.3's is broken, spec A.5).
     pub fn set_shared_object_table(&mut self, on: bool) {
         self.share_table = on;
+    }
+
+    /// Changes the most live exports (default [`export_cap`]).
+    pub fn set_export_cap(&mut self, cap: usize) {
+        self.export_cap = cap;
     }
 
     /// Whether UUIDs are registered with the front end's shared-object table.
@@ -360,6 +408,13 @@ impl Device {
         let rec = self.pool.buffer(id).ok_or(RequestError::NoBuffer)?;
         if let Some(e) = self.exported.get(&id) {
             return Ok(e.uuid);
+        }
+        if self.exported.len() >= self.export_cap {
+            self.ratelimit.warn(format_args!(
+                "buffer {id}: {} buffers shared already (each holds an fd): refused",
+                self.exported.len()
+            ));
+            return Err(RequestError::NoMem);
         }
         let m = self.pool.mapping(rec.mapping).ok_or(RequestError::IoErr)?;
         let export = match m.buf.export(rec.off, rec.len) {

@@ -149,6 +149,8 @@ pub struct Device {
     retained_next: Option<std::time::Instant>,
     /// Register UUIDs with the front end's shared-object table.
     share_table: bool,
+    /// Most live exports (each holds an fd).
+    export_cap: usize,
     /// The front end has no shared-object table (learnt at the first ASSIGN_UUID).
     share_unsupported: bool,
 }
@@ -191,6 +193,7 @@ impl Device {
             },
             retained_next: None,
             share_table: false,
+            export_cap: export::export_cap(),
             share_unsupported: false,
         }
     }

@@ -423,3 +423,25 @@ fn retained_own_mapping_stuck_in_the_window_is_not_reused() {
     drop(held);
     assert_eq!(d.release_closed_exports(), 1);
 }
+
+/// Live exports are bounded (each holds an fd): past the cap ASSIGN_UUID answers NOMEM,
+/// and a freed export makes room again.
+#[test]
+fn live_exports_are_capped() {
+    let (mut d, f, mut m) = dev();
+    f.fake_dmabuf_exports.store(true, Ordering::SeqCst);
+    d.set_export_cap(3);
+    let ids: Vec<u64> = (0..4).map(|_| ok_alloc(&mut d, &mut m, 4096).0).collect();
+    for &id in &ids[..3] {
+        ok_uuid(&mut d, &mut m, id);
+    }
+    assert_eq!(
+        assign_uuid(&mut d, &mut m, ids[3]).0,
+        VIRTIO_DMAHEAP_S_NOMEM
+    );
+    // Asking again for an exported buffer still works at the cap.
+    ok_uuid(&mut d, &mut m, ids[0]);
+    assert_eq!(free(&mut d, &mut m, ids[0]), VIRTIO_DMAHEAP_S_OK);
+    ok_uuid(&mut d, &mut m, ids[3]);
+    assert!(crate::core::export::export_cap() >= 16);
+}
