@@ -27,8 +27,9 @@
 //!   to exactly one live buffer (the same one every time) and resolves while it lives;
 //!   a freed one never resolves again, to anything; the front end's table holds exactly
 //!   the registered UUIDs of live buffers; a freed exported buffer is retained (charged)
-//!   while an importer holds its file and released once nobody does; no live buffer ever
-//!   overlaps the window range a retained buffer keeps.
+//!   while an importer holds its file (across session ends too, until a disconnect) and
+//!   released once nobody does; no live buffer ever overlaps the window range a retained
+//!   buffer keeps.
 #![no_main]
 
 mod common;
@@ -254,7 +255,7 @@ impl Model {
             self.withdrawn.insert(*u);
         }
         self.uuids.clear();
-        self.retained.clear();
+        // Retained buffers outlive the session (a disconnect ends them).
     }
 
     /// A live buffer was freed.
@@ -504,6 +505,7 @@ fuzz_target!(|ops: Vec<Op>| {
                 // with them.
                 mapper.mapped.clear();
                 mapper.shared.clear();
+                m.retained.clear();
                 mapper.stopped = false;
                 m.end_session();
                 m.dirty.clear();

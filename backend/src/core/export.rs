@@ -699,8 +699,21 @@ impl Device {
         }
     }
 
-    /// Forgets every export and retained buffer (the session or the connection ended; the
-    /// kernel keeps the pages for whoever still holds an fd).
+    /// The session ended (its buffers and arenas are gone, the quotas cleared): forgets the
+    /// exports of live buffers (withdrawn already) and keeps the retained buffers, charged
+    /// again, watched as before. Their memory left the pool with its arenas: the kernel
+    /// keeps it for the importers, and nothing of it is handed out again.
+    pub(super) fn end_exports(&mut self) {
+        self.exported.clear();
+        self.exports.clear();
+        for r in self.retained.values_mut() {
+            r.range = None;
+            self.quota.force_charge(r.heap, r.charged);
+        }
+    }
+
+    /// Forgets every export and retained buffer (the connection ended; the kernel keeps the
+    /// pages for whoever still holds an fd).
     pub(super) fn drop_exports(&mut self) {
         self.exported.clear();
         for r in std::mem::take(&mut self.retained).into_values() {

@@ -64,6 +64,14 @@ impl Quota {
         Ok(())
     }
 
+    /// Charges without checking the limits (what was charged before a reset, carried over).
+    pub fn force_charge(&mut self, heap: usize, len: u64) {
+        if let Some(used) = self.per_heap.get_mut(heap) {
+            used.bytes = used.bytes.saturating_add(len);
+            used.buffers = used.buffers.saturating_add(1);
+        }
+    }
+
     /// Gives back what [`Quota::charge`] charged.
     pub fn uncharge(&mut self, heap: usize, len: u64) {
         if let Some(used) = self.per_heap.get_mut(heap) {

@@ -254,17 +254,20 @@ impl Device {
                 self.pool.mapping_count()
             );
         }
+        // The connection's accounting ends: retained buffers too.
+        self.drop_exports();
         self.drop_records();
         self.session = SessionState::Open(0);
         self.share_unsupported = false;
     }
 
-    /// Forgets every buffer, mapping and reservation (already out of the window).
+    /// Forgets every buffer, mapping, reservation and export (already out of the window
+    /// and withdrawn). Retained buffers stay, still charged, until their importers let go.
     fn drop_records(&mut self) {
         self.pool.clear();
         self.quota.clear();
         self.idle.clear();
-        self.drop_exports();
+        self.end_exports();
     }
 
     /// Releases the arenas that hold no buffer and the spare large mappings (already out
