@@ -6,7 +6,8 @@
 //!   hung test still holds, and its stderr printed when a test fails.
 //! - [`frontend`]: an in-process vhost-user front end that does what QEMU 11.1 does for
 //!   this device: protocol features CONFIG, BACKEND_REQ, REPLY_ACK, SHMEM,
-//!   CONFIGURE_MEM_SLOTS; GET_SHMEM_CONFIG and GET_CONFIG at realize; SET_FEATURES,
+//!   CONFIGURE_MEM_SLOTS, and SHARED_OBJECT when offered (its table of UUIDs fed by
+//!   SHARED_OBJECT_ADD/REMOVE, GET_SHARED_OBJECT sent as the vhost-user spec says); GET_SHMEM_CONFIG and GET_CONFIG at realize; SET_FEATURES,
 //!   SET_MEM_TABLE and the ring at DRIVER_OK; a split virtqueue built by hand in memfd
 //!   guest memory; the buffer window where SHMEM_MAP / SHMEM_UNMAP are really mmapped,
 //!   each mapping also pushed to the daemon's memory table with ADD_MEM_REG / REM_MEM_REG
