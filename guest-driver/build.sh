@@ -16,7 +16,7 @@
 #                                         kernel, e.g. one of tests/kernel/build)
 #
 # Idempotent: sources are copied (mtimes kept) into a build directory inside
-# the tree, so make rebuilds only what changed. /proc is mounted for objtool in
+# the tree (one per checkout), so make rebuilds only what changed. /proc is mounted for objtool in
 # a private mount namespace, so nothing is left mounted and other users of the
 # tree are not disturbed. Prints the path of the module on success.
 set -eu
@@ -29,7 +29,9 @@ sub=${src##*/}
 root=${VIRTIO_DMAHEAP_ROOT:-/var/cache/virtio-dmaheap/trixie}
 kver=${VIRTIO_DMAHEAP_KVER:-7.3.4+deb13-amd64}
 out=${VIRTIO_DMAHEAP_KO_DIR:-$repo/build/guest-driver}
-bdir=/var/tmp/virtio-dmaheap-build	# inside the tree
+# Inside the tree, one per checkout: make rebuilds by mtime, and copies (mtimes kept) of
+# two checkouts' sources in one directory would link objects of both.
+bdir=/var/tmp/virtio-dmaheap-build-$(printf %s "$repo" | cksum | cut -d' ' -f1)
 if [ "$kver" != 7.3.4+deb13-amd64 ]; then
 	# Other kernels build and deliver apart: a module of one must never be taken for
 	# a module of the other.
