@@ -22,6 +22,7 @@ mod params;
 mod pool;
 mod quota;
 mod ratelimit;
+mod release_watch;
 mod session;
 #[cfg(test)]
 mod tests;
