@@ -174,9 +174,13 @@ impl Device {
         self.exports.clone()
     }
 
-    /// Whether the device offers `VIRTIO_DMAHEAP_F_UUID` (default: yes).
+    /// Whether the device offers `VIRTIO_DMAHEAP_F_UUID` (default: yes). Without it nothing
+    /// is ever shared: no release watch, so the sandbox needs no `openat` exception.
     pub fn set_uuid_offered(&mut self, offered: bool) {
         self.uuid_offered = offered;
+        if !offered {
+            self.watch = None;
+        }
     }
 
     /// Whether UUIDs are registered with the front end's shared-object table
