@@ -87,6 +87,11 @@ pub struct HeapStats {
     pub mappings: Option<u64>,
     /// Host memory held for the heap (arenas and own mappings), if the daemon says.
     pub host_bytes: Option<u64>,
+    /// Buffers with a UUID, and buffers freed by the guest but held for importers (and
+    /// their bytes, counted in `bytes` too), if the daemon says.
+    pub exported: Option<u64>,
+    pub retained_buffers: Option<u64>,
+    pub retained_bytes: Option<u64>,
 }
 
 /// The daemon's stats for every heap (by the daemon's heap name).
@@ -107,6 +112,9 @@ pub fn daemon_stats() -> Result<BTreeMap<String, HeapStats>, String> {
                     buffers,
                     mappings: h.get("mappings").and_then(json::Value::as_u64),
                     host_bytes: h.get("host_bytes").and_then(json::Value::as_u64),
+                    exported: h.get("exported").and_then(json::Value::as_u64),
+                    retained_buffers: h.get("retained_buffers").and_then(json::Value::as_u64),
+                    retained_bytes: h.get("retained_bytes").and_then(json::Value::as_u64),
                 },
             );
         }

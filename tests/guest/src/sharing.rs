@@ -297,24 +297,14 @@ struct Counts {
 }
 
 fn counts(ctx: &Ctx) -> Result<Counts, String> {
-    let text = host::call(&["stats"])?;
-    let v = crate::json::parse(text.trim()).map_err(|e| format!("stats: {e} in {text:?}"))?;
-    let name = ctx.daemon_name(&ctx.heap);
-    let h = v
-        .get("heaps")
-        .and_then(|hs| hs.get(&name))
-        .ok_or_else(|| format!("stats: no heap {name} in {text:?}"))?;
-    let get = |k: &str| {
-        h.get(k)
-            .and_then(crate::json::Value::as_u64)
-            .ok_or_else(|| format!("stats: heap {name} has no {k} in {text:?}"))
-    };
+    let st = env::daemon_heap_stats(&ctx.daemon_name(&ctx.heap))?;
+    let need = |v: Option<u64>, k: &str| v.ok_or_else(|| format!("stats: no {k} in {st:?}"));
     Ok(Counts {
-        bytes: get("bytes")?,
-        buffers: get("buffers")?,
-        exported: get("exported")?,
-        retained: get("retained_buffers")?,
-        retained_bytes: get("retained_bytes")?,
+        bytes: st.bytes,
+        buffers: st.buffers,
+        exported: need(st.exported, "exported")?,
+        retained: need(st.retained_buffers, "retained_buffers")?,
+        retained_bytes: need(st.retained_bytes, "retained_bytes")?,
     })
 }
 

@@ -149,19 +149,11 @@ fn still_works(buf: &Buf, what: &str) -> Result<(), String> {
 
 /// The daemon's `exported` and `retained_buffers` counts of the heap under test (stats).
 fn daemon_exports(ctx: &Ctx) -> Result<(u64, u64), String> {
-    let text = host::call(&["stats"])?;
-    let v = crate::json::parse(text.trim()).map_err(|e| format!("stats: {e} in {text:?}"))?;
-    let name = ctx.daemon_name(&ctx.heap);
-    let h = v
-        .get("heaps")
-        .and_then(|hs| hs.get(&name))
-        .ok_or_else(|| format!("stats: no heap {name} in {text:?}"))?;
-    let get = |k: &str| {
-        h.get(k)
-            .and_then(crate::json::Value::as_u64)
-            .ok_or_else(|| format!("stats: heap {name} has no {k} in {text:?}"))
-    };
-    Ok((get("exported")?, get("retained_buffers")?))
+    let st = env::daemon_heap_stats(&ctx.daemon_name(&ctx.heap))?;
+    match (st.exported, st.retained_buffers) {
+        (Some(e), Some(r)) => Ok((e, r)),
+        _ => Err(format!("stats: no exported/retained_buffers in {st:?}")),
+    }
 }
 
 /// Case `uuid`: the daemon offers VIRTIO_DMAHEAP_F_UUID, memfd heaps, no /dev/udmabuf on
