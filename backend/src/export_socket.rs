@@ -88,25 +88,14 @@ pub fn encode_reply(status: u32, len: u64) -> [u8; REPLY_LEN] {
 }
 
 /// Creates the listening socket at `path` (an existing file is replaced), mode 0600 from
-/// the start: no window in which another user could connect. Like the control socket, it
-/// sets the process-wide umask around `bind`: call it during start-up, before other
-/// threads create files.
+/// the start, as the control socket ([`crate::control::bind_owner_only`]): call it during
+/// start-up, before other threads create files.
 pub fn bind(path: &Path) -> Result<UnixListener, ExportSocketError> {
-    let bind_err = |source| ExportSocketError::Bind {
-        path: path.to_path_buf(),
-        source,
-    };
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(bind_err(e)),
-    }
-    // SAFETY: umask() only changes this process's file creation mask; it cannot fail.
-    let old = unsafe { libc::umask(0o177) };
-    let bound = UnixListener::bind(path);
-    // SAFETY: as above, restoring the previous mask.
-    unsafe { libc::umask(old) };
-    let listener = bound.map_err(bind_err)?;
+    let listener =
+        crate::control::bind_owner_only(path).map_err(|source| ExportSocketError::Bind {
+            path: path.to_path_buf(),
+            source,
+        })?;
     info!("export socket on {}", path.display());
     Ok(listener)
 }

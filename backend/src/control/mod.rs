@@ -82,30 +82,33 @@ pub enum ControlError {
     Stdout(#[source] io::Error),
 }
 
+/// Listens on `path` (an existing file is replaced), mode 0600 from the start: no window
+/// in which another user could connect. The umask is process-wide: call it during
+/// start-up, before other threads create files. (The control and export sockets.)
+pub(crate) fn bind_owner_only(path: &Path) -> io::Result<UnixListener> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    // SAFETY: umask() only changes this process's file creation mask; it cannot fail.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    bound
+}
+
 /// Starts the control server thread on `path` (an existing file is replaced).
 pub fn spawn(
     path: &Path,
     handle: Arc<DeviceHandle>,
     debug: bool,
 ) -> Result<JoinHandle<()>, ControlError> {
-    let bind_err = |source| ControlError::Bind {
+    let listener = bind_owner_only(path).map_err(|source| ControlError::Bind {
         path: path.to_path_buf(),
         source,
-    };
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(bind_err(e)),
-    }
-    // Created 0600 from the start: no window in which another user could connect. (The
-    // umask is process-wide; this runs during start-up, before any other thread creates
-    // files.)
-    // SAFETY: umask() only changes this process's file creation mask; it cannot fail.
-    let old = unsafe { libc::umask(0o177) };
-    let bound = UnixListener::bind(path);
-    // SAFETY: as above, restoring the previous mask.
-    unsafe { libc::umask(old) };
-    let listener = bound.map_err(bind_err)?;
+    })?;
     info!("control socket on {}", path.display());
     thread::Builder::new()
         .name("control".into())
