@@ -446,17 +446,24 @@ static void vdh_buf_release(struct dma_buf *dmabuf)
 		vdh_buf_destroy(buf);
 }
 
+/*
+ * What every table below shares; they differ in attach (virtio_dma_buf's
+ * wraps ours) and in vmap (none once revoked).
+ */
+#define VDH_BUF_OPS_COMMON					\
+	.detach = vdh_buf_detach,				\
+	.map_dma_buf = vdh_buf_map,				\
+	.unmap_dma_buf = vdh_buf_unmap,				\
+	.begin_cpu_access = vdh_buf_begin_cpu_access,		\
+	.end_cpu_access = vdh_buf_end_cpu_access,		\
+	.mmap = vdh_buf_mmap,					\
+	.vunmap = vdh_buf_vunmap,				\
+	.release = vdh_buf_release
+
 static const struct dma_buf_ops vdh_buf_ops = {
+	VDH_BUF_OPS_COMMON,
 	.attach = vdh_buf_attach,
-	.detach = vdh_buf_detach,
-	.map_dma_buf = vdh_buf_map,
-	.unmap_dma_buf = vdh_buf_unmap,
-	.begin_cpu_access = vdh_buf_begin_cpu_access,
-	.end_cpu_access = vdh_buf_end_cpu_access,
-	.mmap = vdh_buf_mmap,
 	.vmap = vdh_buf_vmap,
-	.vunmap = vdh_buf_vunmap,
-	.release = vdh_buf_release,
 };
 
 /*
@@ -466,31 +473,17 @@ static const struct dma_buf_ops vdh_buf_ops = {
  * (A vmap taken before the revocation stays, refcounted by the core.)
  */
 static const struct dma_buf_ops vdh_buf_revoked_ops = {
+	VDH_BUF_OPS_COMMON,
 	.attach = vdh_buf_attach,
-	.detach = vdh_buf_detach,
-	.map_dma_buf = vdh_buf_map,
-	.unmap_dma_buf = vdh_buf_unmap,
-	.begin_cpu_access = vdh_buf_begin_cpu_access,
-	.end_cpu_access = vdh_buf_end_cpu_access,
-	.mmap = vdh_buf_mmap,
-	.vunmap = vdh_buf_vunmap,
-	.release = vdh_buf_release,
 };
 
 #if VDH_UUID
 /* The same two, as virtio_dma_bufs (VIRTIO_DMAHEAP_F_UUID). */
 static const struct virtio_dma_buf_ops vdh_vbuf_ops = {
 	.ops = {
+		VDH_BUF_OPS_COMMON,
 		.attach = virtio_dma_buf_attach,
-		.detach = vdh_buf_detach,
-		.map_dma_buf = vdh_buf_map,
-		.unmap_dma_buf = vdh_buf_unmap,
-		.begin_cpu_access = vdh_buf_begin_cpu_access,
-		.end_cpu_access = vdh_buf_end_cpu_access,
-		.mmap = vdh_buf_mmap,
 		.vmap = vdh_buf_vmap,
-		.vunmap = vdh_buf_vunmap,
-		.release = vdh_buf_release,
 	},
 	.device_attach = vdh_buf_attach,
 	.get_uuid = vdh_buf_get_uuid,
@@ -499,15 +492,8 @@ static const struct virtio_dma_buf_ops vdh_vbuf_ops = {
 /* Still a virtio_dma_buf: virtio_dma_buf_get_uuid() reads the ops twice. */
 static const struct virtio_dma_buf_ops vdh_vbuf_revoked_ops = {
 	.ops = {
+		VDH_BUF_OPS_COMMON,
 		.attach = virtio_dma_buf_attach,
-		.detach = vdh_buf_detach,
-		.map_dma_buf = vdh_buf_map,
-		.unmap_dma_buf = vdh_buf_unmap,
-		.begin_cpu_access = vdh_buf_begin_cpu_access,
-		.end_cpu_access = vdh_buf_end_cpu_access,
-		.mmap = vdh_buf_mmap,
-		.vunmap = vdh_buf_vunmap,
-		.release = vdh_buf_release,
 	},
 	.device_attach = vdh_buf_attach,
 	.get_uuid = vdh_buf_get_uuid,
