@@ -352,7 +352,8 @@ pub fn uuid_revoked(ctx: &Ctx) -> Result<(), String> {
         "the driver to revoke the old session's buffers",
         Duration::from_secs(30),
         || {
-            let _ = heap.alloc(PAGE);
+            // Not a small size: the driver's pool could answer that without asking the device.
+            let _ = heap.alloc(OWN);
             Ok(never.mmap().is_err())
         },
     )?;
