@@ -517,7 +517,10 @@ pub(crate) fn dmesg_says_no_host_sync(heap: &str) -> Result<bool, String> {
 
 /// Forks a child that runs `f` (a request the device will not answer); kills it after a
 /// moment and returns how long it took to go.
-fn killed_while_waiting(what: &str, f: impl FnOnce() -> i32) -> Result<Duration, String> {
+pub(crate) fn killed_while_waiting(
+    what: &str,
+    f: impl FnOnce() -> i32,
+) -> Result<Duration, String> {
     // SAFETY: the child only makes system calls and exits.
     let pid = unsafe { libc::fork() };
     if pid < 0 {

@@ -532,40 +532,6 @@ pub fn small(ctx: &Ctx) -> Result<(), String> {
     })
 }
 
-/// Runs `f` in a child that must still be waiting after 500 ms; SIGKILLs it and returns
-/// how long it took to end.
-fn killed_while_waiting(what: &str, f: impl FnOnce() -> i32) -> Result<Duration, String> {
-    // SAFETY: the child only makes system calls and exits.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(format!("fork: {}", errname(sys::errno())));
-    }
-    if pid == 0 {
-        let rc = f();
-        // SAFETY: leaving the child at once.
-        unsafe { libc::_exit(rc) };
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    let mut status = 0;
-    // SAFETY: polling our own child.
-    if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } != 0 {
-        return Err(format!("{what}: finished although the importer is stopped"));
-    }
-    let t0 = std::time::Instant::now();
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
-    loop {
-        // SAFETY: as above.
-        if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
-            return Ok(t0.elapsed());
-        }
-        if t0.elapsed() > Duration::from_secs(10) {
-            return Err(format!("{what}: still waiting 10 s after SIGKILL"));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// sharing-killable.
 pub fn killable(ctx: &Ctx) -> Result<(), String> {
     let s = Sharing::open()?;
@@ -575,7 +541,7 @@ pub fn killable(ctx: &Ctx) -> Result<(), String> {
     // The UUID is assigned now, so that the request below waits for the importer only.
     must_ok("CHECK before the stop", s.op(OP_CHECK, Some(&buf), a, 0))?;
     host::call(&["stop-importer"])?;
-    let res = killed_while_waiting("CHECK", || {
+    let res = crate::lifecycle::killed_while_waiting("CHECK", || {
         i32::from(s.op(OP_CHECK, Some(&buf), a, b).is_err())
     });
     host::call(&["cont-importer"])?;
