@@ -3,8 +3,9 @@
  * virtio-dmaheap guest driver: shared definitions of its parts,
  * vdh_queue.c (requests), vdh_virtio.c (device life cycle, sessions, buffer
  * window), vdh_heap.c (dma-heaps and their sysfs directories),
- * vdh_buffer.c (allocation and dma-buf ops), vdh_pool.c (freed buffers kept
- * for reuse) and vdh_uuid.c (buffers as virtio_dma_bufs, with a UUID).
+ * vdh_buffer.c (allocation and dma-buf ops), vdh_mmap.c (user mappings),
+ * vdh_pool.c (freed buffers kept for reuse) and vdh_uuid.c (buffers as
+ * virtio_dma_bufs, with a UUID).
  */
 #ifndef VDH_H
 #define VDH_H
@@ -13,6 +14,7 @@
 #include <linux/kref.h>
 #include <linux/list.h>
 #include <linux/memremap.h>
+#include <linux/mm.h>
 #include <linux/mutex.h>
 #include <linux/rwsem.h>
 #include <linux/spinlock.h>
@@ -43,6 +45,25 @@ struct vdh_req;
  * against a kernel without it, the driver does not offer the feature.
  */
 #define VDH_UUID	IS_ENABLED(CONFIG_VIRTIO_DMA_SHARED_BUFFER)
+
+/*
+ * On x86, memremap_pages() registered the whole window as write-back with
+ * PAT, and remap_pfn_range() refuses a conflicting memory type. The window is
+ * host RAM, cache-coherent with the guest, so write-back is right there.
+ */
+static inline pgprot_t vdh_pgprot(u32 cache, pgprot_t prot)
+{
+	if (IS_ENABLED(CONFIG_X86))
+		return prot;
+	switch (cache) {
+	case VIRTIO_DMAHEAP_CACHE_UNCACHED:
+		return pgprot_noncached(prot);
+	case VIRTIO_DMAHEAP_CACHE_WC:
+		return pgprot_writecombine(prot);
+	default:
+		return prot;
+	}
+}
 
 /* More heaps than dma-heap minors make no sense. */
 #define VDH_MAX_HEAPS		64
@@ -99,7 +120,7 @@ struct vdh_buffer {
 	struct vdh_dev *vd;
 	struct dma_buf *dmabuf;
 	struct list_head node;		/* in vd->buffers, or in vd->pool */
-	struct mutex lock;		/* protects attachments, vmap, dma_mapped, revoked */
+	struct mutex lock;		/* protects attachments, vmap, dma_mapped, revoked, mmaps */
 	struct list_head attachments;
 	struct vdh_req *free_req;	/* the FREE, allocated with the buffer */
 	u64 id;
@@ -114,6 +135,8 @@ struct vdh_buffer {
 	void *vaddr;
 	int dma_mapped;			/* attachments with a DMA mapping */
 	bool revoked;
+	bool unsettled;			/* revoked, but a user mapping may be left */
+	struct list_head mmaps;		/* of vdh_mmap_mm: mms that mapped it */
 	struct list_head qnode;		/* in the window's quarantine */
 	bool quarantined;		/* protected by the window's lock */
 	bool reserved;			/* idem: the window owner's session reserved it */
@@ -206,6 +229,11 @@ void vdh_buf_destroy(struct vdh_buffer *buf);
 void vdh_buffers_revoke(struct vdh_dev *vd);
 int vdh_window_reserve(struct vdh_window *win, struct vdh_dev *vd);
 void vdh_window_disown(struct vdh_window *win, struct vdh_dev *vd);
+
+/* vdh_mmap.c */
+int vdh_buf_mmap(struct dma_buf *dmabuf, struct vm_area_struct *vma);
+bool vdh_mmaps_settle(struct list_head *mmaps);
+void vdh_mmaps_drop(struct list_head *mmaps);
 
 /* vdh_uuid.c */
 #if VDH_UUID

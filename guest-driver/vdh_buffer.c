@@ -6,9 +6,9 @@
  * and CMA heaps build theirs from their pages.
  *
  * Revocation: when the buffer's session ends (device removed, session lost or
- * not resumed) the buffer is revoked: user mappings are zapped and, since they
- * are filled by a fault handler that checks the revoked flag, can never come
- * back; new mmaps, attachments, DMA mappings and vmaps are refused. Kernel
+ * not resumed) the buffer is revoked: user mappings are zapped and can never
+ * come back (vdh_mmap.c); new mmaps, attachments, DMA mappings and vmaps are
+ * refused. Kernel
  * users that mapped the buffer before (a vmap, a DMA mapping) cannot be
  * forced out: such a buffer is quarantined in its window, and every later
  * session reserves its range until the last of those users lets go.
@@ -41,8 +41,6 @@
 
 /* Largest scatterlist segment; sg->length is 32 bits. */
 #define VDH_SEG_MAX		SZ_1G
-/* Pages a fault maps at once (TTM does 16): fewer faults on a first touch. */
-#define VDH_FAULT_AROUND	512
 
 struct vdh_attachment {
 	struct device *dev;
@@ -50,25 +48,6 @@ struct vdh_attachment {
 	struct list_head list;
 	bool mapped;
 };
-
-/*
- * On x86, memremap_pages() registered the whole window as write-back with
- * PAT, and remap_pfn_range() refuses a conflicting memory type. The window is
- * host RAM, cache-coherent with the guest, so write-back is right there.
- */
-static pgprot_t vdh_pgprot(u32 cache, pgprot_t prot)
-{
-	if (IS_ENABLED(CONFIG_X86))
-		return prot;
-	switch (cache) {
-	case VIRTIO_DMAHEAP_CACHE_UNCACHED:
-		return pgprot_noncached(prot);
-	case VIRTIO_DMAHEAP_CACHE_WC:
-		return pgprot_writecombine(prot);
-	default:
-		return prot;
-	}
-}
 
 static int vdh_buf_sgt(const struct vdh_buffer *buf, struct sg_table *table)
 {
@@ -136,7 +115,7 @@ static void vdh_buf_detach(struct dma_buf *dmabuf,
 static bool vdh_buf_reachable(struct vdh_buffer *buf)
 {
 	lockdep_assert_held(&buf->lock);
-	return buf->vmap_cnt || buf->dma_mapped;
+	return buf->vmap_cnt || buf->dma_mapped || buf->unsettled;
 }
 
 /*
@@ -284,69 +263,6 @@ static int vdh_buf_end_cpu_access(struct dma_buf *dmabuf,
 	return vdh_buf_sync_host(buf, dir, VIRTIO_DMAHEAP_SYNC_END);
 }
 
-/*
- * Fill user mappings on fault, under the buffer lock, so that once the buffer
- * is revoked (and its mappings zapped) no page of it can be mapped again, not
- * even by an mmap that raced with the revocation. Maps up to
- * VDH_FAULT_AROUND pages around the fault.
- */
-static vm_fault_t vdh_vm_fault(struct vm_fault *vmf)
-{
-	struct vm_area_struct *vma = vmf->vma;
-	struct vdh_buffer *buf = vma->vm_private_data;
-	unsigned long first, last, addr;
-	vm_fault_t ret = VM_FAULT_SIGBUS;
-	pgoff_t pgoff;
-
-	if (vmf->pgoff >= buf->pagecount)
-		return VM_FAULT_SIGBUS;
-	first = max(vma->vm_start,
-		    ALIGN_DOWN(vmf->address, VDH_FAULT_AROUND * PAGE_SIZE));
-	last = min(vma->vm_end, first + VDH_FAULT_AROUND * PAGE_SIZE);
-
-	mutex_lock(&buf->lock);
-	if (buf->revoked)
-		goto unlock;
-	ret = vmf_insert_mixed(vma, vmf->address, buf->pfn + vmf->pgoff);
-	if (ret & VM_FAULT_ERROR)
-		goto unlock;
-	/* Best effort around it; a page that fails is faulted in later. */
-	for (addr = first; addr < last; addr += PAGE_SIZE) {
-		pgoff = vma->vm_pgoff + ((addr - vma->vm_start) >> PAGE_SHIFT);
-		if (addr == vmf->address || pgoff >= buf->pagecount)
-			continue;
-		if (vmf_insert_mixed(vma, addr, buf->pfn + pgoff) & VM_FAULT_ERROR)
-			break;
-	}
-unlock:
-	mutex_unlock(&buf->lock);
-	return ret;
-}
-
-static const struct vm_operations_struct vdh_vm_ops = {
-	.fault = vdh_vm_fault,
-};
-
-/* Shared or private, like the system heap (a private mapping copies on write). */
-static int vdh_buf_mmap(struct dma_buf *dmabuf, struct vm_area_struct *vma)
-{
-	struct vdh_buffer *buf = dmabuf->priv;
-	unsigned long npages = vma_pages(vma);
-
-	if (vma->vm_pgoff >= buf->pagecount ||
-	    npages > buf->pagecount - vma->vm_pgoff)
-		return -EINVAL;
-	/* The fault handler decides; this only spares a doomed mapping. */
-	if (READ_ONCE(buf->revoked))
-		return -ENODEV;
-
-	vm_flags_set(vma, VM_IO | VM_MIXEDMAP | VM_DONTEXPAND | VM_DONTDUMP);
-	vma->vm_page_prot = vdh_pgprot(buf->cache, vma->vm_page_prot);
-	vma->vm_ops = &vdh_vm_ops;
-	vma->vm_private_data = buf;
-	return 0;
-}
-
 static void *vdh_buf_do_vmap(struct vdh_buffer *buf)
 {
 	struct page **pages;
@@ -434,6 +350,7 @@ static void vdh_buf_release(struct dma_buf *dmabuf)
 		buf->revoked = true;	/* never reuse what a kernel user may write */
 	}
 	vdh_buf_unquarantine(buf);
+	vdh_mmaps_drop(&buf->mmaps);
 	atomic64_sub(buf->len, &buf->vh->bytes_used);
 	atomic_dec(&buf->vh->buffers_used);
 
@@ -515,6 +432,7 @@ static const struct dma_buf_ops *vdh_buf_revoked_ops_of(struct vdh_buffer *buf)
  */
 static void vdh_buf_revoke(struct vdh_buffer *buf)
 {
+	LIST_HEAD(mmaps);
 	struct file *file;
 
 	/*
@@ -525,11 +443,20 @@ static void vdh_buf_revoke(struct vdh_buffer *buf)
 	dma_resv_lock(buf->dmabuf->resv, NULL);
 	mutex_lock(&buf->lock);
 	buf->revoked = true;
+	list_splice_init(&buf->mmaps, &mmaps);
 	if (vdh_buf_reachable(buf))
 		vdh_buf_quarantine(buf);
 	mutex_unlock(&buf->lock);
 	WRITE_ONCE(buf->dmabuf->ops, vdh_buf_revoked_ops_of(buf));
 	dma_resv_unlock(buf->dmabuf->resv);
+
+	/* Killed before every mapping was linked: one may escape the zap. */
+	if (!vdh_mmaps_settle(&mmaps)) {
+		mutex_lock(&buf->lock);
+		buf->unsettled = true;
+		vdh_buf_quarantine(buf);
+		mutex_unlock(&buf->lock);
+	}
 
 	/* The file may be on its way out: release() then waits for us. */
 	file = get_file_active(&buf->dmabuf->file);
@@ -671,6 +598,7 @@ static struct vdh_buffer *vdh_buf_new(struct vdh_dev *vd, struct vdh_heap *vh,
 	}
 	INIT_LIST_HEAD(&buf->attachments);
 	INIT_LIST_HEAD(&buf->qnode);
+	INIT_LIST_HEAD(&buf->mmaps);
 	mutex_init(&buf->lock);
 	mutex_init(&buf->uuid_lock);
 	buf->vh = vh;

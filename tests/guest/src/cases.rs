@@ -40,6 +40,7 @@ pub type CaseFn = fn(&Ctx) -> Result<(), String>;
 pub const CASES: &[(&str, &str, CaseFn)] = &[
     ("abi-sizes", "4 KiB..64 MiB: size, zeroed, mmap read/write, second mmap sees the same bytes", abi_sizes),
     ("abi-errors", "bad fd_flags/heap_flags/len/fd, out-of-range mmap, bad SYNC/SET_NAME: errno as the kernel's heap", abi_errors),
+    ("mmap-filled", "mmap maps every page at once, as the system heap does (no fault on a first touch); after MADV_DONTNEED a touch maps the bytes again", mmap_filled),
     ("sync-name", "DMA_BUF_IOCTL_SYNC start/end and DMA_BUF_SET_NAME (fdinfo)", sync_name),
     ("android", "libdmabufheap pattern: O_RDONLY heap, O_RDWR|O_CLOEXEC buffer, name, SYNC around CPU access", android),
     ("zero-copy", "guest writes seen by the host and host writes seen by the guest (checked on the host)", zero_copy),
@@ -160,6 +161,12 @@ pub const EXPLICIT_CASES: &[(&str, &str, CaseFn)] = &[
          mapping: everything released on the host, user mappings revoked, VM alive, new \
          buffers zeroed and never where the kernel user still writes",
         crate::lifecycle::rebind,
+    ),
+    (
+        "mmap-revoke",
+        "driver unbind while threads map buffers without pause, 16 times: no mapping made \
+         before the revocation keeps a page mapped, mmap then fails with ENODEV",
+        crate::lifecycle::mmap_revoke,
     ),
     (
         "killable",
@@ -490,6 +497,65 @@ fn abi_errors(ctx: &Ctx) -> Result<(), String> {
         }
     }
     check(bad.is_empty(), || bad.join("; "))
+}
+
+fn minor_faults() -> i64 {
+    // SAFETY: getrusage fills the zeroed struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid out-pointer to a live rusage.
+    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
+    ru.ru_minflt
+}
+
+fn mmap_filled(ctx: &Ctx) -> Result<(), String> {
+    let heap = Heap::open(&ctx.heap).map_err(|e| format!("open {}: {e}", ctx.heap))?;
+    for &len in &[4 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20] {
+        let what = |m: &str| format!("{len} bytes: {m}");
+        let buf = heap.alloc(len)?;
+        let map = buf.mmap()?;
+        let present = map.present_pages()?;
+        check(present == len / PAGE, || {
+            what(&format!(
+                "{present} of {} pages mapped after mmap",
+                len / PAGE
+            ))
+        })?;
+        let before = minor_faults();
+        map.fill(len as u64);
+        let faults = minor_faults() - before;
+        check(faults == 0, || {
+            what(&format!("the first touch took {faults} page faults"))
+        })?;
+        // Zapped: a touch refills from the same buffer.
+        map.dontneed()?;
+        let present = map.present_pages()?;
+        check(present < len / PAGE, || {
+            what("MADV_DONTNEED left every page mapped")
+        })?;
+        map.check(len as u64)
+            .map_err(|off| what(&format!("after MADV_DONTNEED byte {off} differs")))?;
+        // A mapping at an offset is filled too.
+        if len > PAGE {
+            let part = Map::new(
+                buf.raw(),
+                len - PAGE,
+                PAGE as i64,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+            )
+            .map_err(|e| what(&format!("mmap at offset {PAGE}: {}", errname(e))))?;
+            let present = part.present_pages()?;
+            check(present == len / PAGE - 1, || {
+                what(&format!(
+                    "{present} pages mapped after an mmap at an offset"
+                ))
+            })?;
+            check(part.read_vec(0, 8) == map.read_vec(PAGE, 8), || {
+                what("the mapping at an offset shows other bytes")
+            })?;
+        }
+    }
+    Ok(())
 }
 
 fn sync_name(ctx: &Ctx) -> Result<(), String> {

@@ -461,6 +461,87 @@ pub fn rebind(ctx: &Ctx) -> Result<(), String> {
     the_end(fresh, 0)
 }
 
+/// What a mapping thread kept, how many mmaps succeeded, the last error.
+type Mapped = (Vec<Map>, u64, Option<i32>);
+
+/// Unbinds (revokes every buffer) while threads map buffers as fast as they can, a few
+/// times: afterwards no mapping made before the revocation maps a page. mmap fills a
+/// mapping before the kernel links it where the revocation's zap looks (vdh_mmap.c).
+pub fn mmap_revoke(ctx: &Ctx) -> Result<(), String> {
+    const ROUNDS: usize = 16;
+    const THREADS: usize = 3;
+    let heap = open_heap(ctx)?;
+    let dev = device_of(&ctx.heap)?;
+    for round in 0..ROUNDS {
+        let what = |m: String| format!("round {round}: {m}");
+        let bufs: Vec<Buf> = (0..THREADS * 4)
+            .map(|i| heap.alloc(if i % 2 == 0 { PAGE } else { 64 << 10 }))
+            .collect::<Result<_, _>>()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mappers: Vec<JoinHandle<Mapped>> = bufs
+            .chunks(4)
+            .map(|chunk| {
+                let fds: Vec<(i32, usize)> = chunk.iter().map(|b| (b.raw(), b.len)).collect();
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let (mut kept, mut made, mut refused) = (Vec::new(), 0u64, None);
+                    while !stop.load(Ordering::Relaxed) {
+                        for &(fd, len) in &fds {
+                            let prot = libc::PROT_READ | libc::PROT_WRITE;
+                            match Map::new(fd, len, 0, prot, libc::MAP_SHARED) {
+                                Ok(m) => {
+                                    made += 1;
+                                    // The newest ones are the ones that can race.
+                                    if kept.len() == 512 {
+                                        kept.swap_remove(made as usize % 512);
+                                    }
+                                    kept.push(m);
+                                }
+                                Err(e) => refused = Some(e),
+                            }
+                        }
+                    }
+                    (kept, made, refused)
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(30));
+        std::fs::write(format!("{}/unbind", env::DRIVER_DIR), &dev)
+            .map_err(|e| what(format!("unbind {dev}: {e}")))?;
+        std::thread::sleep(Duration::from_millis(10));
+        stop.store(true, Ordering::Relaxed);
+        let mut present = 0;
+        let (mut maps, mut made) = (0, 0);
+        for t in mappers {
+            let (kept, n, refused) = t.join().map_err(|_| what("a mapper panicked".into()))?;
+            check(refused == Some(libc::ENODEV), || {
+                what(format!(
+                    "after the unbind mmap did not fail with ENODEV: {refused:?}"
+                ))
+            })?;
+            for m in &kept {
+                present += m.present_pages()?;
+            }
+            maps += kept.len();
+            made += n;
+        }
+        check(present == 0, || {
+            what(format!(
+                "{present} pages still mapped in {maps} mappings made around the revocation"
+            ))
+        })?;
+        check(made > 0, || {
+            what("no mmap succeeded before the unbind".into())
+        })?;
+        std::fs::write(format!("{}/bind", env::DRIVER_DIR), &dev)
+            .map_err(|e| what(format!("bind {dev}: {e}")))?;
+        env::wait_until("the heaps to come back", Duration::from_secs(20), || {
+            Ok(env::sysfs_heap(&ctx.heap).is_ok())
+        })?;
+    }
+    allocation_works(&heap)
+}
+
 /// Reboots with buffers held (the shutdown path closes the session); does not return.
 pub fn reboot(ctx: &Ctx) -> Result<(), String> {
     let heap = open_heap(ctx)?;

@@ -226,6 +226,38 @@ impl Map {
         })
     }
 
+    /// How many of the mapping's pages have a page table entry now (/proc/self/pagemap).
+    pub fn present_pages(&self) -> Result<usize, String> {
+        use std::os::unix::fs::FileExt as _;
+        let f = std::fs::File::open("/proc/self/pagemap")
+            .map_err(|e| format!("open /proc/self/pagemap: {e}"))?;
+        let pages = self.len.div_ceil(PAGE);
+        let mut raw = vec![0u8; pages * 8];
+        let at = (self.ptr.as_ptr() as usize / PAGE * 8) as u64;
+        f.read_exact_at(&mut raw, at)
+            .map_err(|e| format!("read /proc/self/pagemap: {e}"))?;
+        Ok(raw
+            .chunks_exact(8)
+            .filter(|e| e[7] & 0x80 != 0) // bit 63: present
+            .count())
+    }
+
+    /// MADV_DONTNEED: drop the page table entries (the buffer keeps its bytes).
+    pub fn dontneed(&self) -> Result<(), String> {
+        // SAFETY: exactly the live mapping; no Rust reference points into it now.
+        let rc = unsafe {
+            libc::madvise(
+                self.ptr.as_ptr() as *mut libc::c_void,
+                self.len,
+                libc::MADV_DONTNEED,
+            )
+        };
+        if rc != 0 {
+            return Err(format!("madvise(MADV_DONTNEED): {}", errname(errno())));
+        }
+        Ok(())
+    }
+
     /// Volatile read: the host may write the buffer behind our back.
     pub fn read(&self, off: usize, out: &mut [u8]) {
         assert!(off + out.len() <= self.len);
