@@ -8,11 +8,12 @@ use nix::fcntl::{fallocate, FallocateFlags, SealFlag};
 
 use super::{
     check_range, dup_file, file_read_at, file_write_at, new_memfd, to_off, udmabuf_over,
-    write_zeroes_pwrite, Export, ExportKind, HeapProvider, HostBuffer, ProviderError, Result,
+    write_zeroes_resident, Export, ExportKind, HeapProvider, HostBuffer, ProviderError, Result,
 };
 
-/// Largest freed range zeroed by writing zeroes rather than by punching a hole.
-pub const ZERO_BY_WRITE_MAX: u64 = 256 << 10;
+/// Largest freed range zeroed by writing zeroes over its resident pages rather than by
+/// punching a hole: every range of an arena with the default arena size (64 MiB / 8).
+pub const ZERO_BY_WRITE_MAX: u64 = 8 << 20;
 
 /// Plain memfd buffers.
 #[derive(Debug)]
@@ -84,10 +85,11 @@ impl HostBuffer for MemfdBuffer {
 
     fn zero(&self, offset: u64, len: u64) -> Result<()> {
         check_range(offset, len, self.size)?;
-        // A small range is reused soon: writing zeroes keeps its pages, so the next user
+        // An arena's range is reused soon: writing zeroes keeps its pages, so the next user
         // does not fault them in again (and no hole punch has to unmap them everywhere).
+        // Pages never touched stay holes: nothing is written there.
         if len <= ZERO_BY_WRITE_MAX {
-            return write_zeroes_pwrite(&self.file, offset, len);
+            return write_zeroes_resident(&self.file, offset, len);
         }
         // Punching a hole zeroes the range in every mapping and gives the pages back.
         fallocate(
@@ -138,6 +140,32 @@ mod tests {
     #[test]
     fn memfd_provider() {
         super::super::exercise(&MemfdProvider::new("test"));
+    }
+
+    /// An arena range is zeroed by writing over its touched pages only: the bytes read
+    /// zero, the pages the guest touched stay resident, the untouched ones stay holes.
+    #[test]
+    fn zeroes_touched_pages_by_writing_and_leaves_holes_alone() {
+        const MIB: u64 = 1 << 20;
+        let b = MemfdProvider::new("test").allocate(8 * MIB).unwrap();
+        // Touched: the first page, 64 KiB in the middle, the last page.
+        for (at, len) in [(0, 4096), (3 * MIB, 64 << 10), (8 * MIB - 4096, 4096)] {
+            b.write_at(at, &vec![0xa5; len]).unwrap();
+        }
+        let blocks = |b: &dyn HostBuffer| nix::sys::stat::fstat(b.fd()).unwrap().st_blocks;
+        let before = blocks(&*b);
+        b.zero(0, 8 * MIB).unwrap();
+        assert_eq!(blocks(&*b), before, "zeroing allocated or freed pages");
+        let mut all = vec![1u8; 8 * MIB as usize];
+        b.read_at(0, &mut all).unwrap();
+        assert!(all.iter().all(|&x| x == 0), "not zeroed");
+        // Above the limit a hole is punched: the pages go back.
+        let big = MemfdProvider::new("test")
+            .allocate(2 * ZERO_BY_WRITE_MAX)
+            .unwrap();
+        big.write_at(0, &vec![0xa5; 1 << 20]).unwrap();
+        big.zero(0, 2 * ZERO_BY_WRITE_MAX).unwrap();
+        assert_eq!(blocks(&*big), 0, "a large range keeps its pages");
     }
 
     #[test]

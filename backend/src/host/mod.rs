@@ -40,12 +40,14 @@ pub enum ExportKind {
 use std::fmt::Debug;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
+use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::memfd::{memfd_create, MFdFlags};
+use nix::unistd::{lseek, Whence};
 
 /// Errors of host buffer providers.
 #[derive(Debug, thiserror::Error)]
@@ -200,6 +202,30 @@ pub(crate) fn write_zeroes_pwrite(file: &File, offset: u64, len: u64) -> Result<
         file.write_all_at(&zeroes[..n], offset + done)
             .map_err(|e| ProviderError::io("pwrite", e))?;
         done += n as u64;
+    }
+    Ok(())
+}
+
+/// Zeroes `[offset, offset + len)` of a memfd by writing zeroes over its data only
+/// (`SEEK_DATA`/`SEEK_HOLE`): a hole already reads as zeroes, and writing it would
+/// allocate its pages.
+pub(crate) fn write_zeroes_resident(file: &File, offset: u64, len: u64) -> Result<()> {
+    let end = offset.saturating_add(len);
+    let mut pos = offset;
+    while pos < end {
+        let data = match lseek(file.as_fd(), to_off(pos)?, Whence::SeekData) {
+            Ok(at) => at as u64,
+            Err(Errno::ENXIO) => return Ok(()), // only a hole after pos
+            Err(e) => return Err(ProviderError::io("lseek(SEEK_DATA)", e)),
+        };
+        if data >= end {
+            return Ok(());
+        }
+        let hole = lseek(file.as_fd(), to_off(data)?, Whence::SeekHole)
+            .map_err(|e| ProviderError::io("lseek(SEEK_HOLE)", e))? as u64;
+        let stop = hole.min(end);
+        write_zeroes_pwrite(file, data, stop - data)?;
+        pos = stop;
     }
     Ok(())
 }
