@@ -7,7 +7,7 @@ use std::sync::Arc;
 use nix::fcntl::{fallocate, FallocateFlags, SealFlag};
 
 use super::{
-    check_range, dup_file, file_read_at, file_write_at, new_memfd, to_off, udmabuf_over,
+    check_range, dup_file, file_read_at, file_write_at, new_memfd, next_data, to_off, udmabuf_over,
     write_zeroes_resident, Export, ExportKind, HeapProvider, HostBuffer, ProviderError, Result,
 };
 
@@ -94,12 +94,17 @@ impl HostBuffer for MemfdBuffer {
         if len <= ZERO_BY_WRITE_MAX {
             return write_zeroes_resident(&self.file, offset, len);
         }
-        // Punching a hole zeroes the range in every mapping and gives the pages back.
+        // Punching a hole zeroes the range in every mapping and gives the pages back. A
+        // range that is a hole already (never touched) needs no punch, whose unmapping
+        // walks every mapping of the range.
+        let Some(data) = next_data(&self.file, offset, offset + len)? else {
+            return Ok(());
+        };
         fallocate(
             &self.file,
             FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
-            to_off(offset)?,
-            to_off(len)?,
+            to_off(data)?,
+            to_off(offset + len - data)?,
         )
         .map_err(|e| ProviderError::io("fallocate(PUNCH_HOLE)", e))
     }
@@ -169,6 +174,14 @@ mod tests {
         big.write_at(0, &vec![0xa5; 64 << 10]).unwrap();
         big.zero(0, 2 * ZERO_BY_WRITE_MAX).unwrap();
         assert_eq!(blocks(&*big), 0, "a large range keeps its pages");
+        // Its first touched page far inside the range: punched from there, to the end.
+        let len = 2 * ZERO_BY_WRITE_MAX;
+        big.write_at(len - 8192, &[0xa5; 8192]).unwrap();
+        big.zero(4096, len - 4096).unwrap();
+        assert_eq!(blocks(&*big), 0, "the touched tail kept its pages");
+        let mut tail = [1u8; 8192];
+        big.read_at(len - 8192, &mut tail).unwrap();
+        assert!(tail.iter().all(|&x| x == 0), "the touched tail is not zeroed");
     }
 
     #[test]

@@ -206,21 +206,26 @@ pub(crate) fn write_zeroes_pwrite(file: &File, offset: u64, len: u64) -> Result<
     Ok(())
 }
 
+/// The first offset in `[pos, end)` of a memfd (or any file with `SEEK_DATA`) that is not
+/// a hole; `None` if the whole range reads as zeroes without a page behind it.
+pub(crate) fn next_data(file: &File, pos: u64, end: u64) -> Result<Option<u64>> {
+    if pos >= end {
+        return Ok(None);
+    }
+    match lseek(file.as_fd(), to_off(pos)?, Whence::SeekData) {
+        Ok(at) if (at as u64) < end => Ok(Some(at as u64)),
+        Ok(_) | Err(Errno::ENXIO) => Ok(None), // only a hole up to `end`
+        Err(e) => Err(ProviderError::io("lseek(SEEK_DATA)", e)),
+    }
+}
+
 /// Zeroes `[offset, offset + len)` of a memfd by writing zeroes over its data only
 /// (`SEEK_DATA`/`SEEK_HOLE`): a hole already reads as zeroes, and writing it would
 /// allocate its pages.
 pub(crate) fn write_zeroes_resident(file: &File, offset: u64, len: u64) -> Result<()> {
     let end = offset.saturating_add(len);
     let mut pos = offset;
-    while pos < end {
-        let data = match lseek(file.as_fd(), to_off(pos)?, Whence::SeekData) {
-            Ok(at) => at as u64,
-            Err(Errno::ENXIO) => return Ok(()), // only a hole after pos
-            Err(e) => return Err(ProviderError::io("lseek(SEEK_DATA)", e)),
-        };
-        if data >= end {
-            return Ok(());
-        }
+    while let Some(data) = next_data(file, pos, end)? {
         let hole = lseek(file.as_fd(), to_off(data)?, Whence::SeekHole)
             .map_err(|e| ProviderError::io("lseek(SEEK_HOLE)", e))? as u64;
         let stop = hole.min(end);
