@@ -3,8 +3,8 @@
 //! Layers: [`host`] (host heaps, one file per provider), [`wire`] (the request queue's
 //! format), [`core`] (the transport-free device core), [`vhost`] (the thin vhost-user
 //! layer), [`daemon`] (sockets, signals), [`control`] (operator socket), [`sandbox`]
-//! (containment), [`systemd`] (socket activation). [`testing`] holds the fakes shared by
-//! tests and fuzzing (feature `test-utils`).
+//! (containment, with [`landlock`]), [`systemd`] (socket activation). [`testing`] holds
+//! the fakes shared by tests and fuzzing (feature `test-utils`).
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod abi;
@@ -15,6 +15,7 @@ pub mod core;
 pub mod daemon;
 pub mod export_socket;
 pub mod host;
+pub mod landlock;
 pub mod range;
 pub mod sandbox;
 pub mod systemd;
