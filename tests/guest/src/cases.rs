@@ -554,8 +554,53 @@ fn mmap_filled(ctx: &Ctx) -> Result<(), String> {
                 what("the mapping at an offset shows other bytes")
             })?;
         }
+        // Another process maps it and exits; the next mmap here forgets that mm.
+        let first = map.read_vec(0, 1)[0];
+        let status = in_child(|| {
+            let prot = libc::PROT_READ;
+            match Map::new(buf.raw(), len, 0, prot, libc::MAP_SHARED) {
+                Ok(m) => {
+                    let mut b = [0u8];
+                    m.read(0, &mut b);
+                    i32::from(b[0] != first)
+                }
+                Err(_) => 2,
+            }
+        })?;
+        check(status == 0, || {
+            what(&format!("a child's mapping failed (status {status})"))
+        })?;
+        let again = buf.mmap()?;
+        check(again.present_pages()? == len / PAGE, || {
+            what("an mmap after the child's is not filled")
+        })?;
     }
     Ok(())
+}
+
+/// Runs `f` in a forked child (which must not allocate: other threads may hold locks) and
+/// returns its exit status (or 128 + the signal that killed it).
+fn in_child(f: impl FnOnce() -> i32) -> Result<i32, String> {
+    // SAFETY: the child runs `f`, which only makes system calls, and leaves with _exit.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork: {}", errname(sys::errno())));
+    }
+    if pid == 0 {
+        let rc = f();
+        // SAFETY: leaving the child at once, running no destructors or atexit handlers.
+        unsafe { libc::_exit(rc) };
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    if unsafe { libc::waitpid(pid, &mut status, 0) } != pid {
+        return Err(format!("waitpid: {}", errname(sys::errno())));
+    }
+    Ok(if libc::WIFSIGNALED(status) {
+        128 + libc::WTERMSIG(status)
+    } else {
+        libc::WEXITSTATUS(status)
+    })
 }
 
 fn sync_name(ctx: &Ctx) -> Result<(), String> {
