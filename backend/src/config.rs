@@ -370,6 +370,7 @@ impl Config {
                 seccomp: args.seccomp,
                 user: args.user,
                 reopen_dir: None,
+                removable: Vec::new(),
             },
         })
     }

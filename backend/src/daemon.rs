@@ -62,7 +62,8 @@ pub enum DaemonError {
     /// The idle timer or the worker's eventfds could not be set up or registered.
     #[error("vring worker events")]
     WorkerEvents(#[source] io::Error),
-    /// Dropping privileges or installing the syscall filter failed.
+    /// Dropping privileges, enforcing the Landlock ruleset or installing the syscall filter
+    /// failed.
     #[error("sandbox")]
     Sandbox(#[source] crate::sandbox::SandboxError),
 }
@@ -168,25 +169,44 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     if let SocketSpec::Path(p) = &cfg.socket {
         cleanup.push(p.clone());
     }
-    if let Some(path) = &cfg.export_socket {
-        let listener = crate::export_socket::bind(path).map_err(DaemonError::ExportSocket)?;
-        cleanup.push(path.clone());
+    let export = match &cfg.export_socket {
+        Some(path) => {
+            let listener = crate::export_socket::bind(path).map_err(DaemonError::ExportSocket)?;
+            cleanup.push(path.clone());
+            Some(listener)
+        }
+        None => None,
+    };
+    let control = match &cfg.control_socket {
+        Some(path) => {
+            let listener = control::bind(path).map_err(DaemonError::Control)?;
+            cleanup.push(path.clone());
+            Some(listener)
+        }
+        None => None,
+    };
+    // The last start-up open is done and no other thread runs yet: drop privileges and
+    // take the file system away (Landlock restricts this thread and every thread it starts
+    // from now on; see sandbox).
+    let sandbox = crate::sandbox::Sandbox {
+        reopen_dir: handle.reopen_dir(),
+        removable: cleanup.clone(),
+        ..cfg.sandbox.clone()
+    };
+    let restricted = crate::sandbox::restrict(&sandbox).map_err(DaemonError::Sandbox)?;
+    if let Some(listener) = export {
         // Lookups read the export table only: never the device lock.
         let table = handle.export_table();
         let lookup: crate::export_socket::Lookup = Arc::new(move |uuid| table.lookup(uuid));
         crate::export_socket::serve(listener, lookup).map_err(DaemonError::ExportSocket)?;
     }
-    if let Some(path) = &cfg.control_socket {
-        control::spawn(path, handle.clone(), cfg.control_debug).map_err(DaemonError::Control)?;
-        cleanup.push(path.clone());
+    if let Some(listener) = control {
+        control::serve(listener, handle.clone(), cfg.control_debug)
+            .map_err(DaemonError::Control)?;
     }
     spawn_signal_thread(cleanup, signals)?;
-    // Start-up is done: drop privileges and install the syscall filter on every thread.
-    let sandbox = crate::sandbox::Sandbox {
-        reopen_dir: handle.reopen_dir(),
-        ..cfg.sandbox.clone()
-    };
-    crate::sandbox::enter(&sandbox).map_err(DaemonError::Sandbox)?;
+    // Install the syscall filter on every thread.
+    restricted.install_filter().map_err(DaemonError::Sandbox)?;
     info!(
         "listening ({:?}); window {} bytes, max {} mappings, {} buffers, {} bytes",
         cfg.socket,

@@ -1,14 +1,26 @@
-//! Containment of the daemon after start-up: an optional drop to an unprivileged user and a
-//! seccomp-bpf allowlist (seccompiler) on every thread.
+//! Containment of the daemon after start-up: an optional drop to an unprivileged user, a
+//! Landlock ruleset that takes the file system away ([`crate::landlock`]) and a seccomp-bpf
+//! allowlist (seccompiler) on every thread.
 //!
-//! [`enter`] runs once, after the heaps are open, the vhost-user and control sockets are
-//! bound and the helper threads (signals, control) run, and before the first front end is
-//! accepted. From then on the daemon needs no new files, sockets or privileges: it only
-//! allocates host buffers from the heap fds it already holds (memfd_create and ioctls on
-//! open fds), serves the sockets it already has, and spawns threads (vhost-user-backend
-//! starts a handler thread and one vring worker per connection, from the main thread; they
-//! inherit the filter). The filter is installed with `SECCOMP_FILTER_FLAG_TSYNC`, so the
-//! threads that already exist get it too.
+//! It comes in two steps, because Landlock (before its TSYNC flag, ABI 8) restricts only
+//! the calling thread and the threads it starts later, while seccomp's TSYNC reaches every
+//! thread:
+//!
+//! 1. [`restrict`] runs on the main thread after the last start-up open (heaps opened,
+//!    vhost-user, control and export sockets bound, `/proc/self/fd` and fdinfo opened)
+//!    and before any other thread starts: it switches the user (`--user`; the user
+//!    database is read here, before Landlock) and enforces the Landlock ruleset (on every
+//!    thread at once with TSYNC; otherwise it refuses to run if another thread exists).
+//! 2. [`Restricted::install_filter`] runs once the helper threads (signals, control,
+//!    export socket) run, before the first front end is accepted: it installs the seccomp
+//!    filter with `SECCOMP_FILTER_FLAG_TSYNC`, so the threads that already exist get it
+//!    too.
+//!
+//! From then on the daemon needs no new files, sockets or privileges: it only allocates
+//! host buffers from the heap fds it already holds (memfd_create and ioctls on open fds),
+//! serves the sockets it already has, and spawns threads (vhost-user-backend starts a
+//! handler thread and one vring worker per connection, from the main thread; they inherit
+//! the ruleset and the filter).
 //!
 //! The allowlist was derived by tracing the daemon (`strace -f`) through the integration
 //! tests (`cargo test -p vhost-user-dmaheap`) and a QEMU guest, then checked with
@@ -16,6 +28,7 @@
 //! record `type=1326 ... syscall=N`). See SECURITY.md.
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 
 use log::{info, warn};
 use seccompiler::{
@@ -56,6 +69,9 @@ pub struct Sandbox {
     /// O_RDWR | O_CLOEXEC)` on it stays allowed (the export of a shared memfd buffer is a
     /// reopened file, whose last close inotify reports; see `core::export`).
     pub reopen_dir: Option<i32>,
+    /// Files the daemon removes at exit (its sockets): Landlock lets it remove files
+    /// beneath their directories, and nothing else.
+    pub removable: Vec<PathBuf>,
 }
 
 /// Sandbox errors.
@@ -87,26 +103,86 @@ pub enum SandboxError {
     /// Installing the filter failed.
     #[error("cannot install the seccomp filter")]
     Install(#[source] seccompiler::Error),
+    /// Building or enforcing the Landlock ruleset failed (a kernel without Landlock is not
+    /// an error).
+    #[error("Landlock")]
+    Landlock(#[source] crate::landlock::LandlockError),
 }
 
-/// Drops privileges (if asked) and installs the system call filter (unless off). Call once,
-/// after start-up; see the module documentation.
-pub fn enter(cfg: &Sandbox) -> Result<(), SandboxError> {
+/// Step 1 of the containment (see the module documentation): drops privileges (if asked)
+/// and enforces the Landlock ruleset, whatever the seccomp mode (it costs nothing: no
+/// file is opened by name after start-up). Call once, on the main thread, after the last
+/// start-up open and before starting any other thread. On a kernel without Landlock it
+/// logs a warning and carries on.
+pub fn restrict(cfg: &Sandbox) -> Result<Restricted, SandboxError> {
+    // Built first: its rules open the socket directories, maybe as root.
+    let dirs: Vec<&Path> = cfg
+        .removable
+        .iter()
+        .map(|p| match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        })
+        .collect();
+    let ruleset = match crate::landlock::Ruleset::new(&dirs) {
+        Ok(r) => Some(r),
+        Err(e) if e.is_unsupported() => {
+            let why = std::error::Error::source(&e).map(ToString::to_string);
+            warn!(
+                "{e} ({}): file access is not confined beyond the seccomp filter \
+                 (see SECURITY.md)",
+                why.unwrap_or_default()
+            );
+            None
+        }
+        Err(e) => return Err(SandboxError::Landlock(e)),
+    };
     if let Some(user) = &cfg.user {
         drop_privileges(user)?;
     }
-    if cfg.seccomp == SeccompMode::Off {
-        warn!("seccomp filter disabled (--seccomp=off)");
-        return Ok(());
+    if let Some(ruleset) = ruleset {
+        let enforced = ruleset.restrict_self().map_err(SandboxError::Landlock)?;
+        info!(
+            "Landlock ruleset enforced (ABI {}, {}): no file system access",
+            enforced.abi,
+            if enforced.all_threads {
+                "all threads"
+            } else {
+                "before any other thread started"
+            }
+        );
     }
-    for prog in filters_with(cfg.seccomp, cfg.reopen_dir)? {
-        seccompiler::apply_filter_all_threads(&prog).map_err(SandboxError::Install)?;
+    Ok(Restricted {
+        seccomp: cfg.seccomp,
+        reopen_dir: cfg.reopen_dir,
+    })
+}
+
+/// Proof that [`restrict`] ran; step 2 is [`Restricted::install_filter`].
+#[derive(Debug)]
+#[must_use = "the seccomp filter is installed by install_filter"]
+pub struct Restricted {
+    seccomp: SeccompMode,
+    reopen_dir: Option<i32>,
+}
+
+impl Restricted {
+    /// Step 2 of the containment: installs the system call filter (unless off) on every
+    /// thread. Call once, before the first front end is accepted.
+    pub fn install_filter(self) -> Result<(), SandboxError> {
+        if self.seccomp == SeccompMode::Off {
+            warn!("seccomp filter disabled (--seccomp=off)");
+            return Ok(());
+        }
+        for prog in filters_with(self.seccomp, self.reopen_dir)? {
+            seccompiler::apply_filter_all_threads(&prog).map_err(SandboxError::Install)?;
+        }
+        info!(
+            "seccomp filter installed on all threads ({} mode)",
+            self.seccomp
+        );
+        Ok(())
     }
-    info!(
-        "seccomp filter installed on all threads ({} mode)",
-        cfg.seccomp
-    );
-    Ok(())
 }
 
 fn drop_privileges(user: &str) -> Result<(), SandboxError> {
@@ -451,25 +527,41 @@ mod tests {
         }
     }
 
-    /// Runs in a child process started by `filters_behave_as_intended` (does nothing in a
-    /// normal test run): installs the `on` filters on every thread of the test harness,
-    /// then probes.
-    #[test]
-    fn probe_child() {
-        let Ok(probe) = std::env::var("DMAHEAP_SANDBOX_PROBE") else {
-            return;
-        };
-        // Created before the filter, as the daemon does.
+    /// The probe of `filters_behave_as_intended`, in a forked single-threaded child:
+    /// containment as the daemon does it (Landlock, then the `on` filters), then probes.
+    fn probe(kind: &str) {
+        use crate::landlock::tests::{landlock_abi, openat_errno, via_proc_root};
+        // Created before the containment, as the daemon does.
         let timer = crate::vhost::WorkerTimer::new().unwrap();
-        let watch = crate::core::export::ReleaseWatch::new().unwrap();
+        let mut watch = crate::core::export::ReleaseWatch::new().unwrap();
         let memfd = std::fs::File::from(
             nix::sys::memfd::memfd_create("probe", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap(),
         );
-        for prog in filters_with(SeccompMode::On, Some(watch.reopen_dir())).unwrap() {
-            seccompiler::apply_filter_all_threads(&prog).unwrap();
+        let secret = tempfile::NamedTempFile::new().unwrap();
+        let escape = via_proc_root(secret.path());
+        let flags = libc::O_RDWR | libc::O_CLOEXEC;
+        // The hole Landlock closes: seccomp lets this through (dirfd and flags match).
+        assert_eq!(openat_errno(watch.reopen_dir(), &escape, flags), None);
+        let landlock = landlock_abi().is_some();
+        let sandbox = Sandbox {
+            seccomp: SeccompMode::On,
+            reopen_dir: Some(watch.reopen_dir()),
+            ..Sandbox::default()
+        };
+        restrict(&sandbox).unwrap().install_filter().unwrap();
+        // Reopening a memfd through the /proc/self/fd dirfd works, and inotify watches the
+        // reopened file; nothing else opens.
+        let reopened = watch.reopen(&memfd).unwrap();
+        watch.watch_close(&reopened).unwrap();
+        if landlock {
+            assert_eq!(
+                openat_errno(watch.reopen_dir(), &escape, flags),
+                Some(libc::EACCES),
+                "../root/PATH through the reopen dirfd must fail under Landlock"
+            );
+        } else {
+            println!("no Landlock: ../root/PATH through the reopen dirfd still opens");
         }
-        // Reopening a memfd through the /proc/self/fd dirfd works; nothing else opens.
-        watch.reopen(&memfd).unwrap();
         let name =
             std::ffi::CString::new(std::os::fd::AsRawFd::as_raw_fd(&memfd).to_string()).unwrap();
         // SAFETY: plain openat with a NUL-terminated name; the result is only compared.
@@ -494,36 +586,62 @@ mod tests {
         // Opening a file fails with EACCES instead of killing the process.
         let e = std::fs::File::open("/dev/null").unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EACCES));
-        // Threads still start (clone3 -> ENOSYS, glibc falls back to clone).
-        std::thread::spawn(|| 7)
+        // Threads still start (clone3 -> ENOSYS, glibc falls back to clone), and get the
+        // ruleset.
+        let path = secret.path().to_path_buf();
+        let in_thread = std::thread::spawn(move || std::fs::File::open(path).is_err())
             .join()
-            .map(|v| assert_eq!(v, 7))
             .unwrap();
-        if probe == "socket" {
+        assert!(in_thread);
+        if kind == "socket" {
             // Not on the list: the process is killed with SIGSYS.
             // SAFETY: plain syscall; the result is irrelevant (we expect not to return).
             unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
             unreachable!("socket() returned under the filter");
         }
+        println!("probe {kind}: done");
+    }
+
+    /// Runs in a process started by `filters_behave_as_intended` (does nothing in a normal
+    /// test run): the probe in a forked child (Landlock needs a single-threaded process
+    /// when the kernel lacks TSYNC); exits like it.
+    #[test]
+    fn probe_child() {
+        let Ok(kind) = std::env::var("DMAHEAP_SANDBOX_PROBE") else {
+            return;
+        };
+        let status = crate::landlock::tests::in_forked_child(|| probe(&kind));
+        if libc::WIFSIGNALED(status) {
+            // SAFETY: restores the default action of the child's fatal signal and raises it,
+            // so that this process ends the same way.
+            unsafe {
+                libc::signal(libc::WTERMSIG(status), libc::SIG_DFL);
+                libc::raise(libc::WTERMSIG(status));
+            }
+        }
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "wait status {status:#x}"
+        );
     }
 
     #[test]
     fn filters_behave_as_intended() {
         use std::os::unix::process::ExitStatusExt;
-        let exe = std::env::current_exe().unwrap();
         let run = |probe: &str| {
-            std::process::Command::new(&exe)
-                .args(["--exact", "sandbox::tests::probe_child", "--test-threads=1"])
-                .env("DMAHEAP_SANDBOX_PROBE", probe)
-                .output()
-                .unwrap()
+            crate::landlock::tests::rerun(
+                "sandbox::tests::probe_child",
+                "DMAHEAP_SANDBOX_PROBE",
+                probe,
+            )
         };
         let ok = run("open");
+        let stdout = String::from_utf8_lossy(&ok.stdout);
         assert!(
-            ok.status.success(),
-            "{:?}: {}",
+            ok.status.success() && stdout.contains("probe open: done"),
+            "{:?}: {stdout}{}",
             ok.status,
-            String::from_utf8_lossy(&ok.stdout)
+            String::from_utf8_lossy(&ok.stderr)
         );
         let killed = run("socket");
         assert_eq!(

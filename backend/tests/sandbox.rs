@@ -1,6 +1,7 @@
 //! The daemon's containment: the seccomp filter is on by default on every thread (those
 //! that exist at start-up and those spawned per front end), `--seccomp=log|off` switch it,
-//! and `--user` drops to an unprivileged user after start-up while the device still works.
+//! `--user` drops to an unprivileged user after start-up while the device still works, and
+//! the Landlock ruleset is enforced before any other thread starts, in every seccomp mode.
 #![allow(clippy::unwrap_used)]
 
 use dmaheap_testkit as common;
@@ -87,6 +88,43 @@ fn seccomp_log_and_off() {
             );
         }
         assert!(daemon.terminate().success());
+    }
+}
+
+/// Landlock is enforced on the main thread before it starts any other thread, whatever the
+/// seccomp mode (without TSYNC the daemon refuses to start otherwise), and the device and
+/// the socket cleanup at exit still work under it.
+#[test]
+fn landlock_is_enforced_before_any_thread_starts() {
+    for mode in ["on", "off"] {
+        let mut daemon = Daemon::spawn([
+            "--heap",
+            "a=memfd",
+            "--shm-size",
+            "64M",
+            &format!("--seccomp={mode}"),
+        ]);
+        daemon.wait_ready();
+        drop(serve_a_little(&mut daemon));
+        let err = daemon.stderr();
+        if err.contains("the kernel has no Landlock") {
+            eprintln!("skipped: the kernel has no Landlock");
+            return;
+        }
+        assert!(
+            err.contains("Landlock ruleset enforced"),
+            "{mode}: no Landlock line in\n{err}"
+        );
+        if mode == "off" {
+            // no_new_privs is set on the main thread right before the ruleset, and with
+            // seccomp off nothing else sets it: a thread without it was started before.
+            for (name, _, _, nnp, _) in threads(daemon.pid()) {
+                assert_eq!(nnp, "1", "thread {name} started before the ruleset");
+            }
+        }
+        let ctl = daemon.control_path().to_path_buf();
+        assert!(daemon.terminate().success(), "{mode}: exit");
+        assert!(!ctl.exists(), "{mode}: control socket left behind");
     }
 }
 

@@ -439,7 +439,8 @@ fn lookups_racing_with_free() {
     s.fe.assert_no_violations();
 }
 
-/// The whole path under the syscall filter: export, resolve, free while held, release.
+/// The whole path under the syscall filter and the Landlock ruleset: export, resolve, free
+/// while held, release.
 #[test]
 fn sharing_works_under_seccomp() {
     let mut s = setup(&["--seccomp", "on", "--shared-object-table"]);
@@ -455,6 +456,12 @@ fn sharing_works_under_seccomp() {
     s.daemon
         .wait_stats("released", |st| st.total.retained_buffers == 0);
     s.daemon.assert_alive();
+    // Released through the memfd reopen, which Landlock (where the kernel has it) confines.
+    let err = s.daemon.stderr();
+    assert!(
+        err.contains("Landlock ruleset enforced") || err.contains("the kernel has no Landlock"),
+        "{err}"
+    );
 }
 
 /// GET_SHARED_OBJECT and the export socket answer while the vring worker holds the device

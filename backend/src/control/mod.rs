@@ -99,17 +99,32 @@ pub(crate) fn bind_owner_only(path: &Path) -> io::Result<UnixListener> {
     bound
 }
 
-/// Starts the control server thread on `path` (an existing file is replaced).
+/// Starts the control server thread on `path` (an existing file is replaced): [`bind`],
+/// then [`serve`].
 pub fn spawn(
     path: &Path,
     handle: Arc<DeviceHandle>,
     debug: bool,
 ) -> Result<JoinHandle<()>, ControlError> {
+    serve(bind(path)?, handle, debug)
+}
+
+/// Creates the control socket at `path` (an existing file is replaced), mode 0600.
+pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     let listener = bind_owner_only(path).map_err(|source| ControlError::Bind {
         path: path.to_path_buf(),
         source,
     })?;
     info!("control socket on {}", path.display());
+    Ok(listener)
+}
+
+/// Serves the control socket `listener` on a thread of its own.
+pub fn serve(
+    listener: UnixListener,
+    handle: Arc<DeviceHandle>,
+    debug: bool,
+) -> Result<JoinHandle<()>, ControlError> {
     thread::Builder::new()
         .name("control".into())
         .spawn(move || {
