@@ -40,7 +40,7 @@ pub type CaseFn = fn(&Ctx) -> Result<(), String>;
 pub const CASES: &[(&str, &str, CaseFn)] = &[
     ("abi-sizes", "4 KiB..64 MiB: size, zeroed, mmap read/write, second mmap sees the same bytes", abi_sizes),
     ("abi-errors", "bad fd_flags/heap_flags/len/fd, out-of-range mmap, bad SYNC/SET_NAME: errno as the kernel's heap", abi_errors),
-    ("mmap-filled", "mmap maps every page at once, as the system heap does (no fault on a first touch); after MADV_DONTNEED a touch maps the bytes again", mmap_filled),
+    ("mmap-filled", "mmap maps every page at once, as the system heap does (no fault on a first touch); after MADV_DONTNEED a touch maps the bytes again; a private mapping copies on write; a child process maps it too", mmap_filled),
     ("sync-name", "DMA_BUF_IOCTL_SYNC start/end and DMA_BUF_SET_NAME (fdinfo)", sync_name),
     ("android", "libdmabufheap pattern: O_RDONLY heap, O_RDWR|O_CLOEXEC buffer, name, SYNC around CPU access", android),
     ("zero-copy", "guest writes seen by the host and host writes seen by the guest (checked on the host)", zero_copy),
@@ -554,6 +554,27 @@ fn mmap_filled(ctx: &Ctx) -> Result<(), String> {
                 what("the mapping at an offset shows other bytes")
             })?;
         }
+        // A private mapping shows the buffer and copies on write, as the system heap's.
+        let private = Map::new(
+            buf.raw(),
+            len,
+            0,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE,
+        )
+        .map_err(|e| what(&format!("MAP_PRIVATE: {}", errname(e))))?;
+        let shared_tail = map.read_vec(len - 8, 8);
+        check(private.read_vec(len - 8, 8) == shared_tail, || {
+            what("a private mapping shows other bytes")
+        })?;
+        private.write(len - 8, b"private!");
+        check(map.read_vec(len - 8, 8) == shared_tail, || {
+            what("a write to a private mapping reached the buffer")
+        })?;
+        check(private.read_vec(len - 8, 8) == b"private!", || {
+            what("a private mapping lost its own write")
+        })?;
+        drop(private);
         // Another process maps it and exits; the next mmap here forgets that mm.
         let first = map.read_vec(0, 1)[0];
         let status = in_child(|| {
