@@ -8,10 +8,9 @@
  * Revocation: when the buffer's session ends (device removed, session lost or
  * not resumed) the buffer is revoked: user mappings are zapped and can never
  * come back (vdh_mmap.c); new mmaps, attachments, DMA mappings and vmaps are
- * refused. Kernel
- * users that mapped the buffer before (a vmap, a DMA mapping) cannot be
- * forced out: such a buffer is quarantined in its window, and every later
- * session reserves its range until the last of those users lets go.
+ * refused. Kernel users that mapped the buffer before (a vmap, a DMA mapping)
+ * cannot be forced out: such a buffer is quarantined in its window, and every
+ * later session reserves its range until the last of those users lets go.
  *
  * With VIRTIO_DMAHEAP_F_UUID every buffer is a virtio_dma_buf: the same ops,
  * wrapped in struct virtio_dma_buf_ops, whose attach is virtio_dma_buf_attach
