@@ -13,7 +13,7 @@
 //! working: Landlock checks rights when a file is opened, not when it is used.
 //!
 //! Landlock restricts the calling thread and the threads it creates from then on. With
-//! `LANDLOCK_RESTRICT_SELF_TSYNC` (Landlock ABI 8, Linux 6.19 and later) the ruleset is
+//! `LANDLOCK_RESTRICT_SELF_TSYNC` (Landlock ABI 8: kernels after 6.18) the ruleset is
 //! applied to every thread of the process at once. Without it, [`Ruleset::restrict_self`]
 //! refuses to run while the process has more than one thread, so the caller must apply it
 //! before it starts any thread: the daemon does so on its main thread after the last
@@ -59,8 +59,10 @@ struct PathBeneathAttr {
 /// Landlock errors.
 #[derive(Debug, thiserror::Error)]
 pub enum LandlockError {
-    /// The kernel has no Landlock (not built: ENOSYS; disabled at boot: EOPNOTSUPP).
-    #[error("the kernel has no Landlock")]
+    /// The kernel has no Landlock (not built: ENOSYS; disabled at boot: EOPNOTSUPP), or a
+    /// system call filter of the caller denies it (EPERM, e.g. an older systemd's
+    /// `SystemCallFilter=@system-service`).
+    #[error("the kernel has no Landlock, or a system call filter hides it")]
     Unsupported(#[source] io::Error),
     /// Querying the ABI or creating the ruleset failed otherwise.
     #[error("cannot create a Landlock ruleset")]
@@ -137,7 +139,13 @@ pub fn abi_version() -> Result<u32, LandlockError> {
         Ok(v) => {
             u32::try_from(v).map_err(|_| LandlockError::Create(io::ErrorKind::InvalidData.into()))
         }
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EOPNOTSUPP)) => {
+        // EPERM never comes from Landlock itself for this query: from a seccomp filter.
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOSYS | libc::EOPNOTSUPP | libc::EPERM)
+            ) =>
+        {
             Err(LandlockError::Unsupported(e))
         }
         Err(e) => Err(LandlockError::Create(e)),
