@@ -533,6 +533,36 @@ pub(crate) mod tests {
         assert_eq!(later.join().unwrap(), Some(libc::EACCES));
     }
 
+    /// A kernel without Landlock (ENOSYS) or a filter that hides it (EPERM), made with a
+    /// seccomp filter: unsupported, which the sandbox only warns about.
+    fn probe_unavailable(errno: i32) {
+        use seccompiler::{SeccompAction, SeccompFilter};
+        let rules = [(libc::SYS_landlock_create_ruleset, Vec::new())].into();
+        let arch = std::env::consts::ARCH.try_into().unwrap();
+        let prog: seccompiler::BpfProgram = SeccompFilter::new(
+            rules,
+            SeccompAction::Allow,
+            SeccompAction::Errno(errno as u32),
+            arch,
+        )
+        .unwrap()
+        .try_into()
+        .unwrap();
+        seccompiler::apply_filter(&prog).unwrap();
+        assert!(abi_version().unwrap_err().is_unsupported());
+        assert!(Ruleset::new(&[]).unwrap_err().is_unsupported());
+        crate::sandbox::restrict(&crate::sandbox::Sandbox {
+            seccomp: crate::sandbox::SeccompMode::Off,
+            ..Default::default()
+        })
+        .unwrap()
+        .install_filter()
+        .unwrap();
+        // Nothing was enforced.
+        let file = tempfile::NamedTempFile::new().unwrap();
+        assert_eq!(open_errno(file.path(), libc::O_RDWR), None);
+    }
+
     /// Runs in a process started by `ruleset_behaves_as_intended` (does nothing in a normal
     /// test run): each probe in a forked child of its own.
     #[test]
@@ -544,6 +574,8 @@ pub(crate) mod tests {
             ("files", probe_files as fn()),
             ("earlier thread", probe_earlier_thread),
             ("later thread", probe_later_thread),
+            ("no Landlock", || probe_unavailable(libc::ENOSYS)),
+            ("hidden by a filter", || probe_unavailable(libc::EPERM)),
         ] {
             let status = in_forked_child(probe);
             assert!(
