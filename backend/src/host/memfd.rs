@@ -181,7 +181,10 @@ mod tests {
         assert_eq!(blocks(&*big), 0, "the touched tail kept its pages");
         let mut tail = [1u8; 8192];
         big.read_at(len - 8192, &mut tail).unwrap();
-        assert!(tail.iter().all(|&x| x == 0), "the touched tail is not zeroed");
+        assert!(
+            tail.iter().all(|&x| x == 0),
+            "the touched tail is not zeroed"
+        );
     }
 
     #[test]
