@@ -14,6 +14,9 @@
 #   VIRTIO_DMAHEAP_KO_DIR  output dir    (default <repo>/build/guest-driver, and
 #                                         <repo>/build/guest-driver/KVER for any other
 #                                         kernel, e.g. one of tests/kernel/build)
+#   VIRTIO_DMAHEAP_EXTRA_SYMBOLS  a Module.symvers of modules the driver links against
+#                                 besides the kernel's (KBUILD_EXTRA_SYMBOLS), e.g.
+#                                 the dma-heap core of tests/vm/build-dma-heaps
 #
 # Idempotent: sources are copied (mtimes kept) into a build directory inside
 # the tree (one per checkout), so make rebuilds only what changed. /proc is mounted for objtool in
@@ -57,12 +60,17 @@ for f in "$root$bdir/$sub"/*.[ch]; do
 done
 cp -p "$src/Kbuild" "$src"/*.[ch] "$root$bdir/$sub/"
 cp -p "$repo/spec/virtio_dmaheap.h" "$root$bdir/spec/"
+extra=
+if [ -n "${VIRTIO_DMAHEAP_EXTRA_SYMBOLS:-}" ]; then
+	cp -p "$VIRTIO_DMAHEAP_EXTRA_SYMBOLS" "$root$bdir/extra.symvers"
+	extra=KBUILD_EXTRA_SYMBOLS=$bdir/extra.symvers
+fi
 
 log=$root$bdir/build.log
 if ! unshare --mount --propagation private sh -c '
 	mount -t proc proc "$1/proc" &&
 	exec chroot "$1" make -C "/lib/modules/$2/build" M="$3/$4" \
-		W=1 KCFLAGS=-Werror modules' sh "$root" "$kver" "$bdir" "$sub" \
+		W=1 KCFLAGS=-Werror $5 modules' sh "$root" "$kver" "$bdir" "$sub" "$extra" \
 		>"$log" 2>&1; then
 	cat "$log" >&2
 	echo "build.sh: build failed" >&2
