@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::env::{self, SysHeap};
 use crate::host;
-use crate::sys::{self, errname, AllocationData, Buf, Heap, Map, PAGE};
+use crate::sys::{self, errname, AllocationData, Buf, Heap, Map};
 
 /// Settings shared by every case.
 #[derive(Debug, Clone)]
@@ -18,7 +18,7 @@ pub struct Ctx {
     pub reference: String,
     /// A heap with a small per-heap quota (daemon `--heap NAME=...,max-bytes=SIZE`).
     pub quota_heap: String,
-    /// How many 4 KiB buffers `many-small` holds at once.
+    /// How many one-page buffers `many-small` holds at once.
     pub many: usize,
     pub prefix: String,
     /// Print details (e.g. every ABI probe's outcome).
@@ -50,7 +50,7 @@ pub const CASES: &[(&str, &str, CaseFn)] = &[
     ("quota", "quota exhaustion gives ENOMEM and recovers after frees", quota),
     ("pool", "a freed small buffer is reused zeroed without a host round trip, given back when idle or when the quota is full", pool),
     ("sysfs", "heap properties in sysfs match what the daemon exports", sysfs),
-    ("many-small", "thousands of 4 KiB buffers held at once", many_small),
+    ("many-small", "thousands of one-page buffers held at once", many_small),
     ("reference-untouched", "the guest kernel's own heap still works and allocates nothing on the host", reference_untouched),
 ];
 
@@ -72,7 +72,7 @@ pub const EXPLICIT_CASES: &[(&str, &str, CaseFn)] = &[
         "uuid",
         "VIRTIO_DMAHEAP_F_UUID (importer loaded; memfd heap, no host udmabuf): buffers are \
          virtio_dma_bufs; get_uuid (8 callers at once) succeeds, is stable, counted by the \
-         daemon; every buffer its own random v4 UUID; a 4 KiB arena buffer gets EOPNOTSUPP \
+         daemon; every buffer its own random v4 UUID; a one-page arena buffer gets EOPNOTSUPP \
          and still works; a buffer asked for a UUID is never pooled",
         crate::uuid::uuid,
     ),
@@ -112,7 +112,7 @@ pub const EXPLICIT_CASES: &[(&str, &str, CaseFn)] = &[
     ),
     (
         "sharing-small",
-        "a 4 KiB arena buffer: EOPNOTSUPP without /dev/udmabuf on the host (it still \
+        "a one-page arena buffer: EOPNOTSUPP without /dev/udmabuf on the host (it still \
          works and is not exported); with /dev/udmabuf, a round trip",
         crate::sharing::small,
     ),
@@ -239,7 +239,13 @@ fn abi_sizes(ctx: &Ctx) -> Result<(), String> {
         let what = |m: &str| format!("{len} bytes: {m}");
         let buf = heap.alloc(len)?;
         let size = buf.size()?;
-        check(size == len, || what(&format!("dma-buf size is {size}")))?;
+        // Whole pages, as the kernel's system heap gives (4 KiB is one 16 KiB page there).
+        let want = sys::page_round(len);
+        check(size == want, || {
+            what(&format!("dma-buf size is {size}, want {want}"))
+        })?;
+        // From here on the whole buffer, which is what `mmap` maps.
+        let len = size;
         let m1 = buf.mmap()?;
         if let Some(pos) = m1.as_slice().iter().position(|&b| b != 0) {
             return Err(what(&format!(
@@ -275,7 +281,7 @@ fn abi_sizes(ctx: &Ctx) -> Result<(), String> {
     // kernel's own heap.
     let reference =
         Heap::open(&ctx.reference).map_err(|e| format!("open {}: {e}", ctx.reference))?;
-    for len in [1usize, 5000, PAGE + 1] {
+    for len in [1usize, 5000, sys::page() + 1] {
         let ours = heap.alloc(len)?.size()?;
         let theirs = reference.alloc(len)?.size()?;
         check(ours == theirs, || {
@@ -318,110 +324,120 @@ fn probes() -> Vec<Probe> {
         )
         .map(|_| ())
     }
+    // Lengths and offsets in pages of the guest's size, so each probe means the same with
+    // 4 and 16 KiB pages.
+    fn pages(n: u64) -> u64 {
+        n * sys::page() as u64
+    }
+    /// Maps `map_len` pages at page `off` of a `len`-page buffer.
     fn mapping(
         h: &Heap,
-        len: usize,
+        len: u64,
         fd_flags: u32,
-        map_len: usize,
-        off: i64,
+        map_len: u64,
+        off: u64,
         prot: i32,
         flags: i32,
     ) -> Outcome {
-        let buf = h.alloc_raw(len as u64, fd_flags, 0)?;
-        Map::new(buf.raw(), map_len, off, prot, flags).map(|_| ())
+        let buf = h.alloc_raw(pages(len), fd_flags, 0)?;
+        Map::new(
+            buf.raw(),
+            pages(map_len) as usize,
+            pages(off) as i64,
+            prot,
+            flags,
+        )
+        .map(|_| ())
     }
     const RW: i32 = libc::PROT_READ | libc::PROT_WRITE;
     vec![
         ("alloc fd_flags O_RDWR|O_CLOEXEC", |h| {
-            alloc(h, 4096, 0, rw_cloexec(), 0)
+            alloc(h, pages(1), 0, rw_cloexec(), 0)
         }),
         ("alloc fd_flags O_RDONLY", |h| {
-            alloc(h, 4096, 0, libc::O_RDONLY as u32, 0)
+            alloc(h, pages(1), 0, libc::O_RDONLY as u32, 0)
         }),
         ("alloc fd_flags O_WRONLY", |h| {
-            alloc(h, 4096, 0, libc::O_WRONLY as u32, 0)
+            alloc(h, pages(1), 0, libc::O_WRONLY as u32, 0)
         }),
         ("alloc fd_flags |O_NONBLOCK", |h| {
-            alloc(h, 4096, 0, rw_cloexec() | libc::O_NONBLOCK as u32, 0)
+            alloc(h, pages(1), 0, rw_cloexec() | libc::O_NONBLOCK as u32, 0)
         }),
         ("alloc fd_flags |O_APPEND", |h| {
-            alloc(h, 4096, 0, rw_cloexec() | libc::O_APPEND as u32, 0)
+            alloc(h, pages(1), 0, rw_cloexec() | libc::O_APPEND as u32, 0)
         }),
         ("alloc fd_flags 0x80000000", |h| {
-            alloc(h, 4096, 0, 0x8000_0000, 0)
+            alloc(h, pages(1), 0, 0x8000_0000, 0)
         }),
-        ("alloc heap_flags 1", |h| alloc(h, 4096, 0, rw_cloexec(), 1)),
+        ("alloc heap_flags 1", |h| {
+            alloc(h, pages(1), 0, rw_cloexec(), 1)
+        }),
         ("alloc heap_flags 1<<63", |h| {
-            alloc(h, 4096, 0, rw_cloexec(), 1 << 63)
+            alloc(h, pages(1), 0, rw_cloexec(), 1 << 63)
         }),
         ("alloc len 0", |h| alloc(h, 0, 0, rw_cloexec(), 0)),
         ("alloc len u64::MAX", |h| {
             alloc(h, u64::MAX, 0, rw_cloexec(), 0)
         }),
         ("alloc fd field nonzero", |h| {
-            alloc(h, 4096, 7, rw_cloexec(), 0)
+            alloc(h, pages(1), 7, rw_cloexec(), 0)
         }),
         ("mmap whole buffer", |h| {
-            mapping(h, 16384, rw_cloexec(), 16384, 0, RW, libc::MAP_SHARED)
+            mapping(h, 4, rw_cloexec(), 4, 0, RW, libc::MAP_SHARED)
         }),
         ("mmap last page", |h| {
-            mapping(h, 16384, rw_cloexec(), 4096, 12288, RW, libc::MAP_SHARED)
+            mapping(h, 4, rw_cloexec(), 1, 3, RW, libc::MAP_SHARED)
         }),
         ("mmap one page past the end", |h| {
-            mapping(h, 16384, rw_cloexec(), 20480, 0, RW, libc::MAP_SHARED)
+            mapping(h, 4, rw_cloexec(), 5, 0, RW, libc::MAP_SHARED)
         }),
         ("mmap at offset len", |h| {
-            mapping(h, 16384, rw_cloexec(), 4096, 16384, RW, libc::MAP_SHARED)
+            mapping(h, 4, rw_cloexec(), 1, 4, RW, libc::MAP_SHARED)
         }),
         ("mmap straddling the end", |h| {
-            mapping(h, 16384, rw_cloexec(), 8192, 12288, RW, libc::MAP_SHARED)
+            mapping(h, 4, rw_cloexec(), 2, 3, RW, libc::MAP_SHARED)
         }),
         ("mmap far offset", |h| {
-            mapping(h, 16384, rw_cloexec(), 4096, 1 << 40, RW, libc::MAP_SHARED)
+            mapping(h, 4, rw_cloexec(), 1, 1 << 28, RW, libc::MAP_SHARED)
         }),
         ("mmap PROT_WRITE of an O_RDONLY buffer", |h| {
-            mapping(
-                h,
-                16384,
-                libc::O_RDONLY as u32,
-                16384,
-                0,
-                RW,
-                libc::MAP_SHARED,
-            )
+            mapping(h, 4, libc::O_RDONLY as u32, 4, 0, RW, libc::MAP_SHARED)
         }),
         ("mmap PROT_READ of an O_RDONLY buffer", |h| {
             mapping(
                 h,
-                16384,
+                4,
                 libc::O_RDONLY as u32,
-                16384,
+                4,
                 0,
                 libc::PROT_READ,
                 libc::MAP_SHARED,
             )
         }),
         ("SYNC flags 0", |h| {
-            h.alloc_raw(4096, rw_cloexec(), 0)?.sync(0)
+            h.alloc_raw(pages(1), rw_cloexec(), 0)?.sync(0)
         }),
         ("SYNC flags END only", |h| {
-            h.alloc_raw(4096, rw_cloexec(), 0)?.sync(sys::SYNC_END)
+            h.alloc_raw(pages(1), rw_cloexec(), 0)?.sync(sys::SYNC_END)
         }),
         ("SYNC unknown flag 8", |h| {
-            h.alloc_raw(4096, rw_cloexec(), 0)?.sync(sys::SYNC_RW | 8)
+            h.alloc_raw(pages(1), rw_cloexec(), 0)?
+                .sync(sys::SYNC_RW | 8)
         }),
         ("SYNC READ end without start", |h| {
-            h.alloc_raw(4096, rw_cloexec(), 0)?
+            h.alloc_raw(pages(1), rw_cloexec(), 0)?
                 .sync(sys::SYNC_READ | sys::SYNC_END)
         }),
         ("SET_NAME 31 bytes", |h| {
-            h.alloc_raw(4096, rw_cloexec(), 0)?.set_name(&[b'n'; 31])
+            h.alloc_raw(pages(1), rw_cloexec(), 0)?
+                .set_name(&[b'n'; 31])
         }),
         ("SET_NAME 40 bytes", |h| {
-            h.alloc_raw(4096, rw_cloexec(), 0)?.set_name(&[b'n'; 40])
+            h.alloc_raw(pages(1), rw_cloexec(), 0)?
+                .set_name(&[b'n'; 40])
         }),
         ("unknown dma-buf ioctl", |h| {
-            let b = h.alloc_raw(4096, rw_cloexec(), 0)?;
+            let b = h.alloc_raw(pages(1), rw_cloexec(), 0)?;
             // SAFETY: an ioctl number no driver implements; the argument is not used.
             let rc = unsafe { libc::ioctl(b.raw(), 0x4008_62ff as _, 0usize) };
             if rc < 0 {
@@ -431,9 +447,9 @@ fn probes() -> Vec<Probe> {
             }
         }),
         ("ftruncate", |h| {
-            let b = h.alloc_raw(4096, rw_cloexec(), 0)?;
+            let b = h.alloc_raw(pages(1), rw_cloexec(), 0)?;
             // SAFETY: plain syscall on an fd we own.
-            let rc = unsafe { libc::ftruncate(b.raw(), 8192) };
+            let rc = unsafe { libc::ftruncate(b.raw(), pages(2) as i64) };
             if rc < 0 {
                 Err(sys::errno())
             } else {
@@ -512,12 +528,14 @@ fn mmap_filled(ctx: &Ctx) -> Result<(), String> {
     for &len in &[4 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20] {
         let what = |m: &str| format!("{len} bytes: {m}");
         let buf = heap.alloc(len)?;
+        // The buffer is whole pages (4 KiB is one 16 KiB page with 16 KiB pages).
+        let (len, page) = (sys::page_round(len), sys::page());
         let map = buf.mmap()?;
         let present = map.present_pages()?;
-        check(present == len / PAGE, || {
+        check(present == len / page, || {
             what(&format!(
                 "{present} of {} pages mapped after mmap",
-                len / PAGE
+                len / page
             ))
         })?;
         let before = minor_faults();
@@ -529,28 +547,28 @@ fn mmap_filled(ctx: &Ctx) -> Result<(), String> {
         // Zapped: a touch refills from the same buffer.
         map.dontneed()?;
         let present = map.present_pages()?;
-        check(present < len / PAGE, || {
+        check(present < len / page, || {
             what("MADV_DONTNEED left every page mapped")
         })?;
         map.check(len as u64)
             .map_err(|off| what(&format!("after MADV_DONTNEED byte {off} differs")))?;
         // A mapping at an offset is filled too.
-        if len > PAGE {
+        if len > page {
             let part = Map::new(
                 buf.raw(),
-                len - PAGE,
-                PAGE as i64,
+                len - page,
+                page as i64,
                 libc::PROT_READ,
                 libc::MAP_SHARED,
             )
-            .map_err(|e| what(&format!("mmap at offset {PAGE}: {}", errname(e))))?;
+            .map_err(|e| what(&format!("mmap at offset {page}: {}", errname(e))))?;
             let present = part.present_pages()?;
-            check(present == len / PAGE - 1, || {
+            check(present == len / page - 1, || {
                 what(&format!(
                     "{present} pages mapped after an mmap at an offset"
                 ))
             })?;
-            check(part.read_vec(0, 8) == map.read_vec(PAGE, 8), || {
+            check(part.read_vec(0, 8) == map.read_vec(page, 8), || {
                 what("the mapping at an offset shows other bytes")
             })?;
         }
@@ -592,7 +610,7 @@ fn mmap_filled(ctx: &Ctx) -> Result<(), String> {
             what(&format!("a child's mapping failed (status {status})"))
         })?;
         let again = buf.mmap()?;
-        check(again.present_pages()? == len / PAGE, || {
+        check(again.present_pages()? == len / page, || {
             what("an mmap after the child's is not filled")
         })?;
     }
@@ -680,7 +698,7 @@ fn android(ctx: &Ctx) -> Result<(), String> {
 fn android_on(name: &str) -> Result<(), String> {
     // libdmabufheap: open("/dev/dma_heap/<name>", O_RDONLY | O_CLOEXEC).
     let heap = Heap::open(name).map_err(|e| format!("open: {e}"))?;
-    let len = 3 * PAGE * 17; // an odd-sized graphics buffer
+    let len = 3 * sys::page() * 17; // an odd-sized graphics buffer
     let buf = heap
         .alloc_raw(len as u64, rw_cloexec(), 0)
         .map_err(|e| format!("alloc O_RDWR|O_CLOEXEC: {}", errname(e)))?;
@@ -754,7 +772,7 @@ fn zero_copy(ctx: &Ctx) -> Result<(), String> {
             host::expect(&t.host.id, off, &data).map_err(what)?;
         }
         // Host -> guest: bytes the host writes appear in the existing mapping.
-        for off in [PAGE.min(len - 64), len - 64] {
+        for off in [sys::page().min(len - 64), len - 64] {
             let data = sys::random_bytes(48);
             host::poke(&t.host.id, off, &data).map_err(what)?;
             env::wait_until(
@@ -770,7 +788,7 @@ fn zero_copy(ctx: &Ctx) -> Result<(), String> {
             })?;
         }
         // A whole-buffer round trip through the host: peek what the guest wrote.
-        let page = t.map.read_vec(0, PAGE.min(len));
+        let page = t.map.read_vec(0, sys::page().min(len));
         let seen = host::peek(&t.host.id, 0, page.len()).map_err(what)?;
         check(seen == page, || {
             what("host's view of the first page differs".into())
@@ -807,7 +825,7 @@ fn concurrent(ctx: &Ctx) -> Result<(), String> {
                 let mut rnd = sys::pattern(t as u64, 42);
                 for i in 0..ITER {
                     rnd = sys::pattern(rnd, i as u64);
-                    let len = PAGE * (1 + (rnd % 48) as usize);
+                    let len = sys::page() * (1 + (rnd % 48) as usize);
                     let buf = heap.alloc(len).map_err(|e| format!("thread {t}: {e}"))?;
                     let map = buf.mmap()?;
                     if map.as_slice().iter().any(|&b| b != 0) {
@@ -867,7 +885,7 @@ fn host_has(id: &str) -> Result<bool, String> {
 
 fn lifetime(ctx: &Ctx) -> Result<(), String> {
     let heap = Heap::open(&ctx.heap).map_err(|e| format!("open {}: {e}", ctx.heap))?;
-    for len in [PAGE, 16 << 20] {
+    for len in [sys::page(), 16 << 20] {
         let what = |m: String| format!("{len} bytes: {m}");
         // Closing the fd while a mapping exists: the buffer lives on, on both sides.
         let Tracked { buf, map, host } = track(&heap, len).map_err(what)?;
@@ -909,7 +927,7 @@ fn free_returns(ctx: &Ctx) -> Result<(), String> {
         .map(|i| match i {
             0..4 => BIG,
             4..12 => 1 << 20,
-            _ => PAGE,
+            _ => sys::page(),
         })
         .collect();
     let mut bufs = Vec::new();
@@ -1032,8 +1050,8 @@ fn pool(ctx: &Ctx) -> Result<(), String> {
 
     // One buffer per request first, so that every count below is exact.
     let single = ParamGuard::set("pool_batch", "1")?;
-    // A freed 4 KiB buffer stays allocated on the host and comes back, zeroed.
-    let first = track(&heap, PAGE)?;
+    // A freed one-page buffer stays allocated on the host and comes back, zeroed.
+    let first = track(&heap, sys::page())?;
     first.map.fill(7);
     let id = first.host.id.clone();
     drop(first);
@@ -1041,14 +1059,14 @@ fn pool(ctx: &Ctx) -> Result<(), String> {
     check(pooled == 1 && used == 0 && st.buffers == 1, || {
         format!("after freeing one buffer: pooled {pooled}, used {used}, daemon {st:?}")
     })?;
-    let again = heap.alloc(PAGE)?;
+    let again = heap.alloc(sys::page())?;
     let map = again.mmap()?;
     check(map.as_slice().iter().all(|&b| b == 0), || {
         "a reused buffer is not zeroed".into()
     })?;
     let tag = sys::random_bytes(16);
     map.write(0, &tag);
-    let host = host::find_buffer(&tag, PAGE)?;
+    let host = host::find_buffer(&tag, sys::page())?;
     check(host.id == id, || {
         format!(
             "reused buffer is host buffer {}, the freed one was {id}",
@@ -1060,7 +1078,7 @@ fn pool(ctx: &Ctx) -> Result<(), String> {
         format!("after the reuse: pooled {pooled}, used {used}, daemon {st:?}")
     })?;
     // Another size is a new host buffer.
-    let other = heap.alloc(2 * PAGE)?;
+    let other = heap.alloc(2 * sys::page())?;
     let st = env::daemon_heap_stats(&ctx.daemon_name(&ctx.heap))?;
     check(st.buffers == 2, || format!("a second size: daemon {st:?}"))?;
     drop((map, again, other));
@@ -1073,7 +1091,7 @@ fn pool(ctx: &Ctx) -> Result<(), String> {
     // it: a burst of allocations costs one request.
     if heap_has_feature(&sh, 4)? {
         let _batch = ParamGuard::set("pool_batch", "4")?;
-        let len = 3 * PAGE;
+        let len = 3 * sys::page();
         let mut burst = vec![heap.alloc(len)?];
         let (pooled, used, st) = pool_counts(ctx, &sh)?;
         check(pooled == 3 && used == 1 && st.buffers == 4, || {
@@ -1130,18 +1148,18 @@ fn pool(ctx: &Ctx) -> Result<(), String> {
     })?;
     let mut small = Vec::new();
     let err = loop {
-        match heap.alloc_raw(PAGE as u64, rw_cloexec(), 0) {
+        match heap.alloc_raw(sys::page() as u64, rw_cloexec(), 0) {
             Ok(b) => small.push(b),
             Err(e) => break e,
         }
-        check(small.len() as u64 * (PAGE as u64) <= cap, || {
+        check(small.len() as u64 * (sys::page() as u64) <= cap, || {
             format!("{} pages from a {cap}-byte quota", small.len())
         })?;
     };
-    let got = (small.len() * PAGE) as u64;
+    let got = (small.len() * sys::page()) as u64;
     check(err == libc::ENOMEM && got + (BIG as u64) > cap, || {
         format!(
-            "with {n} x 64 KiB pooled, 4 KiB buffers got {got} of {cap} bytes, then {}",
+            "with {n} x 64 KiB pooled, one-page buffers got {got} of {cap} bytes, then {}",
             errname(err)
         )
     })?;
@@ -1187,7 +1205,11 @@ fn quota(ctx: &Ctx) -> Result<(), String> {
     })?;
     // Smaller requests that still do not fit fail the same way; a page may still fit.
     let small = heap
-        .alloc_raw((cap - got + PAGE as u64).max(PAGE as u64), rw_cloexec(), 0)
+        .alloc_raw(
+            (cap - got + sys::page() as u64).max(sys::page() as u64),
+            rw_cloexec(),
+            0,
+        )
         .map(|_| ());
     check(small == Err(libc::ENOMEM), || {
         format!("alloc over the quota gives {}", outcome_str(&small))
@@ -1283,10 +1305,10 @@ fn sysfs(ctx: &Ctx) -> Result<(), String> {
             e(format!("cache {cache:?}"));
         }
         let align = num("min_align");
-        if !align.is_power_of_two() || align < PAGE as u64 {
+        if !align.is_power_of_two() || align < sys::page() as u64 {
             e(format!("min_align {align}"));
         }
-        if num("max_size") == 0 || num("max_size") % PAGE as u64 != 0 {
+        if num("max_size") == 0 || num("max_size") % sys::page() as u64 != 0 {
             e(format!("max_size {}", num("max_size")));
         }
         // Against the daemon's own configuration of this heap, with the defaults its
@@ -1313,7 +1335,7 @@ fn sysfs(ctx: &Ctx) -> Result<(), String> {
         let global = limits.max_bytes.min(limits.shm_size);
         for (file, want) in [
             ("max_size", size_opt("max-size", limits.shm_size)),
-            ("min_align", size_opt("align", PAGE as u64)),
+            ("min_align", size_opt("align", sys::page() as u64)),
             (
                 "capacity",
                 size_opt("max-bytes", global).map(|b| b.min(global)),
@@ -1408,19 +1430,19 @@ fn many_small(ctx: &Ctx) -> Result<(), String> {
     let mut held = Vec::with_capacity(n);
     for i in 0..n {
         let b = heap
-            .alloc(PAGE)
+            .alloc(sys::page())
             .map_err(|e| format!("after {i} buffers: {e}"))?;
         let m = b.mmap().map_err(|e| format!("after {i} buffers: {e}"))?;
         let mut tag = run.clone();
         tag.extend_from_slice(&(i as u64).to_le_bytes());
         m.write(0, &tag);
-        m.write(PAGE - 8, &(i as u64).to_le_bytes());
+        m.write(sys::page() - 8, &(i as u64).to_le_bytes());
         held.push((b, m, tag));
     }
     let alloc_time = t0.elapsed();
     for (i, (_, m, tag)) in held.iter().enumerate() {
         check(
-            m.read_vec(0, 16) == *tag && m.read_vec(PAGE - 8, 8) == (i as u64).to_le_bytes(),
+            m.read_vec(0, 16) == *tag && m.read_vec(sys::page() - 8, 8) == (i as u64).to_le_bytes(),
             || format!("buffer {i} does not hold its own bytes (overlap?)"),
         )?;
     }
@@ -1446,8 +1468,8 @@ fn many_small(ctx: &Ctx) -> Result<(), String> {
     })?;
     // Spot-check on the host: the last buffer is where the host says and holds its bytes.
     let (_, _, tag) = held.last().ok_or("no buffers")?;
-    let hb = host::find_buffer(tag, PAGE)?;
-    host::expect(&hb.id, PAGE - 8, &((n - 1) as u64).to_le_bytes())?;
+    let hb = host::find_buffer(tag, sys::page())?;
+    host::expect(&hb.id, sys::page() - 8, &((n - 1) as u64).to_le_bytes())?;
     drop(held);
     let mut last = st;
     env::wait_until(
@@ -1503,7 +1525,7 @@ fn daemon_death(ctx: &Ctx) -> Result<(), String> {
     let mut held = Vec::with_capacity(N);
     for i in 0..N {
         let b = heap
-            .alloc(PAGE)
+            .alloc(sys::page())
             .map_err(|e| format!("after {i} buffers: {e}"))?;
         let m = b.mmap()?;
         m.write(0, &(i as u64).to_le_bytes());
@@ -1541,7 +1563,10 @@ fn device_reset(ctx: &Ctx) -> Result<(), String> {
     wait_pool_empty(ctx, &env::sysfs_heap(&ctx.heap)?, "an idle heap")?;
     // Small buffers (arenas) and a large one (its own mapping), mapped and written.
     let mut held = Vec::new();
-    for (i, len) in [PAGE, PAGE, 64 << 10, 16 << 20].into_iter().enumerate() {
+    for (i, len) in [sys::page(), sys::page(), 64 << 10, 16 << 20]
+        .into_iter()
+        .enumerate()
+    {
         let b = heap.alloc(len)?;
         let m = b.mmap()?;
         m.fill(i as u64);
@@ -1583,7 +1608,7 @@ fn device_reset(ctx: &Ctx) -> Result<(), String> {
         },
     )
     .map_err(|e| format!("{e}: before {before:?}, now {last:?}"))?;
-    let r = heap.alloc_raw(PAGE as u64, rw_cloexec(), 0);
+    let r = heap.alloc_raw(sys::page() as u64, rw_cloexec(), 0);
     check(matches!(r, Err(libc::ENODEV)), || {
         format!("ALLOC after the reset: {:?}, want ENODEV", r.map(|_| ()))
     })?;
@@ -1602,7 +1627,7 @@ fn importer(ctx: &Ctx) -> Result<(), String> {
     let heap = Heap::open(&ctx.heap).map_err(|e| format!("open {}: {e}", ctx.heap))?;
     // A sub-allocated small buffer (not at the start of its host mapping), an odd size,
     // and one large enough for a mapping of its own.
-    for len in [PAGE, 3 * PAGE + (1 << 20), 16 << 20] {
+    for len in [sys::page(), 3 * sys::page() + (1 << 20), 16 << 20] {
         let b = heap.alloc(len)?;
         let m = b.mmap()?;
         let pattern: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();

@@ -18,10 +18,12 @@ use std::time::{Duration, Instant};
 use crate::cases::{heap_has_feature, Ctx, ParamGuard};
 use crate::env::{self, Overview};
 use crate::host;
-use crate::sys::{self, errname, Buf, Heap, Map, PAGE};
+use crate::sys::{self, errname, Buf, Heap, Map};
 
-/// Small (arena), arena-sized, and large enough for a mapping of its own.
-const SIZES: [usize; 4] = [PAGE, 64 << 10, 2 << 20, 16 << 20];
+/// Small (one page, in an arena), arena-sized, and large enough for a mapping of its own.
+fn sizes() -> [usize; 4] {
+    [sys::page(), 64 << 10, 2 << 20, 16 << 20]
+}
 const IMPORTER: &str = "/sys/module/dmaheap_importer/parameters";
 
 fn check(cond: bool, msg: impl FnOnce() -> String) -> Result<(), String> {
@@ -86,7 +88,10 @@ impl Held {
 }
 
 fn hold_all(heap: &Heap) -> Result<Vec<Held>, String> {
-    SIZES.iter().map(|&len| Held::new(heap, len)).collect()
+    sizes()
+        .into_iter()
+        .map(|len| Held::new(heap, len))
+        .collect()
 }
 
 fn check_all(held: &[Held], what: &str) -> Result<(), String> {
@@ -182,7 +187,7 @@ fn daemon_holds(buffers: u64) -> Result<Overview, String> {
 
 /// Allocation works, buffers are zeroed and the host sees the guest's writes.
 fn allocation_works(heap: &Heap) -> Result<(), String> {
-    for len in [PAGE, 16 << 20] {
+    for len in [sys::page(), 16 << 20] {
         let b = heap.alloc(len)?;
         let m = b.mmap()?;
         check(m.as_slice().iter().all(|&x| x == 0), || {
@@ -208,7 +213,7 @@ pub fn pause_resume(ctx: &Ctx) -> Result<(), String> {
     let heap = open_heap(ctx)?;
     let base = env::daemon_overview()?.buffers;
     let held = hold_all(&heap)?;
-    let churn = Churn::start(&ctx.heap, &[PAGE, 16 << 20]);
+    let churn = Churn::start(&ctx.heap, &[sys::page(), 16 << 20]);
     if let Err(e) = churn.warm_up(4) {
         return Err(format!("{e}; the threads: {:?}", churn.finish()));
     }
@@ -294,7 +299,7 @@ fn suspend_case(ctx: &Ctx, state: &str) -> Result<(), String> {
     let heap = open_heap(ctx)?;
     let base = env::daemon_overview()?.buffers;
     let held = hold_all(&heap)?;
-    let churn = Churn::start(&ctx.heap, &[PAGE, 16 << 20]);
+    let churn = Churn::start(&ctx.heap, &[sys::page(), 16 << 20]);
     let resumed_before = dmesg().matches("session resumed").count();
     suspend(state)?;
     let n = churn.finish()?;
@@ -380,7 +385,7 @@ pub fn rebind(ctx: &Ctx) -> Result<(), String> {
     }
     let again = Map::new(
         held[0].buf.raw(),
-        PAGE,
+        sys::page(),
         0,
         libc::PROT_READ,
         libc::MAP_SHARED,
@@ -395,7 +400,11 @@ pub fn rebind(ctx: &Ctx) -> Result<(), String> {
         r.as_ref().err().and_then(|e| e.raw_os_error()) == Some(libc::EINVAL),
         || format!("a kernel importer could still use a revoked buffer: {r:?}"),
     )?;
-    let r = heap.alloc_raw(PAGE as u64, (libc::O_RDWR | libc::O_CLOEXEC) as u32, 0);
+    let r = heap.alloc_raw(
+        sys::page() as u64,
+        (libc::O_RDWR | libc::O_CLOEXEC) as u32,
+        0,
+    );
     check(matches!(r, Err(libc::ENODEV)), || {
         format!("ALLOC while unbound: {:?}", r.map(|_| ()))
     })?;
@@ -417,7 +426,7 @@ pub fn rebind(ctx: &Ctx) -> Result<(), String> {
         },
     )?;
     let fresh: Vec<Held> = (0..3)
-        .flat_map(|_| SIZES)
+        .flat_map(|_| sizes())
         .map(|len| Held::new(&heap, len))
         .collect::<Result<_, _>>()?;
     for f in &fresh {
@@ -475,7 +484,7 @@ pub fn mmap_revoke(ctx: &Ctx) -> Result<(), String> {
     for round in 0..ROUNDS {
         let what = |m: String| format!("round {round}: {m}");
         let bufs: Vec<Buf> = (0..THREADS * 4)
-            .map(|i| heap.alloc(if i % 2 == 0 { PAGE } else { 64 << 10 }))
+            .map(|i| heap.alloc(if i % 2 == 0 { sys::page() } else { 64 << 10 }))
             .collect::<Result<_, _>>()?;
         let stop = Arc::new(AtomicBool::new(false));
         let mappers: Vec<JoinHandle<Mapped>> = bufs
@@ -649,12 +658,12 @@ pub fn killable(ctx: &Ctx) -> Result<(), String> {
     // A heap the device marks NO_SYNC never waits for the device in SYNC.
     let host_sync = !(heap_has_feature(&sh, 3)? && dmesg_says_no_host_sync(&ctx.heap)?);
     let base = env::daemon_overview()?.buffers;
-    let synced = heap.alloc(PAGE)?;
+    let synced = heap.alloc(sys::page())?;
     let name = ctx.heap.clone();
     host::call(&["stop-daemon"])?;
     let res = (|| -> Result<(), String> {
         let t = killed_while_waiting("ALLOC", move || {
-            Heap::open(&name).map_or(2, |h| i32::from(h.alloc(PAGE).is_err()))
+            Heap::open(&name).map_or(2, |h| i32::from(h.alloc(sys::page()).is_err()))
         })?;
         eprintln!("  killable: ALLOC ended {t:.1?} after SIGKILL");
         let fd = synced.raw();

@@ -7,11 +7,13 @@
 use crate::cases::{heap_has_feature, Ctx};
 use crate::env;
 use crate::host;
-use crate::sys::{self, errname, Heap, PAGE};
+use crate::sys::{self, errname, Heap};
 
 /// 16 MiB and a page: above the default small-buffer limit, and a size no arena has
 /// (arenas are multiples of 2 MiB), so L1 finds the buffer's mapping by its size.
-const LEN: usize = (16 << 20) + PAGE;
+fn buf_len() -> usize {
+    (16 << 20) + sys::page()
+}
 /// SYNC brackets per traced run.
 const BRACKETS: u64 = 50;
 
@@ -63,12 +65,12 @@ pub fn host_pages(ctx: &Ctx) -> Result<(), String> {
     let heap = Heap::open(&ctx.heap).map_err(|e| format!("open {}: {e}", ctx.heap))?;
     // L1 records the page frames the kernel maps into QEMU and the daemon from now on.
     host::call(&["pfns-start"])?;
-    let buf = heap.alloc(LEN)?;
+    let buf = heap.alloc(buf_len())?;
     let map = buf.mmap()?;
     // Every page written: QEMU's page table (which KVM fills on L2's faults) has them all.
     let seed = u64::from_le_bytes(sys::random_bytes(8).try_into().unwrap_or_default());
     map.fill(seed);
-    let out = host::call(&["pfns", &LEN.to_string()])?;
+    let out = host::call(&["pfns", &buf_len().to_string()])?;
     for l in out.lines() {
         println!("  host-pages {}: {l}", ctx.heap);
     }
@@ -78,20 +80,21 @@ pub fn host_pages(ctx: &Ctx) -> Result<(), String> {
         .collect();
     check(qemu.len() == 1, || {
         format!(
-            "want one {LEN}-byte mapping in L2's QEMU, L1 found {}:\n{out}",
+            "want one {}-byte mapping in L2's QEMU, L1 found {}:\n{out}",
+            buf_len(),
             qemu.len()
         )
     })?;
     let q = pages(qemu[0])?;
     check(
-        q.present == q.total && q.total == (LEN / PAGE) as u64,
+        q.present == q.total && q.total == (buf_len() / sys::page()) as u64,
         || {
             format!(
                 "only {}/{} pages of the buffer are mapped in QEMU after the guest wrote \
                  every one (want {}):\n{out}",
                 q.present,
                 q.total,
-                LEN / PAGE
+                buf_len() / sys::page()
             )
         },
     )?;
@@ -170,7 +173,7 @@ pub fn host_sync(ctx: &Ctx) -> Result<(), String> {
     )?;
     let name = ctx.daemon_name(&ctx.heap);
     let heap = Heap::open(&ctx.heap).map_err(|e| format!("open {}: {e}", ctx.heap))?;
-    let buf = heap.alloc(LEN)?;
+    let buf = heap.alloc(buf_len())?;
     let map = buf.mmap()?;
     let run = |sync: bool| -> Result<(u64, u64), String> {
         let start = host::call(&["trace-start", &name])?;
@@ -180,7 +183,7 @@ pub fn host_sync(ctx: &Ctx) -> Result<(), String> {
                     buf.sync(sys::SYNC_START | sys::SYNC_RW)
                         .map_err(|e| format!("SYNC START: {}", errname(e)))?;
                 }
-                map.write((i as usize * PAGE) % LEN, &i.to_le_bytes());
+                map.write((i as usize * sys::page()) % buf_len(), &i.to_le_bytes());
                 if sync {
                     buf.sync(sys::SYNC_END | sys::SYNC_RW)
                         .map_err(|e| format!("SYNC END: {}", errname(e)))?;

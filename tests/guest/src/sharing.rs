@@ -214,6 +214,8 @@ fn seed() -> u64 {
 /// One CHECK round trip of a `len`-byte buffer.
 fn roundtrip_one(s: &Sharing, heap: &Heap, len: usize) -> Result<String, String> {
     let what = format!("{} KiB", len >> 10);
+    // The dma-buf is whole pages (4 KiB is one 16 KiB page with 16 KiB pages).
+    let len = sys::page_round(len);
     let (a, b, c) = (seed(), seed(), seed());
     let (buf, map) = filled(heap, len, a).map_err(|e| format!("{what}: {e}"))?;
     let r = must_ok(&format!("{what} CHECK"), s.op(OP_CHECK, Some(&buf), a, b))?;
@@ -255,7 +257,7 @@ pub fn roundtrip(ctx: &Ctx) -> Result<(), String> {
     let limit = arena_limit(ctx)?;
     let udmabuf = host_has_udmabuf()?;
     for len in [4usize << 10, 64 << 10, 1 << 20, 8 << 20] {
-        if len as u64 <= limit && !udmabuf {
+        if sys::page_round(len) as u64 <= limit && !udmabuf {
             // An arena buffer without /dev/udmabuf on the host: not exportable alone.
             let (buf, _map) = filled(&heap, len, 1)?;
             let r = s.op(OP_CHECK, Some(&buf), 1, 2);
@@ -470,7 +472,7 @@ pub fn unknown(ctx: &Ctx) -> Result<(), String> {
     })?;
     // The guest kernel's own heap gives plain dma-bufs: not virtio_dma_bufs.
     if let Ok(reference) = Heap::open(&ctx.reference) {
-        let b = reference.alloc(4096)?;
+        let b = reference.alloc(sys::page())?;
         let r = s.op(OP_CHECK, Some(&b), 0, 0);
         check(matches!(r, Err(libc::EMEDIUMTYPE)), || {
             format!(
@@ -507,25 +509,25 @@ pub fn small(ctx: &Ctx) -> Result<(), String> {
     let heap = Heap::open(&ctx.heap).map_err(|e| format!("open {}: {e}", ctx.heap))?;
     let udmabuf = host_has_udmabuf()?;
     let limit = arena_limit(ctx)?;
-    check(4096 <= limit, || {
-        format!("heap {}: 4 KiB buffers do not share arenas", ctx.heap)
+    check(sys::page() as u64 <= limit, || {
+        format!("heap {}: one-page buffers do not share arenas", ctx.heap)
     })?;
     let (a, b) = (seed(), seed());
-    let (buf, map) = filled(&heap, 4096, a)?;
+    let (buf, map) = filled(&heap, sys::page(), a)?;
     let before = counts(ctx)?;
     let r = s.op(OP_CHECK, Some(&buf), a, b);
     if udmabuf {
-        must_ok("4 KiB arena buffer with /dev/udmabuf on the host", r)?;
-        return guest_sees(&buf, &map, b, "4 KiB");
+        must_ok("a one-page arena buffer with /dev/udmabuf on the host", r)?;
+        return guest_sees(&buf, &map, b, "one page");
     }
     check(matches!(r, Err(libc::EOPNOTSUPP)), || {
         format!(
-            "a 4 KiB arena buffer, no /dev/udmabuf on the host: {:?}, want EOPNOTSUPP",
+            "a one-page arena buffer, no /dev/udmabuf on the host: {:?}, want EOPNOTSUPP",
             r.map_err(errname)
         )
     })?;
     // Refused, it still works for the guest and is not exported.
-    guest_sees(&buf, &map, a, "4 KiB after the refusal")?;
+    guest_sees(&buf, &map, a, "one page after the refusal")?;
     let c = counts(ctx)?;
     check(c.exported == before.exported, || {
         format!("refused, yet exported: stats {c:?}, before {before:?}")

@@ -41,7 +41,24 @@ pub const SYNC_RW: u64 = 3;
 pub const SYNC_START: u64 = 0;
 pub const SYNC_END: u64 = 4;
 
-pub const PAGE: usize = 4096;
+/// The guest's page size (sysconf(_SC_PAGESIZE)): 4 KiB on x86, 4 or 16 KiB on arm64. The
+/// dma-heap core and every heap round a length up to it, so a dma-buf is whole pages.
+pub fn page() -> usize {
+    static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *PAGE.get_or_init(|| {
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        usize::try_from(n)
+            .ok()
+            .filter(|n| n.is_power_of_two())
+            .unwrap_or_else(|| panic!("sysconf(_SC_PAGESIZE) = {n}"))
+    })
+}
+
+/// `len` rounded up to whole pages: the size the kernel's system heap gives a request.
+pub fn page_round(len: usize) -> usize {
+    len.next_multiple_of(page())
+}
 
 /// The errno of the last failed call.
 pub fn errno() -> i32 {
@@ -161,15 +178,18 @@ impl Buf {
         Ok(end as usize)
     }
 
+    /// A shared read-write mapping of the whole buffer: the length asked for, rounded up
+    /// to whole pages as the dma-buf's size is.
     pub fn mmap(&self) -> Result<Map, String> {
+        let len = page_round(self.len);
         Map::new(
             self.raw(),
-            self.len,
+            len,
             0,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_SHARED,
         )
-        .map_err(|e| format!("mmap {} bytes: {}", self.len, errname(e)))
+        .map_err(|e| format!("mmap {len} bytes: {}", errname(e)))
     }
 
     pub fn sync(&self, flags: u64) -> Result<(), i32> {
@@ -231,9 +251,9 @@ impl Map {
         use std::os::unix::fs::FileExt as _;
         let f = std::fs::File::open("/proc/self/pagemap")
             .map_err(|e| format!("open /proc/self/pagemap: {e}"))?;
-        let pages = self.len.div_ceil(PAGE);
+        let pages = self.len.div_ceil(page());
         let mut raw = vec![0u8; pages * 8];
-        let at = (self.ptr.as_ptr() as usize / PAGE * 8) as u64;
+        let at = (self.ptr.as_ptr() as usize / page() * 8) as u64;
         f.read_exact_at(&mut raw, at)
             .map_err(|e| format!("read /proc/self/pagemap: {e}"))?;
         Ok(raw

@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::cases::{heap_has_feature, Ctx, ParamGuard};
 use crate::env;
 use crate::host;
-use crate::sys::{self, errname, Buf, Heap, PAGE};
+use crate::sys::{self, errname, Buf, Heap};
 
 pub const UUID_PARAM: &str = "/sys/module/dmaheap_importer/parameters/uuid";
 const UUID_RACE_PARAM: &str = "/sys/module/dmaheap_importer/parameters/uuid_race";
@@ -124,7 +124,8 @@ fn kernel_has_virtio_dma_buf() -> bool {
 /// (vmap, attach through virtio_dma_buf_attach, DMA map, CPU access) pass.
 fn still_works(buf: &Buf, what: &str) -> Result<(), String> {
     let what = |m: String| format!("{what}: {m}");
-    let len = buf.len;
+    // The whole buffer: the importer checks every byte of it.
+    let len = sys::page_round(buf.len);
     let map = buf.mmap().map_err(what)?;
     let tag = sys::random_bytes(16);
     map.write(0, &tag);
@@ -173,18 +174,18 @@ pub fn uuid(ctx: &Ctx) -> Result<(), String> {
     let heap = open_heap(&ctx.heap)?;
     // A small buffer shares an arena: without /dev/udmabuf on the host it cannot be shared
     // alone (S_UNSUPP -> EOPNOTSUPP), every time, and it still works.
-    let small = heap.alloc(PAGE)?;
+    let small = heap.alloc(sys::page())?;
     for n in ["first", "second"] {
         let r = get_uuid(&small)?;
         check(r == Err(libc::EOPNOTSUPP), || {
             format!(
-                "{n} get_uuid of a 4 KiB arena buffer: {}, want EOPNOTSUPP (memfd arena, \
+                "{n} get_uuid of a one-page arena buffer: {}, want EOPNOTSUPP (memfd arena, \
                  no udmabuf on the host)",
                 uuid_or_errno(r)
             )
         })?;
     }
-    still_works(&small, "a 4 KiB buffer refused a UUID")?;
+    still_works(&small, "a one-page buffer refused a UUID")?;
     drop(small);
     not_pooled(ctx, &heap)?;
 
@@ -288,14 +289,14 @@ fn not_pooled(ctx: &Ctx, heap: &Heap) -> Result<(), String> {
         Ok(sh.num("buffers_pooled")? == 0)
     })?;
     let pooled0 = 0;
-    // Asked (and refused: a 4 KiB arena buffer) for a UUID: freed on the host.
-    let asked = heap.alloc(PAGE)?;
+    // Asked (and refused: a one-page arena buffer) for a UUID: freed on the host.
+    let asked = heap.alloc(sys::page())?;
     let map = asked.mmap()?;
     let tag = sys::random_bytes(16);
     map.write(0, &tag);
-    let hb = host::find_buffer(&tag, PAGE)?;
+    let hb = host::find_buffer(&tag, sys::page())?;
     let r = get_uuid(&asked)?;
-    check(r.is_err(), || "a 4 KiB arena buffer got a UUID".into())?;
+    check(r.is_err(), || "a one-page arena buffer got a UUID".into())?;
     drop((map, asked));
     let pooled = sh.num("buffers_pooled")?;
     check(pooled == pooled0, || {
@@ -312,10 +313,10 @@ fn not_pooled(ctx: &Ctx, heap: &Heap) -> Result<(), String> {
         },
     )?;
     // The control: one never asked is pooled.
-    drop(heap.alloc(PAGE)?);
+    drop(heap.alloc(sys::page())?);
     let pooled = sh.num("buffers_pooled")?;
     check(pooled == pooled0 + 1, || {
-        format!("a plain 4 KiB buffer was not pooled: buffers_pooled {pooled0} -> {pooled}")
+        format!("a plain one-page buffer was not pooled: buffers_pooled {pooled0} -> {pooled}")
     })
 }
 
@@ -404,7 +405,7 @@ pub fn uuid_off(ctx: &Ctx) -> Result<(), String> {
         )
     })?;
     let heap = open_heap(&ctx.heap)?;
-    for len in [PAGE, OWN] {
+    for len in [sys::page(), OWN] {
         let b = heap.alloc(len)?;
         let r = get_uuid(&b)?;
         check(r == Err(libc::EMEDIUMTYPE), || {
