@@ -96,7 +96,10 @@ fn rust_consts() -> BTreeMap<&'static str, u64> {
         ("VIRTIO_DMAHEAP_F_SESSION", VIRTIO_DMAHEAP_F_SESSION.into()),
         ("VIRTIO_DMAHEAP_F_NO_SYNC", VIRTIO_DMAHEAP_F_NO_SYNC.into()),
         ("VIRTIO_DMAHEAP_F_BATCH", VIRTIO_DMAHEAP_F_BATCH.into()),
-        ("VIRTIO_DMAHEAP_F_PAGE_SIZE", VIRTIO_DMAHEAP_F_PAGE_SIZE.into()),
+        (
+            "VIRTIO_DMAHEAP_F_PAGE_SIZE",
+            VIRTIO_DMAHEAP_F_PAGE_SIZE.into(),
+        ),
         (
             "VIRTIO_DMAHEAP_PAGE_SIZE_MAX",
             VIRTIO_DMAHEAP_PAGE_SIZE_MAX.into(),
