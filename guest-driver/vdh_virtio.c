@@ -349,11 +349,12 @@ static int vdh_probe(struct virtio_device *vdev)
 	mutex_unlock(&vd->life_lock);
 	if (ret)
 		goto stop_dev;
-	dev_info(&vdev->dev, "%u heap(s), buffer window %#llx+%#llx, queue %u%s%s%s%s\n",
+	dev_info(&vdev->dev, "%u heap(s), buffer window %#llx+%#llx, queue %u%s%s%s%s%s\n",
 		 num_heaps, (u64)win->base, win->size,
 		 virtqueue_get_vring_size(vd->vq), vd->has_sync ? ", sync" : "",
 		 vd->has_session ? ", sessions" : "", vd->has_batch ? ", batch" : "",
-		 vd->has_uuid ? ", uuid" : "");
+		 vd->has_uuid ? ", uuid" : "",
+		 vd->has_page_size ? ", page-size" : "");
 	return 0;
 
 stop_dev:
