@@ -171,6 +171,7 @@ struct vdh_dev {
 	bool has_session;
 	bool has_no_sync;		/* heaps may say SYNC does nothing on the host */
 	bool has_batch;			/* ALLOC_BATCH */
+	bool has_page_size;		/* SESSION_OPEN states PAGE_SIZE */
 	bool has_uuid;			/* ASSIGN_UUID: buffers are virtio_dma_bufs */
 	u64 session;			/* open (or suspended) session, 0: none */
 	bool suspended;			/* SESSION_CLOSE suspended the session at freeze */

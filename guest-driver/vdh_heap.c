@@ -222,8 +222,7 @@ static int vdh_check_info(const struct virtio_dmaheap_heap_info *info)
 	if (strnlen(info->name, sizeof(info->name)) == sizeof(info->name) ||
 	    !vdh_name_ok(info->name))
 		return -EINVAL;
-	if (!is_power_of_2(align) || align < VIRTIO_DMAHEAP_PAGE_SIZE ||
-	    align < PAGE_SIZE)
+	if (!is_power_of_2(align) || align < VIRTIO_DMAHEAP_PAGE_SIZE)
 		return -EINVAL;
 	if (le32_to_cpu(info->cache) >= ARRAY_SIZE(vdh_cache_names))
 		return -EINVAL;
@@ -342,6 +341,19 @@ static int vdh_heap_probe(struct vdh_dev *vd, u32 id)
 	}
 	if (vdh_check_info(&info)) {
 		pr_err("heap %u: device sent an invalid description\n", id);
+		return -EINVAL;
+	}
+	/* A buffer must not share a guest page with another one. */
+	if (le64_to_cpu(info.min_align) < PAGE_SIZE) {
+		if (vd->has_page_size)
+			pr_err("heap %s: min_align %llu is below the page size %lu this driver stated at SESSION_OPEN: device bug, heap not used\n",
+			       info.name, le64_to_cpu(info.min_align),
+			       PAGE_SIZE);
+		else
+			pr_err("heap %s: min_align %llu is below the guest page size %lu and the device does not offer VIRTIO_DMAHEAP_F_PAGE_SIZE: heap not used. Give the heap align=%luK on the host (vhost-user-dmaheap --heap %s=SOURCE,align=%luK) or use a device that offers the feature\n",
+			       info.name, le64_to_cpu(info.min_align),
+			       PAGE_SIZE, PAGE_SIZE >> 10, info.name,
+			       PAGE_SIZE >> 10);
 		return -EINVAL;
 	}
 	name = kasprintf(GFP_KERNEL, "%s%s", heap_prefix, info.name);

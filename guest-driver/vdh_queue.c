@@ -41,6 +41,7 @@ union vdh_req_buf {
 	struct virtio_dmaheap_sync_req sync;
 	struct virtio_dmaheap_assign_uuid_req assign_uuid;
 	struct virtio_dmaheap_session_open_req open;
+	struct virtio_dmaheap_session_open_page_req open_page;
 	struct virtio_dmaheap_session_close_req close;
 	struct virtio_dmaheap_reserve_req reserve;
 	struct virtio_dmaheap_alloc_batch_req alloc_batch;
@@ -649,11 +650,26 @@ int vdh_remote_session_open(struct vdh_dev *vd, u64 resume_id, u64 *id)
 	struct vdh_req *r;
 	int ret;
 
-	r = vdh_req_alloc(VIRTIO_DMAHEAP_REQ_SESSION_OPEN, sizeof(r->req.open),
-			  sizeof(r->resp.open), GFP_KERNEL);
-	if (!r)
-		return -ENOMEM;
-	r->req.open.resume_id = cpu_to_le64(resume_id);
+	/*
+	 * With VIRTIO_DMAHEAP_F_PAGE_SIZE the device aligns the session's buffers
+	 * to our page size. A resume states the same one: it is this kernel's.
+	 */
+	if (vd->has_page_size) {
+		r = vdh_req_alloc(VIRTIO_DMAHEAP_REQ_SESSION_OPEN,
+				  sizeof(r->req.open_page),
+				  sizeof(r->resp.open), GFP_KERNEL);
+		if (!r)
+			return -ENOMEM;
+		r->req.open_page.resume_id = cpu_to_le64(resume_id);
+		r->req.open_page.page_size = cpu_to_le32(PAGE_SIZE);
+	} else {
+		r = vdh_req_alloc(VIRTIO_DMAHEAP_REQ_SESSION_OPEN,
+				  sizeof(r->req.open), sizeof(r->resp.open),
+				  GFP_KERNEL);
+		if (!r)
+			return -ENOMEM;
+		r->req.open.resume_id = cpu_to_le64(resume_id);
+	}
 	ret = vdh_exec(vd, r);
 	if (ret)
 		return ret;

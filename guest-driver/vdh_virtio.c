@@ -213,6 +213,7 @@ static struct vdh_dev *vdh_dev_alloc(struct virtio_device *vdev, u32 num_heaps)
 	vd->has_session = virtio_has_feature(vdev, VIRTIO_DMAHEAP_F_SESSION);
 	vd->has_no_sync = virtio_has_feature(vdev, VIRTIO_DMAHEAP_F_NO_SYNC);
 	vd->has_batch = virtio_has_feature(vdev, VIRTIO_DMAHEAP_F_BATCH);
+	vd->has_page_size = virtio_has_feature(vdev, VIRTIO_DMAHEAP_F_PAGE_SIZE);
 	/* Not in the feature table without virtio_dma_buf: do not even ask. */
 	vd->has_uuid = VDH_UUID && virtio_has_feature(vdev, VIRTIO_DMAHEAP_F_UUID);
 	return vd;
@@ -348,11 +349,12 @@ static int vdh_probe(struct virtio_device *vdev)
 	mutex_unlock(&vd->life_lock);
 	if (ret)
 		goto stop_dev;
-	dev_info(&vdev->dev, "%u heap(s), buffer window %#llx+%#llx, queue %u%s%s%s%s\n",
+	dev_info(&vdev->dev, "%u heap(s), buffer window %#llx+%#llx, queue %u%s%s%s%s%s\n",
 		 num_heaps, (u64)win->base, win->size,
 		 virtqueue_get_vring_size(vd->vq), vd->has_sync ? ", sync" : "",
 		 vd->has_session ? ", sessions" : "", vd->has_batch ? ", batch" : "",
-		 vd->has_uuid ? ", uuid" : "");
+		 vd->has_uuid ? ", uuid" : "",
+		 vd->has_page_size ? ", page-size" : "");
 	return 0;
 
 stop_dev:
@@ -468,16 +470,26 @@ static const unsigned int vdh_features[] = {
 	VIRTIO_DMAHEAP_F_SESSION,
 	VIRTIO_DMAHEAP_F_NO_SYNC,
 	VIRTIO_DMAHEAP_F_BATCH,
+	VIRTIO_DMAHEAP_F_PAGE_SIZE,
 #if VDH_UUID
 	VIRTIO_DMAHEAP_F_UUID,
 #endif
 };
+
+/* The page size travels in SESSION_OPEN: never accept it without sessions. */
+static int vdh_validate(struct virtio_device *vdev)
+{
+	if (!virtio_has_feature(vdev, VIRTIO_DMAHEAP_F_SESSION))
+		__virtio_clear_bit(vdev, VIRTIO_DMAHEAP_F_PAGE_SIZE);
+	return 0;
+}
 
 static struct virtio_driver vdh_driver = {
 	.driver.name = KBUILD_MODNAME,
 	.id_table = vdh_id_table,
 	.feature_table = vdh_features,
 	.feature_table_size = ARRAY_SIZE(vdh_features),
+	.validate = vdh_validate,
 	.probe = vdh_probe,
 	.remove = vdh_remove,
 	.shutdown = vdh_shutdown,

@@ -36,6 +36,11 @@
 #define VIRTIO_DMAHEAP_F_NO_SYNC 3
 /* The device accepts VIRTIO_DMAHEAP_REQ_ALLOC_BATCH. */
 #define VIRTIO_DMAHEAP_F_BATCH 4
+/*
+ * SESSION_OPEN states the driver's page size (virtio_dmaheap_session_open_page_req); the
+ * session's buffers and reservations are aligned to it. Needs VIRTIO_DMAHEAP_F_SESSION.
+ */
+#define VIRTIO_DMAHEAP_F_PAGE_SIZE 5
 
 /* Shared memory region id of the buffer window. */
 #define VIRTIO_DMAHEAP_SHM_BUFFERS 0
@@ -45,6 +50,8 @@
 #define VIRTIO_DMAHEAP_VERSION 1
 /* Smallest unit of the buffer window; every offset and length is a multiple of it. */
 #define VIRTIO_DMAHEAP_PAGE_SIZE 4096
+/* Largest page size a driver may state with VIRTIO_DMAHEAP_F_PAGE_SIZE. */
+#define VIRTIO_DMAHEAP_PAGE_SIZE_MAX 65536
 
 struct virtio_dmaheap_config {
 	__le32 magic;		/* VIRTIO_DMAHEAP_MAGIC */
@@ -117,7 +124,7 @@ struct virtio_dmaheap_heap_info {
 	__u8 name[VIRTIO_DMAHEAP_NAME_LEN];	/* NUL-terminated, NUL-padded, no '/' */
 	__le32 flags;		/* VIRTIO_DMAHEAP_HEAP_F_* */
 	__le32 cache;		/* VIRTIO_DMAHEAP_CACHE_* */
-	__le64 min_align;	/* power of two, >= VIRTIO_DMAHEAP_PAGE_SIZE */
+	__le64 min_align;	/* power of two, >= the session's page size */
 	__le64 max_size;	/* largest buffer, bytes; multiple of VIRTIO_DMAHEAP_PAGE_SIZE */
 	__le64 capacity;	/* bytes the guest may hold from this heap; 0: unknown */
 };
@@ -182,6 +189,17 @@ struct virtio_dmaheap_session_open_req {
 	__le64 resume_id;	/* 0: a new session; else the suspended session to resume */
 };
 
+/*
+ * SESSION_OPEN with VIRTIO_DMAHEAP_F_PAGE_SIZE negotiated (instead of the request above):
+ * the same fields, then the driver's page size.
+ */
+struct virtio_dmaheap_session_open_page_req {
+	struct virtio_dmaheap_req_hdr hdr;
+	__le64 resume_id;	/* as in virtio_dmaheap_session_open_req */
+	__le32 page_size;	/* power of two, PAGE_SIZE .. VIRTIO_DMAHEAP_PAGE_SIZE_MAX */
+	__le32 reserved;	/* 0 */
+};
+
 struct virtio_dmaheap_session_open_resp {
 	struct virtio_dmaheap_resp_hdr hdr;
 	__le64 session_id;	/* never 0 */
@@ -207,8 +225,8 @@ struct virtio_dmaheap_session_close_req {
  */
 struct virtio_dmaheap_reserve_req {
 	struct virtio_dmaheap_req_hdr hdr;
-	__le64 offset;		/* multiple of VIRTIO_DMAHEAP_PAGE_SIZE */
-	__le64 len;		/* > 0, multiple of VIRTIO_DMAHEAP_PAGE_SIZE */
+	__le64 offset;		/* multiple of the session's page size */
+	__le64 len;		/* > 0, multiple of the session's page size */
 };
 
 /* ALLOC_BATCH: up to VIRTIO_DMAHEAP_BATCH_MAX zeroed buffers of one heap and size. */

@@ -20,6 +20,10 @@ pub const VIRTIO_DMAHEAP_F_SESSION: u32 = 2;
 pub const VIRTIO_DMAHEAP_F_NO_SYNC: u32 = 3;
 /// Feature: the device accepts `VIRTIO_DMAHEAP_REQ_ALLOC_BATCH`.
 pub const VIRTIO_DMAHEAP_F_BATCH: u32 = 4;
+/// Feature: SESSION_OPEN states the driver's page size
+/// ([`SessionOpenPageReq`]); the session's buffers and reservations are aligned to it.
+/// Needs `VIRTIO_DMAHEAP_F_SESSION`.
+pub const VIRTIO_DMAHEAP_F_PAGE_SIZE: u32 = 5;
 
 /// Shared memory region id of the buffer window.
 pub const VIRTIO_DMAHEAP_SHM_BUFFERS: u32 = 0;
@@ -30,6 +34,8 @@ pub const VIRTIO_DMAHEAP_MAGIC: u32 = 0x5041_4844;
 pub const VIRTIO_DMAHEAP_VERSION: u32 = 1;
 /// Smallest unit of the buffer window.
 pub const VIRTIO_DMAHEAP_PAGE_SIZE: u32 = 4096;
+/// Largest page size a driver may state with `VIRTIO_DMAHEAP_F_PAGE_SIZE`.
+pub const VIRTIO_DMAHEAP_PAGE_SIZE_MAX: u32 = 65536;
 
 /// Request type: describe one heap.
 pub const VIRTIO_DMAHEAP_REQ_HEAP_INFO: u32 = 1;
@@ -306,6 +312,22 @@ pub struct SessionOpenReq {
     pub resume_id: Le64,
 }
 
+/// `struct virtio_dmaheap_session_open_page_req`: SESSION_OPEN with
+/// `VIRTIO_DMAHEAP_F_PAGE_SIZE` negotiated.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct SessionOpenPageReq {
+    /// Header, type `VIRTIO_DMAHEAP_REQ_SESSION_OPEN`.
+    pub hdr: ReqHdr,
+    /// As in [`SessionOpenReq`].
+    pub resume_id: Le64,
+    /// The driver's page size: a power of two from `VIRTIO_DMAHEAP_PAGE_SIZE` to
+    /// `VIRTIO_DMAHEAP_PAGE_SIZE_MAX`.
+    pub page_size: Le32,
+    /// 0.
+    pub reserved: Le32,
+}
+
 /// `struct virtio_dmaheap_session_open_resp`.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
@@ -368,6 +390,7 @@ byte_valued!(
     AssignUuidReq,
     AssignUuidResp,
     SessionOpenReq,
+    SessionOpenPageReq,
     SessionOpenResp,
     SessionCloseReq,
     ReserveReq,
@@ -383,6 +406,7 @@ pub const MAX_REQ_SIZE: usize = {
         std::mem::size_of::<SyncReq>(),
         std::mem::size_of::<AssignUuidReq>(),
         std::mem::size_of::<SessionOpenReq>(),
+        std::mem::size_of::<SessionOpenPageReq>(),
         std::mem::size_of::<SessionCloseReq>(),
         std::mem::size_of::<ReserveReq>(),
     ];
@@ -411,6 +435,8 @@ mod tests {
         assert_eq!(size_of::<AllocResp>(), 32);
         assert_eq!(size_of::<AllocBatchReq>(), 24);
         assert_eq!(size_of::<AllocBatchResp>(), 400);
+        assert_eq!(size_of::<SessionOpenReq>(), 16);
+        assert_eq!(size_of::<SessionOpenPageReq>(), 24);
         assert_eq!(MAX_REQ_SIZE, 24);
     }
 }

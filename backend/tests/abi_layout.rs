@@ -72,6 +72,10 @@ fn rust_structs() -> Vec<StructDesc> {
         s!("virtio_dmaheap_session_open_req", SessionOpenReq, {
             "hdr" => hdr, "resume_id" => resume_id,
         }),
+        s!("virtio_dmaheap_session_open_page_req", SessionOpenPageReq, {
+            "hdr" => hdr, "resume_id" => resume_id, "page_size" => page_size,
+            "reserved" => reserved,
+        }),
         s!("virtio_dmaheap_session_open_resp", SessionOpenResp, {
             "hdr" => hdr, "session_id" => session_id,
         }),
@@ -92,6 +96,14 @@ fn rust_consts() -> BTreeMap<&'static str, u64> {
         ("VIRTIO_DMAHEAP_F_SESSION", VIRTIO_DMAHEAP_F_SESSION.into()),
         ("VIRTIO_DMAHEAP_F_NO_SYNC", VIRTIO_DMAHEAP_F_NO_SYNC.into()),
         ("VIRTIO_DMAHEAP_F_BATCH", VIRTIO_DMAHEAP_F_BATCH.into()),
+        (
+            "VIRTIO_DMAHEAP_F_PAGE_SIZE",
+            VIRTIO_DMAHEAP_F_PAGE_SIZE.into(),
+        ),
+        (
+            "VIRTIO_DMAHEAP_PAGE_SIZE_MAX",
+            VIRTIO_DMAHEAP_PAGE_SIZE_MAX.into(),
+        ),
         (
             "VIRTIO_DMAHEAP_REQ_ALLOC_BATCH",
             VIRTIO_DMAHEAP_REQ_ALLOC_BATCH.into(),

@@ -2,7 +2,9 @@
 //! arbitrary writable sizes, fed to the device core one after the other.
 //!
 //! Input: a sequence of records `[writable: u16 LE][features: u8][len: u8][len bytes]`
-//! (the last record takes whatever is left). Before the first record the device holds
+//! (the last record takes whatever is left). Feature byte: bits 0 and 1 are
+//! `VIRTIO_DMAHEAP_F_SYNC` and `_UUID`; bit 2 acks `VIRTIO_DMAHEAP_F_SESSION` with
+//! `VIRTIO_DMAHEAP_F_PAGE_SIZE`, so SESSION_OPEN takes its page-size shape. Before the first record the device holds
 //! one live buffer (id 1), so FREE and SYNC also reach a real buffer.
 //!
 //! Checked for every response: never longer than the writable part; nothing at all below
@@ -34,7 +36,12 @@ fuzz_target!(|data: &[u8]| {
         let req = &rest[..take];
         rest = &rest[take..];
 
-        dev.set_acked_features(u64::from(features & 3));
+        let page_size = if features & 4 != 0 {
+            (1 << F_SESSION) | (1 << F_PAGE_SIZE)
+        } else {
+            0
+        };
+        dev.set_acked_features(u64::from(features & 3) | page_size);
         let before = dev.stats();
         let (resp, _) = serve(&mut dev, req, writable, &mut mapper);
         let Some(status) = check_response(&resp, writable) else {
@@ -75,9 +82,10 @@ fuzz_target!(|data: &[u8]| {
                 let (id, off, blen) = (le64(&resp, 8), le64(&resp, 16), le64(&resp, 24));
                 let want = le64(req, 16);
                 let heap = le32(req, 8) as usize;
-                let align = heap_params()[heap].min_align;
+                // Raised to the session's page size (VIRTIO_DMAHEAP_F_PAGE_SIZE).
+                let align = heap_params()[heap].min_align.max(dev.page_size());
                 assert_ne!(id, 0);
-                assert!(blen >= want && blen % PAGE == 0 && off % align == 0);
+                assert!(blen >= want && blen % align == 0 && off % align == 0);
                 assert!(off.checked_add(blen).is_some_and(|e| e <= SHM_SIZE));
                 assert!(mapper.covers(off, blen), "ALLOC range not mapped");
             }

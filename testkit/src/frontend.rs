@@ -1369,6 +1369,24 @@ impl FrontEnd {
         Ok(id)
     }
 
+    /// SESSION_OPEN stating the driver's page size (`VIRTIO_DMAHEAP_F_PAGE_SIZE` acked);
+    /// the session id, or the status.
+    pub fn open_session_paged(&mut self, resume_id: u64, page_size: u32) -> Result<u64, u32> {
+        let c = self.request(
+            &session_open_page_req(resume_id, page_size),
+            SESSION_OPEN_RESP_SIZE as u32,
+        );
+        let what = format!("SESSION_OPEN {resume_id:#x} page size {page_size}");
+        let status = Self::status_of(&c, &what);
+        if status != S_OK {
+            return Err(status);
+        }
+        assert_eq!(c.used_len as usize, SESSION_OPEN_RESP_SIZE);
+        let id = le64(&c.written, 8);
+        assert_ne!(id, 0, "SESSION_OPEN answered session id 0");
+        Ok(id)
+    }
+
     /// SESSION_CLOSE with `flags`; the status.
     pub fn close_session(&mut self, flags: u32) -> u32 {
         let c = self.request(&session_close_req(flags), RESP_HDR_SIZE as u32);

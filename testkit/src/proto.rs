@@ -40,6 +40,7 @@ pub const F_UUID: u64 = 1 << abi::VIRTIO_DMAHEAP_F_UUID;
 pub const F_SESSION: u64 = 1 << abi::VIRTIO_DMAHEAP_F_SESSION;
 pub const F_NO_SYNC: u64 = 1 << abi::VIRTIO_DMAHEAP_F_NO_SYNC;
 pub const F_BATCH: u64 = 1 << abi::VIRTIO_DMAHEAP_F_BATCH;
+pub const F_PAGE_SIZE: u64 = 1 << abi::VIRTIO_DMAHEAP_F_PAGE_SIZE;
 
 /// Struct sizes from the header.
 pub const RESP_HDR_SIZE: usize = size_of::<abi::RespHdr>();
@@ -77,7 +78,7 @@ pub fn status_name(status: u32) -> String {
 // header's constants), also used by its unit tests and the fuzz targets.
 pub use vhost_user_dmaheap::testing::{
     alloc_batch_req, alloc_req, assign_uuid_req, free_req, heap_info_req, le32, le64, req_hdr,
-    reserve_req, session_close_req, session_open_req, sync_req, Req,
+    reserve_req, session_close_req, session_open_page_req, session_open_req, sync_req, Req,
 };
 
 /// `struct virtio_dmaheap_config`.

@@ -32,13 +32,14 @@ impl Device {
         if len > params.max_size {
             return Err(RequestError::TooBig);
         }
+        let align = self.align_of(&params);
         let rlen = len
-            .checked_next_multiple_of(params.min_align)
+            .checked_next_multiple_of(align)
             .ok_or(RequestError::TooBig)?;
         self.quota
             .charge(heap, rlen, &self.limits, params.max_bytes)?;
         let placed = if rlen <= params.small_limit() {
-            self.alloc_in_arena(heap, rlen, params.min_align, params.arena_size, mapper)
+            self.alloc_in_arena(heap, rlen, align, params.arena_size, mapper)
         } else if let Some(woff) = self.take_large_spare(heap, rlen) {
             Ok((woff, 0))
         } else {
@@ -137,7 +138,7 @@ impl Device {
         if self.pool.mapping_count() >= self.limits.max_mappings && !self.evict_spare(mapper)? {
             return Err(RequestError::WindowFull);
         }
-        let align = ARENA_MIN.max(self.heaps[heap].params.min_align);
+        let align = ARENA_MIN.max(self.align_of(&self.heaps[heap].params));
         let woff = match self.pool.take_range(size, align) {
             Some(w) => w,
             None => {

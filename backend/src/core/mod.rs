@@ -132,6 +132,9 @@ pub struct Device {
     features: Features,
     ratelimit: RateLimit,
     session: SessionState,
+    /// The page size of the open or suspended session (`VIRTIO_DMAHEAP_F_PAGE_SIZE`), else
+    /// `VIRTIO_DMAHEAP_PAGE_SIZE`: every heap's alignment is at least this.
+    page_size: u64,
     /// Keys for unpredictable session ids.
     id_keys: RandomState,
     sessions_opened: u64,
@@ -173,9 +176,11 @@ impl Device {
                 no_sync: false,
                 batch: false,
                 uuid: false,
+                page_size: false,
             },
             ratelimit: RateLimit::new(),
             session: SessionState::Open(0),
+            page_size: u64::from(VIRTIO_DMAHEAP_PAGE_SIZE),
             id_keys: RandomState::new(),
             sessions_opened: 0,
             uuid_offered: true,
@@ -283,8 +288,12 @@ impl Device {
                 flags,
                 reserved,
             } => done(self.sync(buffer_id, flags, reserved)),
-            Request::SessionOpen { resume_id } => self
-                .session_open(resume_id, mapper)
+            Request::SessionOpen {
+                resume_id,
+                page_size,
+                reserved,
+            } => self
+                .session_open(resume_id, page_size, reserved, mapper)
                 .map(|session_id| Answer::SessionOpened { session_id }),
             Request::SessionClose { flags, reserved } => {
                 done(self.session_close(flags, reserved, mapper))
@@ -292,6 +301,17 @@ impl Device {
             Request::Reserve { offset, len } => done(self.reserve(offset, len)),
             Request::Unreserve { offset, len } => done(self.unreserve(offset, len)),
         }
+    }
+
+    /// A heap's effective alignment in the current session (spec 6.3): its own, raised to
+    /// the session's page size.
+    fn align_of(&self, p: &HeapParams) -> u64 {
+        p.min_align.max(self.page_size)
+    }
+
+    /// The session's page size.
+    pub fn page_size(&self) -> u64 {
+        self.page_size
     }
 
     fn heap_info(&self, heap_id: u32, reserved: u32) -> Result<HeapInfo, RequestError> {
@@ -315,7 +335,7 @@ impl Device {
             name: wire::heap_name_bytes(&p.name),
             flags: flags.into(),
             cache: p.cache.abi().into(),
-            min_align: p.min_align.into(),
+            min_align: self.align_of(p).into(),
             max_size: p.max_size.into(),
             capacity: p.max_bytes.map_or(global, |b| b.min(global)).into(),
         })

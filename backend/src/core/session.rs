@@ -63,14 +63,32 @@ impl Device {
     pub(super) fn session_open(
         &mut self,
         resume_id: u64,
+        page_size: u32,
+        reserved: u32,
         mapper: &mut dyn Mapper,
     ) -> Result<u64, RequestError> {
+        // Checked before anything changes (spec 6.9.2, item 9).
+        let page_size = u64::from(page_size);
+        if reserved != 0
+            || !page_size.is_power_of_two()
+            || !(u64::from(VIRTIO_DMAHEAP_PAGE_SIZE)..=u64::from(VIRTIO_DMAHEAP_PAGE_SIZE_MAX))
+                .contains(&page_size)
+        {
+            return Err(RequestError::Inval);
+        }
         if resume_id == 0 {
             self.end_session(mapper)?;
             let id = self.new_session_id();
             self.session = SessionState::Open(id);
-            debug!("session {id:#x} opened");
+            self.page_size = page_size;
+            debug!("session {id:#x} opened, page size {page_size}");
             return Ok(id);
+        }
+        // A resumed session keeps the page size its buffers were placed with.
+        if matches!(self.session, SessionState::Open(id) | SessionState::Suspended(id)
+            if id == resume_id && page_size != self.page_size)
+        {
+            return Err(RequestError::Inval);
         }
         match self.session {
             // Asked again after it worked: nothing left to do.
@@ -123,7 +141,7 @@ impl Device {
 
     /// Checks a RESERVE/UNRESERVE range.
     fn check_reserve_range(&self, off: u64, len: u64) -> Result<(), RequestError> {
-        let page = u64::from(VIRTIO_DMAHEAP_PAGE_SIZE);
+        let page = self.page_size;
         if len == 0
             || !off.is_multiple_of(page)
             || !len.is_multiple_of(page)
@@ -264,6 +282,7 @@ impl Device {
     /// Forgets every buffer, mapping, reservation and export (already out of the window
     /// and withdrawn). Retained buffers stay, still charged, until their importers let go.
     fn drop_records(&mut self) {
+        self.page_size = u64::from(VIRTIO_DMAHEAP_PAGE_SIZE);
         self.pool.clear();
         self.quota.clear();
         self.idle.clear();

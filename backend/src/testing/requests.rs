@@ -103,6 +103,15 @@ pub fn session_open_req(resume_id: u64) -> Vec<u8> {
         .build()
 }
 
+/// SESSION_OPEN with `VIRTIO_DMAHEAP_F_PAGE_SIZE`: the driver's page size too.
+pub fn session_open_page_req(resume_id: u64, page_size: u32) -> Vec<u8> {
+    req_hdr(VIRTIO_DMAHEAP_REQ_SESSION_OPEN, 0)
+        .u64(resume_id)
+        .u32(page_size)
+        .u32(0)
+        .build()
+}
+
 /// SESSION_CLOSE.
 pub fn session_close_req(flags: u32) -> Vec<u8> {
     req_hdr(VIRTIO_DMAHEAP_REQ_SESSION_CLOSE, 0)

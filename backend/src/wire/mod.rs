@@ -40,6 +40,9 @@ pub struct Features {
     pub batch: bool,
     /// `VIRTIO_DMAHEAP_F_UUID`: ASSIGN_UUID.
     pub uuid: bool,
+    /// `VIRTIO_DMAHEAP_F_PAGE_SIZE` (with `VIRTIO_DMAHEAP_F_SESSION`): SESSION_OPEN states
+    /// the driver's page size.
+    pub page_size: bool,
 }
 
 impl Features {
@@ -48,7 +51,8 @@ impl Features {
     pub const OFFERED: u64 = (1 << VIRTIO_DMAHEAP_F_SYNC)
         | (1 << VIRTIO_DMAHEAP_F_SESSION)
         | (1 << VIRTIO_DMAHEAP_F_NO_SYNC)
-        | (1 << VIRTIO_DMAHEAP_F_BATCH);
+        | (1 << VIRTIO_DMAHEAP_F_BATCH)
+        | (1 << VIRTIO_DMAHEAP_F_PAGE_SIZE);
 
     /// From the feature bits the driver accepted.
     pub fn from_bits(bits: u64) -> Self {
@@ -59,6 +63,8 @@ impl Features {
             no_sync: has(VIRTIO_DMAHEAP_F_NO_SYNC),
             batch: has(VIRTIO_DMAHEAP_F_BATCH),
             uuid: has(VIRTIO_DMAHEAP_F_UUID),
+            // Meaningless without sessions (spec 3.2): treated as not negotiated.
+            page_size: has(VIRTIO_DMAHEAP_F_PAGE_SIZE) && has(VIRTIO_DMAHEAP_F_SESSION),
         }
     }
 }
@@ -115,6 +121,11 @@ pub enum Request {
     SessionOpen {
         /// 0: a new session; else the suspended session to resume.
         resume_id: u64,
+        /// The driver's page size (`VIRTIO_DMAHEAP_PAGE_SIZE` without
+        /// `VIRTIO_DMAHEAP_F_PAGE_SIZE`).
+        page_size: u32,
+        /// Must be 0.
+        reserved: u32,
     },
     /// `VIRTIO_DMAHEAP_REQ_SESSION_CLOSE` (with `VIRTIO_DMAHEAP_F_SESSION`).
     SessionClose {
@@ -275,6 +286,10 @@ fn sizes_of(ty: u32, features: Features) -> Option<(usize, usize)> {
         VIRTIO_DMAHEAP_REQ_ASSIGN_UUID if features.uuid => {
             (size_of::<AssignUuidReq>(), size_of::<AssignUuidResp>())
         }
+        VIRTIO_DMAHEAP_REQ_SESSION_OPEN if features.page_size => (
+            size_of::<SessionOpenPageReq>(),
+            size_of::<SessionOpenResp>(),
+        ),
         VIRTIO_DMAHEAP_REQ_SESSION_OPEN if features.session => {
             (size_of::<SessionOpenReq>(), size_of::<SessionOpenResp>())
         }
@@ -337,9 +352,17 @@ pub fn decode(req: &[u8], writable: usize, features: Features) -> Result<Request
                 buffer_id: r.buffer_id.to_native(),
             })
         }
+        VIRTIO_DMAHEAP_REQ_SESSION_OPEN if features.page_size => parse::<SessionOpenPageReq>(req)
+            .map(|r| Request::SessionOpen {
+                resume_id: r.resume_id.to_native(),
+                page_size: r.page_size.to_native(),
+                reserved: r.reserved.to_native(),
+            }),
         VIRTIO_DMAHEAP_REQ_SESSION_OPEN => {
             parse::<SessionOpenReq>(req).map(|r| Request::SessionOpen {
                 resume_id: r.resume_id.to_native(),
+                page_size: VIRTIO_DMAHEAP_PAGE_SIZE,
+                reserved: 0,
             })
         }
         VIRTIO_DMAHEAP_REQ_SESSION_CLOSE => {
@@ -475,6 +498,7 @@ mod tests {
         no_sync: true,
         batch: true,
         uuid: true,
+        page_size: false,
     };
 
     #[test]
@@ -510,7 +534,11 @@ mod tests {
             (
                 session_open_req(7),
                 SESSION_OPEN_RESP_SIZE,
-                Request::SessionOpen { resume_id: 7 },
+                Request::SessionOpen {
+                    resume_id: 7,
+                    page_size: 4096,
+                    reserved: 0,
+                },
             ),
             (
                 session_close_req(1),
@@ -535,6 +563,46 @@ mod tests {
     }
 
     #[test]
+    fn session_open_has_the_page_size_shape_exactly_when_the_feature_is_negotiated() {
+        let with = Features {
+            page_size: true,
+            ..ALL
+        };
+        assert_eq!(
+            decode(
+                &session_open_page_req(5, 16384),
+                SESSION_OPEN_RESP_SIZE,
+                with
+            ),
+            Ok(Request::SessionOpen {
+                resume_id: 5,
+                page_size: 16384,
+                reserved: 0,
+            })
+        );
+        let mut r = session_open_page_req(0, 16384);
+        r[20] = 1;
+        assert_eq!(
+            decode(&r, SESSION_OPEN_RESP_SIZE, with),
+            Ok(Request::SessionOpen {
+                resume_id: 0,
+                page_size: 16384,
+                reserved: 1,
+            })
+        );
+        let d = |b: &[u8], f| decode(b, SESSION_OPEN_RESP_SIZE, f).map_err(DecodeError::status);
+        assert_eq!(d(&session_open_req(0), with), Err(VIRTIO_DMAHEAP_S_INVAL));
+        assert_eq!(
+            d(&session_open_page_req(0, 16384), ALL),
+            Err(VIRTIO_DMAHEAP_S_INVAL)
+        );
+        // Without sessions the page size feature means nothing.
+        let bits = 1 << VIRTIO_DMAHEAP_F_PAGE_SIZE;
+        assert!(!Features::from_bits(bits).page_size);
+        assert!(Features::from_bits(bits | (1 << VIRTIO_DMAHEAP_F_SESSION)).page_size);
+    }
+
+    #[test]
     fn header_level_errors() {
         let none = Features {
             sync: false,
@@ -542,6 +610,7 @@ mod tests {
             no_sync: false,
             batch: false,
             uuid: false,
+            page_size: false,
         };
         let d = |b: &[u8], w, f| decode(b, w, f).map_err(DecodeError::status);
         assert_eq!(d(&[1, 0, 0], 8, ALL), Err(VIRTIO_DMAHEAP_S_INVAL));

@@ -3,6 +3,7 @@
 mod batch;
 mod export;
 mod idle;
+mod page_size;
 mod session;
 
 use std::os::fd::BorrowedFd;
