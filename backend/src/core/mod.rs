@@ -336,7 +336,9 @@ impl Device {
             flags: flags.into(),
             cache: p.cache.abi().into(),
             min_align: self.align_of(p).into(),
-            max_size: p.max_size.into(),
+            // A driver rounds every length up to its page, so a limit between two pages
+            // would refuse the page-rounded length of a buffer it allows.
+            max_size: (p.max_size - p.max_size % self.page_size).into(),
             capacity: p.max_bytes.map_or(global, |b| b.min(global)).into(),
         })
     }

@@ -28,10 +28,18 @@ fn min_align(d: &mut Device, m: &mut FakeMapper, heap: u32) -> u64 {
     parse::<HeapInfoResp>(&r).info.min_align.to_native()
 }
 
+fn max_size(d: &mut Device, m: &mut FakeMapper, heap: u32) -> u64 {
+    let r = answer(d, &heap_info_req(heap), HEAP_INFO_RESP_SIZE, m);
+    assert_eq!(status_of(&r), VIRTIO_DMAHEAP_S_OK);
+    parse::<HeapInfoResp>(&r).info.max_size.to_native()
+}
+
 fn page_device() -> Device {
     let mut big = heap_params("big");
     big.min_align = 64 << 10;
-    let (mut d, _) = device_with(vec![heap_params("system"), big], limits());
+    let mut odd = heap_params("odd");
+    odd.max_size = (1 << 20) + 4096;
+    let (mut d, _) = device_with(vec![heap_params("system"), big, odd], limits());
     d.set_acked_features(PAGE_FEATURES);
     d
 }
@@ -152,4 +160,20 @@ fn without_the_feature_the_page_size_is_4k_and_the_short_request_is_used() {
     assert_eq!(d.page_size(), 4096);
     assert_eq!(alloc(&mut d, &mut m, 0, 4096).3, 4096);
     assert!(d.device_features() & (1 << VIRTIO_DMAHEAP_F_PAGE_SIZE) != 0);
+}
+
+/// A heap limit between two guest pages is stated rounded down to a page: every length
+/// the driver may then ask for (page-rounded) is allowed.
+#[test]
+fn max_size_is_rounded_down_to_the_session_page() {
+    let mut d = page_device();
+    let mut m = FakeMapper::default();
+    assert_eq!(max_size(&mut d, &mut m, 2), (1 << 20) + 4096);
+    assert_eq!(open(&mut d, &mut m, 0, 16384).0, VIRTIO_DMAHEAP_S_OK);
+    let stated = max_size(&mut d, &mut m, 2);
+    assert_eq!(stated, 1 << 20);
+    let (st, _, _, got) = alloc(&mut d, &mut m, 2, stated);
+    assert_eq!((st, got), (VIRTIO_DMAHEAP_S_OK, stated));
+    let (st, ..) = alloc(&mut d, &mut m, 2, stated + K16);
+    assert_eq!(st, VIRTIO_DMAHEAP_S_TOO_BIG);
 }
