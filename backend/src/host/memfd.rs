@@ -214,13 +214,19 @@ mod tests {
             eprintln!("skipped: no /dev/udmabuf");
             return;
         };
+        // udmabuf takes page-aligned ranges of the kernel's page size (16 KiB on some arm64).
+        let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .and_then(|p| u64::try_from(p).ok())
+            .unwrap_or(4096);
         let b = MemfdProvider::with_udmabuf("test", Some(dev))
-            .allocate(64 * 1024)
+            .allocate(16 * page)
             .unwrap();
-        let e = b.export(8192, 4096).unwrap().unwrap();
+        let e = b.export(2 * page, page).unwrap().unwrap();
         assert_eq!(e.kind, ExportKind::DmaBuf);
         use std::io::{Seek, SeekFrom};
         let mut f = e.file;
-        assert_eq!(f.seek(SeekFrom::End(0)).unwrap(), 4096);
+        assert_eq!(f.seek(SeekFrom::End(0)).unwrap(), page);
     }
 }
