@@ -68,16 +68,20 @@ fn seccomp_is_on_by_default_on_every_thread() {
     assert!(daemon.terminate().success(), "clean exit under the filter");
 }
 
+fn spawn_with_seccomp(mode: &str) -> Daemon {
+    Daemon::spawn([
+        "--heap",
+        "a=memfd",
+        "--shm-size",
+        "64M",
+        &format!("--seccomp={mode}"),
+    ])
+}
+
 #[test]
 fn seccomp_log_and_off() {
     for (mode, want, filters) in [("log", "2", "1"), ("off", "0", "0")] {
-        let mut daemon = Daemon::spawn([
-            "--heap",
-            "a=memfd",
-            "--shm-size",
-            "64M",
-            &format!("--seccomp={mode}"),
-        ]);
+        let mut daemon = spawn_with_seccomp(mode);
         daemon.wait_ready();
         drop(serve_a_little(&mut daemon));
         for (name, m, f, _, _) in threads(daemon.pid()) {
@@ -97,13 +101,7 @@ fn seccomp_log_and_off() {
 #[test]
 fn landlock_is_enforced_before_any_thread_starts() {
     for mode in ["on", "off"] {
-        let mut daemon = Daemon::spawn([
-            "--heap",
-            "a=memfd",
-            "--shm-size",
-            "64M",
-            &format!("--seccomp={mode}"),
-        ]);
+        let mut daemon = spawn_with_seccomp(mode);
         daemon.wait_ready();
         drop(serve_a_little(&mut daemon));
         let err = daemon.stderr();

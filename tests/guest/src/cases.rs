@@ -595,7 +595,7 @@ fn mmap_filled(ctx: &Ctx) -> Result<(), String> {
         drop(private);
         // Another process maps it and exits; the next mmap here forgets that mm.
         let first = map.read_vec(0, 1)[0];
-        let status = in_child(|| {
+        let status = sys::wait_child(sys::fork_child(|| {
             let prot = libc::PROT_READ;
             match Map::new(buf.raw(), len, 0, prot, libc::MAP_SHARED) {
                 Ok(m) => {
@@ -605,7 +605,7 @@ fn mmap_filled(ctx: &Ctx) -> Result<(), String> {
                 }
                 Err(_) => 2,
             }
-        })?;
+        })?)?;
         check(status == 0, || {
             what(&format!("a child's mapping failed (status {status})"))
         })?;
@@ -615,31 +615,6 @@ fn mmap_filled(ctx: &Ctx) -> Result<(), String> {
         })?;
     }
     Ok(())
-}
-
-/// Runs `f` in a forked child (which must not allocate: other threads may hold locks) and
-/// returns its exit status (or 128 + the signal that killed it).
-fn in_child(f: impl FnOnce() -> i32) -> Result<i32, String> {
-    // SAFETY: the child runs `f`, which only makes system calls, and leaves with _exit.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(format!("fork: {}", errname(sys::errno())));
-    }
-    if pid == 0 {
-        let rc = f();
-        // SAFETY: leaving the child at once, running no destructors or atexit handlers.
-        unsafe { libc::_exit(rc) };
-    }
-    let mut status = 0;
-    // SAFETY: waiting for our own child.
-    if unsafe { libc::waitpid(pid, &mut status, 0) } != pid {
-        return Err(format!("waitpid: {}", errname(sys::errno())));
-    }
-    Ok(if libc::WIFSIGNALED(status) {
-        128 + libc::WTERMSIG(status)
-    } else {
-        libc::WEXITSTATUS(status)
-    })
 }
 
 fn sync_name(ctx: &Ctx) -> Result<(), String> {

@@ -335,20 +335,12 @@ fn device_of(heap: &str) -> Result<String, String> {
 
 /// Reading the first byte of `map` in a child process: killed by SIGBUS?
 fn read_gets_sigbus(map: &Map) -> Result<bool, String> {
-    // SAFETY: the child only reads memory and exits; no locks are taken after fork.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(format!("fork: {}", errname(sys::errno())));
-    }
-    if pid == 0 {
-        let v = map.read_vec(0, 1);
-        // SAFETY: leaving the child at once.
-        unsafe { libc::_exit(i32::from(v[0] == 0)) };
-    }
-    let mut status = 0;
-    // SAFETY: waiting for our own child.
-    unsafe { libc::waitpid(pid, &mut status, 0) };
-    Ok(libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGBUS)
+    let pid = sys::fork_child(|| {
+        let mut b = [0u8];
+        map.read(0, &mut b);
+        i32::from(b[0] == 0)
+    })?;
+    Ok(sys::wait_child(pid)? == 128 + libc::SIGBUS)
 }
 
 fn importer(param: &str, value: &str) -> Result<(), String> {
@@ -611,16 +603,7 @@ pub(crate) fn killed_while_waiting(
     what: &str,
     f: impl FnOnce() -> i32,
 ) -> Result<Duration, String> {
-    // SAFETY: the child only makes system calls and exits.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(format!("fork: {}", errname(sys::errno())));
-    }
-    if pid == 0 {
-        let rc = f();
-        // SAFETY: leaving the child at once.
-        unsafe { libc::_exit(rc) };
-    }
+    let pid = sys::fork_child(f)?;
     std::thread::sleep(Duration::from_millis(500));
     let mut status = 0;
     // SAFETY: polling our own child.

@@ -346,6 +346,36 @@ pub fn pattern(seed: u64, i: u64) -> u64 {
     x ^ (x >> 29)
 }
 
+/// Forks a child that runs `f` and leaves with its return value as exit status, running no
+/// destructors. `f` must only make system calls: other threads may hold locks. The pid.
+pub fn fork_child(f: impl FnOnce() -> i32) -> Result<libc::pid_t, String> {
+    // SAFETY: the child runs `f`, which only makes system calls, and leaves with _exit.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork: {}", errname(errno())));
+    }
+    if pid == 0 {
+        let rc = f();
+        // SAFETY: leaving the child at once, running no destructors or atexit handlers.
+        unsafe { libc::_exit(rc) };
+    }
+    Ok(pid)
+}
+
+/// Waits for our child `pid`: its exit status, or 128 + the signal that killed it.
+pub fn wait_child(pid: libc::pid_t) -> Result<i32, String> {
+    let mut status = 0;
+    // SAFETY: waiting for our own child, into a live int.
+    if unsafe { libc::waitpid(pid, &mut status, 0) } != pid {
+        return Err(format!("waitpid: {}", errname(errno())));
+    }
+    Ok(if libc::WIFSIGNALED(status) {
+        128 + libc::WTERMSIG(status)
+    } else {
+        libc::WEXITSTATUS(status)
+    })
+}
+
 /// Random bytes from the kernel.
 pub fn random_bytes(n: usize) -> Vec<u8> {
     let mut v = vec![0u8; n];

@@ -22,16 +22,18 @@ fn open(d: &mut Device, m: &mut FakeMapper, resume: u64, page: u32) -> (u32, u64
     (status_of(&r), le64(&r, 8))
 }
 
-fn min_align(d: &mut Device, m: &mut FakeMapper, heap: u32) -> u64 {
+fn heap_info(d: &mut Device, m: &mut FakeMapper, heap: u32) -> HeapInfo {
     let r = answer(d, &heap_info_req(heap), HEAP_INFO_RESP_SIZE, m);
     assert_eq!(status_of(&r), VIRTIO_DMAHEAP_S_OK);
-    parse::<HeapInfoResp>(&r).info.min_align.to_native()
+    parse::<HeapInfoResp>(&r).info
+}
+
+fn min_align(d: &mut Device, m: &mut FakeMapper, heap: u32) -> u64 {
+    heap_info(d, m, heap).min_align.to_native()
 }
 
 fn max_size(d: &mut Device, m: &mut FakeMapper, heap: u32) -> u64 {
-    let r = answer(d, &heap_info_req(heap), HEAP_INFO_RESP_SIZE, m);
-    assert_eq!(status_of(&r), VIRTIO_DMAHEAP_S_OK);
-    parse::<HeapInfoResp>(&r).info.max_size.to_native()
+    heap_info(d, m, heap).max_size.to_native()
 }
 
 fn page_device() -> Device {
