@@ -41,6 +41,12 @@
  * session's buffers and reservations are aligned to it. Needs VIRTIO_DMAHEAP_F_SESSION.
  */
 #define VIRTIO_DMAHEAP_F_PAGE_SIZE 5
+/*
+ * HEAP_INFO also states the window range that holds the heap's buffers
+ * (virtio_dmaheap_heap_info_range_resp). Heaps with different cache attributes get disjoint
+ * ranges, so that the driver can map each range with one memory type.
+ */
+#define VIRTIO_DMAHEAP_F_HEAP_RANGE 6
 
 /* Shared memory region id of the buffer window. */
 #define VIRTIO_DMAHEAP_SHM_BUFFERS 0
@@ -52,6 +58,8 @@
 #define VIRTIO_DMAHEAP_PAGE_SIZE 4096
 /* Largest page size a driver may state with VIRTIO_DMAHEAP_F_PAGE_SIZE. */
 #define VIRTIO_DMAHEAP_PAGE_SIZE_MAX 65536
+/* Alignment of a heap range (VIRTIO_DMAHEAP_F_HEAP_RANGE) that is not the whole window. */
+#define VIRTIO_DMAHEAP_RANGE_ALIGN 0x200000
 
 struct virtio_dmaheap_config {
 	__le32 magic;		/* VIRTIO_DMAHEAP_MAGIC */
@@ -132,6 +140,19 @@ struct virtio_dmaheap_heap_info {
 struct virtio_dmaheap_heap_info_resp {
 	struct virtio_dmaheap_resp_hdr hdr;
 	struct virtio_dmaheap_heap_info info;
+};
+
+/* The window range every buffer of a heap lies in. */
+struct virtio_dmaheap_heap_range {
+	__le64 offset;		/* in the window */
+	__le64 len;
+};
+
+/* HEAP_INFO's answer with VIRTIO_DMAHEAP_F_HEAP_RANGE. */
+struct virtio_dmaheap_heap_info_range_resp {
+	struct virtio_dmaheap_resp_hdr hdr;
+	struct virtio_dmaheap_heap_info info;
+	struct virtio_dmaheap_heap_range range;
 };
 
 /* ALLOC: allocate a zeroed buffer and make it visible in the buffer window. */
