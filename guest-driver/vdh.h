@@ -1,11 +1,11 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
  * virtio-dmaheap guest driver: shared definitions of its parts,
- * vdh_queue.c (requests), vdh_virtio.c (device life cycle, sessions, buffer
- * window), vdh_heap.c (dma-heaps and their sysfs directories),
- * vdh_buffer.c (allocation and dma-buf ops), vdh_mmap.c (user mappings),
- * vdh_pool.c (freed buffers kept for reuse) and vdh_uuid.c (buffers as
- * virtio_dma_bufs, with a UUID).
+ * vdh_queue.c (requests), vdh_virtio.c (device life cycle, sessions),
+ * vdh_window.c (the buffer window and its heap ranges), vdh_heap.c
+ * (dma-heaps and their sysfs directories), vdh_buffer.c (allocation and
+ * dma-buf ops), vdh_mmap.c (user mappings), vdh_pool.c (freed buffers kept
+ * for reuse) and vdh_uuid.c (buffers as virtio_dma_bufs, with a UUID).
  */
 #ifndef VDH_H
 #define VDH_H
@@ -47,17 +47,17 @@ struct vdh_req;
 #define VDH_UUID	IS_ENABLED(CONFIG_VIRTIO_DMA_SHARED_BUFFER)
 
 /*
- * On x86, memremap_pages() registered the whole window as write-back with
- * PAT, and remap_pfn_range() refuses a conflicting memory type. The window is
- * host RAM, cache-coherent with the guest, so write-back is right there.
+ * The page protection of @cache's memory type (see vdh_window.c). On x86 the
+ * range's PAT reservation has the final say, and agrees.
  */
 static inline pgprot_t vdh_pgprot(u32 cache, pgprot_t prot)
 {
-	if (IS_ENABLED(CONFIG_X86))
-		return prot;
 	switch (cache) {
 	case VIRTIO_DMAHEAP_CACHE_UNCACHED:
-		return pgprot_noncached(prot);
+		/* UC- on x86; elsewhere never Device memory, but Normal-NC. */
+		if (IS_ENABLED(CONFIG_X86))
+			return pgprot_noncached(prot);
+		return pgprot_writecombine(prot);
 	case VIRTIO_DMAHEAP_CACHE_WC:
 		return pgprot_writecombine(prot);
 	default:
@@ -69,8 +69,22 @@ static inline pgprot_t vdh_pgprot(u32 cache, pgprot_t prot)
 #define VDH_MAX_HEAPS		64
 
 /*
- * The buffer window: struct pages over the shared memory region. It outlives
- * the device bindings while buffers use it. Buffers revoked while a kernel
+ * A heap range of the window, mapped with its memory type: with struct pages
+ * if it is CACHED (@pgmap), else only by @vaddr. Lives as long as the window.
+ */
+struct vdh_span {
+	struct list_head node;		/* in the window's spans */
+	u64 offset;			/* in the window */
+	u64 len;
+	u32 cache;			/* VIRTIO_DMAHEAP_CACHE_* */
+	bool pages;			/* struct pages (pgmap) */
+	void *vaddr;			/* kernel mapping of the whole range */
+	struct dev_pagemap pgmap;
+};
+
+/*
+ * The buffer window: the shared memory region and its mapped heap ranges. It
+ * outlives the device bindings while buffers use it. Buffers revoked while a kernel
  * user can still reach their range (a vmap, a DMA mapping) stay on the
  * quarantine list; every new session of a device on this window reserves
  * their ranges, so that no new buffer is placed where old users still write.
@@ -81,7 +95,8 @@ struct vdh_window {
 	struct resource *res;
 	phys_addr_t base;
 	u64 size;
-	struct dev_pagemap pgmap;
+	struct mutex spans_lock;	/* protects spans */
+	struct list_head spans;		/* of vdh_span.node */
 	struct mutex lock;		/* protects quarantine, owner */
 	struct list_head quarantine;	/* of vdh_buffer.qnode */
 	struct vdh_dev *owner;		/* whose session holds the reservations */
@@ -95,6 +110,7 @@ struct vdh_heap_props {
 	u64 min_align;
 	u64 max_size;		/* never above the window size */
 	u64 capacity;
+	struct vdh_span *span;	/* the heap range; the window's, so never freed before it */
 };
 
 /* One guest dma-heap; never freed (a dma-heap cannot be removed). */
@@ -127,12 +143,12 @@ struct vdh_buffer {
 	u64 session;			/* the session the device allocated it in */
 	u64 offset;			/* in the window */
 	u32 cache;			/* VIRTIO_DMAHEAP_CACHE_* */
+	const struct vdh_span *span;	/* the heap range it lies in */
 	bool host_sync;			/* SYNC does something on the host */
 	unsigned long pfn;
 	size_t len;
 	pgoff_t pagecount;
 	int vmap_cnt;
-	void *vaddr;
 	int dma_mapped;			/* attachments with a DMA mapping */
 	bool revoked;
 	bool unsettled;			/* revoked, but a user mapping may be left */
@@ -172,6 +188,7 @@ struct vdh_dev {
 	bool has_no_sync;		/* heaps may say SYNC does nothing on the host */
 	bool has_batch;			/* ALLOC_BATCH */
 	bool has_page_size;		/* SESSION_OPEN states PAGE_SIZE */
+	bool has_heap_range;		/* HEAP_INFO states each heap's range */
 	bool has_uuid;			/* ASSIGN_UUID: buffers are virtio_dma_bufs */
 	u64 session;			/* open (or suspended) session, 0: none */
 	bool suspended;			/* SESSION_CLOSE suspended the session at freeze */
@@ -201,7 +218,8 @@ struct vdh_req *vdh_free_req_alloc(void);
 void vdh_free_req_discard(struct vdh_req *r);
 void vdh_remote_free(struct vdh_dev *vd, struct vdh_req *r, u64 id);
 int vdh_remote_heap_info(struct vdh_dev *vd, u32 heap_id,
-			 struct virtio_dmaheap_heap_info *info);
+			 struct virtio_dmaheap_heap_info *info,
+			 struct virtio_dmaheap_heap_range *range);
 int vdh_remote_alloc(struct vdh_dev *vd, u32 heap_id, size_t len,
 		     struct virtio_dmaheap_alloc_resp *resp);
 int vdh_remote_alloc_batch(struct vdh_dev *vd, u32 heap_id, size_t len,
@@ -213,6 +231,12 @@ int vdh_remote_session_open(struct vdh_dev *vd, u64 resume_id, u64 *id);
 int vdh_remote_session_close(struct vdh_dev *vd, u32 flags);
 int vdh_remote_reserve(struct vdh_dev *vd, u64 offset, u64 len);
 void vdh_remote_unreserve(struct vdh_dev *vd, u64 offset, u64 len);
+
+/* vdh_window.c */
+struct vdh_window *vdh_window_get(struct virtio_device *vdev);
+void vdh_window_put(struct vdh_window *win);
+struct vdh_span *vdh_window_span(struct vdh_window *win, u64 offset, u64 len,
+				 u32 cache, int nid);
 
 /* vdh_virtio.c */
 void vdh_dev_put(struct vdh_dev *vd);

@@ -48,6 +48,13 @@ struct vdh_attachment {
 	bool mapped;
 };
 
+/* The buffer in its range's kernel mapping. */
+static void *vdh_buf_kaddr(const struct vdh_buffer *buf)
+{
+	return buf->span->vaddr + (buf->offset - buf->span->offset);
+}
+
+/* Pageless (a range that is not CACHED): lengths only, see vdh_buf_dma_map(). */
 static int vdh_buf_sgt(const struct vdh_buffer *buf, struct sg_table *table)
 {
 	unsigned int nents = DIV_ROUND_UP(buf->len, VDH_SEG_MAX);
@@ -61,7 +68,8 @@ static int vdh_buf_sgt(const struct vdh_buffer *buf, struct sg_table *table)
 	for_each_sgtable_sg(table, sg, i) {
 		size_t n = min_t(size_t, buf->len - off, VDH_SEG_MAX);
 
-		sg_set_page(sg, pfn_to_page(buf->pfn + PHYS_PFN(off)), n, 0);
+		sg_set_page(sg, buf->span->pages ?
+			    pfn_to_page(buf->pfn + PHYS_PFN(off)) : NULL, n, 0);
 		off += n;
 	}
 	return 0;
@@ -159,6 +167,49 @@ static void vdh_buf_put_user(struct vdh_buffer *buf)
 		vdh_buf_unquarantine(buf);
 }
 
+static void vdh_buf_dma_unmap(const struct vdh_buffer *buf, struct device *dev,
+			      struct sg_table *table, enum dma_data_direction dir)
+{
+	struct scatterlist *sg;
+	int i;
+
+	if (buf->span->pages) {
+		dma_unmap_sgtable(dev, table, dir, 0);
+		return;
+	}
+	for_each_sgtable_dma_sg(table, sg, i)
+		dma_unmap_resource(dev, sg_dma_address(sg), sg_dma_len(sg), dir, 0);
+	table->nents = 0;
+}
+
+/*
+ * A range without struct pages is mapped for DMA as a resource, like other
+ * PCI BAR memory: its sg_table carries DMA addresses only. The CPU does not
+ * cache it, so there is nothing to sync either.
+ */
+static int vdh_buf_dma_map(const struct vdh_buffer *buf, struct device *dev,
+			   struct sg_table *table, enum dma_data_direction dir)
+{
+	phys_addr_t phys = PFN_PHYS(buf->pfn);
+	struct scatterlist *sg;
+	int i;
+
+	if (buf->span->pages)
+		return dma_map_sgtable(dev, table, dir, 0);
+	for_each_sgtable_sg(table, sg, i) {
+		sg_dma_address(sg) = dma_map_resource(dev, phys, sg->length, dir, 0);
+		if (dma_mapping_error(dev, sg_dma_address(sg))) {
+			table->nents = i;
+			vdh_buf_dma_unmap(buf, dev, table, dir);
+			return -ENOMEM;
+		}
+		sg_dma_len(sg) = sg->length;
+		phys += sg->length;
+	}
+	table->nents = table->orig_nents;
+	return 0;
+}
+
 static struct sg_table *vdh_buf_map(struct dma_buf_attachment *attachment,
 				    enum dma_data_direction dir)
 {
@@ -168,7 +219,7 @@ static struct sg_table *vdh_buf_map(struct dma_buf_attachment *attachment,
 
 	mutex_lock(&buf->lock);
 	ret = buf->revoked ? -ENODEV :
-	      dma_map_sgtable(attachment->dev, &a->table, dir, 0);
+	      vdh_buf_dma_map(buf, attachment->dev, &a->table, dir);
 	if (!ret) {
 		a->mapped = true;
 		buf->dma_mapped++;
@@ -183,7 +234,7 @@ static void vdh_buf_unmap(struct dma_buf_attachment *attachment,
 	struct vdh_attachment *a = attachment->priv;
 	struct vdh_buffer *buf = attachment->dmabuf->priv;
 
-	dma_unmap_sgtable(attachment->dev, table, dir, 0);
+	vdh_buf_dma_unmap(buf, attachment->dev, table, dir);
 	mutex_lock(&buf->lock);
 	a->mapped = false;
 	buf->dma_mapped--;
@@ -234,10 +285,8 @@ static int vdh_buf_begin_cpu_access(struct dma_buf *dmabuf,
 		return ret;
 
 	mutex_lock(&buf->lock);
-	if (buf->vmap_cnt)
-		invalidate_kernel_vmap_range(buf->vaddr, buf->len);
 	list_for_each_entry(a, &buf->attachments, list) {
-		if (a->mapped)
+		if (a->mapped && buf->span->pages)
 			dma_sync_sgtable_for_cpu(a->dev, &a->table, dir);
 	}
 	mutex_unlock(&buf->lock);
@@ -251,10 +300,8 @@ static int vdh_buf_end_cpu_access(struct dma_buf *dmabuf,
 	struct vdh_attachment *a;
 
 	mutex_lock(&buf->lock);
-	if (buf->vmap_cnt)
-		flush_kernel_vmap_range(buf->vaddr, buf->len);
 	list_for_each_entry(a, &buf->attachments, list) {
-		if (a->mapped)
+		if (a->mapped && buf->span->pages)
 			dma_sync_sgtable_for_device(a->dev, &a->table, dir);
 	}
 	mutex_unlock(&buf->lock);
@@ -262,27 +309,9 @@ static int vdh_buf_end_cpu_access(struct dma_buf *dmabuf,
 	return vdh_buf_sync_host(buf, dir, VIRTIO_DMAHEAP_SYNC_END);
 }
 
-static void *vdh_buf_do_vmap(struct vdh_buffer *buf)
-{
-	struct page **pages;
-	void *vaddr;
-	pgoff_t i;
-
-	pages = kvmalloc_array(buf->pagecount, sizeof(*pages), GFP_KERNEL);
-	if (!pages)
-		return ERR_PTR(-ENOMEM);
-	for (i = 0; i < buf->pagecount; i++)
-		pages[i] = pfn_to_page(buf->pfn + i);
-	vaddr = vmap(pages, buf->pagecount, VM_MAP,
-		     vdh_pgprot(buf->cache, PAGE_KERNEL));
-	kvfree(pages);
-	return vaddr ?: ERR_PTR(-ENOMEM);
-}
-
 static int vdh_buf_vmap(struct dma_buf *dmabuf, struct iosys_map *map)
 {
 	struct vdh_buffer *buf = dmabuf->priv;
-	void *vaddr;
 	int ret = 0;
 
 	mutex_lock(&buf->lock);
@@ -290,16 +319,9 @@ static int vdh_buf_vmap(struct dma_buf *dmabuf, struct iosys_map *map)
 		ret = -ENODEV;
 		goto unlock;
 	}
-	if (!buf->vmap_cnt) {
-		vaddr = vdh_buf_do_vmap(buf);
-		if (IS_ERR(vaddr)) {
-			ret = PTR_ERR(vaddr);
-			goto unlock;
-		}
-		buf->vaddr = vaddr;
-	}
+	/* The range's own mapping, of the buffer's memory type. */
 	buf->vmap_cnt++;
-	iosys_map_set_vaddr(map, buf->vaddr);
+	iosys_map_set_vaddr(map, vdh_buf_kaddr(buf));
 unlock:
 	mutex_unlock(&buf->lock);
 	return ret;
@@ -310,10 +332,7 @@ static void vdh_buf_vunmap(struct dma_buf *dmabuf, struct iosys_map *map)
 	struct vdh_buffer *buf = dmabuf->priv;
 
 	mutex_lock(&buf->lock);
-	if (!--buf->vmap_cnt) {
-		vunmap(buf->vaddr);
-		buf->vaddr = NULL;
-	}
+	buf->vmap_cnt--;
 	vdh_buf_put_user(buf);
 	mutex_unlock(&buf->lock);
 	iosys_map_clear(map);
@@ -344,10 +363,8 @@ static void vdh_buf_release(struct dma_buf *dmabuf)
 	struct vdh_dev *vd = buf->vd;
 	bool pooled;
 
-	if (WARN(buf->vmap_cnt, "%s: buffer still mapped in the kernel\n", __func__)) {
-		vunmap(buf->vaddr);
+	if (WARN(buf->vmap_cnt, "%s: buffer still mapped in the kernel\n", __func__))
 		buf->revoked = true;	/* never reuse what a kernel user may write */
-	}
 	vdh_buf_unquarantine(buf);
 	vdh_mmaps_drop(&buf->mmaps);
 	atomic64_sub(buf->len, &buf->vh->bytes_used);
@@ -469,7 +486,8 @@ static void vdh_buf_revoke(struct vdh_buffer *buf)
 
 /*
  * Give @buf the range the device allocated (@got), after checking it lies
- * inside the window, as the heap requires. Called with alloc_sem held.
+ * inside the heap's range of the window, as the heap requires. Called with
+ * alloc_sem held.
  */
 static int vdh_buf_place(struct vdh_buffer *buf, u64 min_align,
 			 const struct virtio_dmaheap_buffer *got)
@@ -481,7 +499,8 @@ static int vdh_buf_place(struct vdh_buffer *buf, u64 min_align,
 	buf->id = le64_to_cpu(got->buffer_id);
 	buf->session = vd->session;
 	if (!buf->id || !IS_ALIGNED(off, min_align) || rlen < buf->len ||
-	    off >= vd->win->size || buf->len > vd->win->size - off) {
+	    off < buf->span->offset || off - buf->span->offset >= buf->span->len ||
+	    buf->len > buf->span->offset + buf->span->len - off) {
 		pr_err_ratelimited("device returned a bad buffer (id %llu offset %#llx len %#llx)\n",
 				   buf->id, off, rlen);
 		return -EIO;
@@ -605,6 +624,7 @@ static struct vdh_buffer *vdh_buf_new(struct vdh_dev *vd, struct vdh_heap *vh,
 	buf->len = len;
 	buf->pagecount = len >> PAGE_SHIFT;
 	buf->cache = props->cache;
+	buf->span = props->span;
 	buf->host_sync = vd->has_sync &&
 			 !(vd->has_no_sync &&
 			   (props->flags & VIRTIO_DMAHEAP_HEAP_F_NO_SYNC));

@@ -294,7 +294,8 @@ free_heap:
 }
 
 static void vdh_heap_attach(struct vdh_heap *vh, struct vdh_dev *vd, u32 id,
-			    const struct virtio_dmaheap_heap_info *info)
+			    const struct virtio_dmaheap_heap_info *info,
+			    struct vdh_span *span)
 {
 	u64 max_size = le64_to_cpu(info->max_size);
 	struct vdh_heap_props props = {
@@ -302,8 +303,9 @@ static void vdh_heap_attach(struct vdh_heap *vh, struct vdh_dev *vd, u32 id,
 		.flags = le32_to_cpu(info->flags),
 		.cache = le32_to_cpu(info->cache),
 		.min_align = le64_to_cpu(info->min_align),
-		.max_size = max_size ? min(max_size, vd->win->size) : vd->win->size,
+		.max_size = max_size ? min(max_size, span->len) : span->len,
 		.capacity = le64_to_cpu(info->capacity),
+		.span = span,
 	};
 
 	kref_get(&vd->ref);
@@ -325,16 +327,43 @@ static void vdh_heap_detach(struct vdh_heap *vh)
 		vdh_dev_put(vd);
 }
 
+/*
+ * The mapping of the heap's range, with the memory type its cache attribute
+ * names; refused if that would give memory a second type.
+ */
+static struct vdh_span *vdh_heap_span(struct vdh_dev *vd,
+				      const struct virtio_dmaheap_heap_info *info,
+				      const struct virtio_dmaheap_heap_range *range)
+{
+	u64 offset = le64_to_cpu(range->offset), len = le64_to_cpu(range->len);
+	u32 cache = le32_to_cpu(info->cache);
+	struct vdh_span *span;
+
+	span = vdh_window_span(vd->win, offset, len, cache,
+			       dev_to_node(&vd->vdev->dev));
+	if (span == ERR_PTR(-EBUSY))
+		pr_err("heap %s: its range %#llx+%#llx of the window overlaps one mapped with another cache attribute%s: heap not used\n",
+		       info->name, offset, len,
+		       vd->has_heap_range ? "" :
+		       " (the device does not offer VIRTIO_DMAHEAP_F_HEAP_RANGE, so each heap's range is the whole window)");
+	else if (IS_ERR(span))
+		pr_err("heap %s: cannot map its range %#llx+%#llx of the window %s: %pe\n",
+		       info->name, offset, len, vdh_cache_names[cache], span);
+	return span;
+}
+
 /* Ask the device about heap @id and make it a guest dma-heap. */
 static int vdh_heap_probe(struct vdh_dev *vd, u32 id)
 {
+	struct virtio_dmaheap_heap_range range;
 	struct virtio_dmaheap_heap_info info;
 	struct vdh_heap_kobj *hk;
+	struct vdh_span *span;
 	struct vdh_heap *vh;
 	char *name;
 	int ret;
 
-	ret = vdh_remote_heap_info(vd, id, &info);
+	ret = vdh_remote_heap_info(vd, id, &info, &range);
 	if (ret) {
 		pr_err("heap %u: HEAP_INFO failed: %d\n", id, ret);
 		return ret;
@@ -343,6 +372,9 @@ static int vdh_heap_probe(struct vdh_dev *vd, u32 id)
 		pr_err("heap %u: device sent an invalid description\n", id);
 		return -EINVAL;
 	}
+	span = vdh_heap_span(vd, &info, &range);
+	if (IS_ERR(span))
+		return PTR_ERR(span);
 	/* A buffer must not share a guest page with another one. */
 	if (le64_to_cpu(info.min_align) < PAGE_SIZE) {
 		if (vd->has_page_size)
@@ -377,7 +409,7 @@ static int vdh_heap_probe(struct vdh_dev *vd, u32 id)
 			pr_err("heap %s: cannot register: %d\n", name, ret);
 		goto unlock;
 	}
-	vdh_heap_attach(vh, vd, id, &info);
+	vdh_heap_attach(vh, vd, id, &info, span);
 	vd->heaps[id] = vh;
 	hk = vdh_heap_kobj_add(vd, vh);
 	if (IS_ERR(hk))

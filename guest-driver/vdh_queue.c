@@ -50,6 +50,7 @@ union vdh_req_buf {
 union vdh_resp_buf {
 	struct virtio_dmaheap_resp_hdr hdr;
 	struct virtio_dmaheap_heap_info_resp info;
+	struct virtio_dmaheap_heap_info_range_resp info_range;
 	struct virtio_dmaheap_alloc_resp alloc;
 	struct virtio_dmaheap_assign_uuid_resp assign_uuid;
 	struct virtio_dmaheap_session_open_resp open;
@@ -626,14 +627,19 @@ int vdh_remote_assign_uuid(struct vdh_dev *vd, u64 id, u8 *uuid)
 	return 0;
 }
 
+/* With VIRTIO_DMAHEAP_F_HEAP_RANGE the answer also says where the heap lies. */
 int vdh_remote_heap_info(struct vdh_dev *vd, u32 heap_id,
-			 struct virtio_dmaheap_heap_info *info)
+			 struct virtio_dmaheap_heap_info *info,
+			 struct virtio_dmaheap_heap_range *range)
 {
 	struct vdh_req *r;
+	size_t resp_size = vd->has_heap_range ? sizeof(r->resp.info_range) :
+						sizeof(r->resp.info);
+
 	int ret;
 
 	r = vdh_req_alloc(VIRTIO_DMAHEAP_REQ_HEAP_INFO, sizeof(r->req.info),
-			  sizeof(r->resp.info), GFP_KERNEL);
+			  resp_size, GFP_KERNEL);
 	if (!r)
 		return -ENOMEM;
 	r->req.info.heap_id = cpu_to_le32(heap_id);
@@ -641,6 +647,12 @@ int vdh_remote_heap_info(struct vdh_dev *vd, u32 heap_id,
 	if (ret)
 		return ret;
 	*info = r->resp.info.info;
+	if (vd->has_heap_range) {
+		*range = r->resp.info_range.range;
+	} else {
+		range->offset = 0;
+		range->len = cpu_to_le64(vd->win->size);
+	}
 	vdh_req_free(r);
 	return 0;
 }

@@ -3,9 +3,9 @@
  * virtio-dmaheap: the host's DMA-BUF heaps as guest dma-heaps.
  *
  * The device allocates buffers on the host and maps them into a shared memory
- * region (the buffer window, a PCI BAR). The driver gives the window struct
- * pages (ZONE_DEVICE, MEMORY_DEVICE_GENERIC), registers one dma-heap per host
- * heap and exports every allocation as a dma-buf backed by window pages.
+ * region (the buffer window, a PCI BAR). The driver maps the window's heap
+ * ranges with their memory types (vdh_window.c), registers one dma-heap per
+ * host heap and exports every allocation as a dma-buf over its window range.
  *
  * Sessions (VIRTIO_DMAHEAP_F_SESSION): probe opens a session; before the
  * device is reset (unbind, shutdown and reboot, suspend) the driver closes it,
@@ -21,8 +21,8 @@
  *    heap of the same name takes it over;
  *  - a vdh_dev lives as long as the virtio device is bound or one of its
  *    buffers is alive; it holds the vdh_window;
- *  - the window's struct pages stay until the last buffer using them is
- *    released, so kernel users of a buffer never see freed struct pages.
+ *  - the window's mappings (and struct pages) stay until the last buffer
+ *    using them is released, so kernel users of a buffer never see them go.
  *    Revoked buffers that kernel users can still reach keep their range out
  *    of every later session's buffers (see vdh_buffer.c).
  */
@@ -30,111 +30,11 @@
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
 #include <linux/err.h>
-#include <linux/ioport.h>
 #include <linux/module.h>
 #include <linux/slab.h>
 #include <linux/virtio_config.h>
 
 #include "vdh.h"
-
-static DEFINE_MUTEX(vdh_windows_lock);
-static LIST_HEAD(vdh_windows);
-
-/* ---- buffer window ------------------------------------------------------ */
-
-static void vdh_window_release(struct kref *ref)
-{
-	struct vdh_window *win = container_of(ref, struct vdh_window, ref);
-
-	list_del(&win->node);
-	mutex_unlock(&vdh_windows_lock);
-	memunmap_pages(&win->pgmap);
-	release_mem_region(win->base, win->size);
-	mutex_destroy(&win->lock);
-	kfree(win);
-}
-
-static void vdh_window_put(struct vdh_window *win)
-{
-	kref_put_mutex(&win->ref, vdh_window_release, &vdh_windows_lock);
-}
-
-static struct vdh_window *vdh_window_create(struct virtio_device *vdev,
-					    const struct virtio_shm_region *reg)
-{
-	struct vdh_window *win;
-	void *addr;
-	int ret;
-
-	win = kzalloc(sizeof(*win), GFP_KERNEL);
-	if (!win)
-		return ERR_PTR(-ENOMEM);
-	kref_init(&win->ref);
-	mutex_init(&win->lock);
-	INIT_LIST_HEAD(&win->quarantine);
-	win->base = reg->addr;
-	win->size = reg->len;
-	win->res = request_mem_region(win->base, win->size, KBUILD_MODNAME);
-	if (!win->res) {
-		ret = -EBUSY;
-		goto free_win;
-	}
-	win->pgmap.type = MEMORY_DEVICE_GENERIC;
-	win->pgmap.range.start = win->base;
-	win->pgmap.range.end = win->base + win->size - 1;
-	win->pgmap.nr_range = 1;
-	addr = memremap_pages(&win->pgmap, dev_to_node(&vdev->dev));
-	if (IS_ERR(addr)) {
-		ret = PTR_ERR(addr);
-		goto release_region;
-	}
-	list_add(&win->node, &vdh_windows);
-	return win;
-
-release_region:
-	release_mem_region(win->base, win->size);
-free_win:
-	mutex_destroy(&win->lock);
-	kfree(win);
-	return ERR_PTR(ret);
-}
-
-/*
- * Get the struct pages of the device's buffer window. A window of an earlier
- * binding of the same region is reused while its buffers are alive.
- */
-static struct vdh_window *vdh_window_get(struct virtio_device *vdev)
-{
-	struct virtio_shm_region reg;
-	unsigned long align = memremap_compat_align();
-	struct vdh_window *win;
-
-	if (!virtio_get_shm_region(vdev, &reg, VIRTIO_DMAHEAP_SHM_BUFFERS)) {
-		dev_err(&vdev->dev, "no buffer window (shared memory region %d)\n",
-			VIRTIO_DMAHEAP_SHM_BUFFERS);
-		return ERR_PTR(-ENODEV);
-	}
-	if (!reg.len || !IS_ALIGNED(reg.addr, align) || !IS_ALIGNED(reg.len, align)) {
-		dev_err(&vdev->dev, "buffer window %#llx+%#llx not %#lx-aligned\n",
-			reg.addr, reg.len, align);
-		return ERR_PTR(-EINVAL);
-	}
-
-	mutex_lock(&vdh_windows_lock);
-	list_for_each_entry(win, &vdh_windows, node) {
-		if (win->base == reg.addr && win->size == reg.len) {
-			kref_get(&win->ref);
-			goto unlock;
-		}
-	}
-	win = vdh_window_create(vdev, &reg);
-	if (IS_ERR(win))
-		dev_err(&vdev->dev, "cannot map buffer window %#llx+%#llx: %pe\n",
-			reg.addr, reg.len, win);
-unlock:
-	mutex_unlock(&vdh_windows_lock);
-	return win;
-}
 
 /* ---- device ------------------------------------------------------------- */
 
@@ -214,6 +114,7 @@ static struct vdh_dev *vdh_dev_alloc(struct virtio_device *vdev, u32 num_heaps)
 	vd->has_no_sync = virtio_has_feature(vdev, VIRTIO_DMAHEAP_F_NO_SYNC);
 	vd->has_batch = virtio_has_feature(vdev, VIRTIO_DMAHEAP_F_BATCH);
 	vd->has_page_size = virtio_has_feature(vdev, VIRTIO_DMAHEAP_F_PAGE_SIZE);
+	vd->has_heap_range = virtio_has_feature(vdev, VIRTIO_DMAHEAP_F_HEAP_RANGE);
 	/* Not in the feature table without virtio_dma_buf: do not even ask. */
 	vd->has_uuid = VDH_UUID && virtio_has_feature(vdev, VIRTIO_DMAHEAP_F_UUID);
 	return vd;
@@ -349,12 +250,13 @@ static int vdh_probe(struct virtio_device *vdev)
 	mutex_unlock(&vd->life_lock);
 	if (ret)
 		goto stop_dev;
-	dev_info(&vdev->dev, "%u heap(s), buffer window %#llx+%#llx, queue %u%s%s%s%s%s\n",
+	dev_info(&vdev->dev, "%u heap(s), buffer window %#llx+%#llx, queue %u%s%s%s%s%s%s\n",
 		 num_heaps, (u64)win->base, win->size,
 		 virtqueue_get_vring_size(vd->vq), vd->has_sync ? ", sync" : "",
 		 vd->has_session ? ", sessions" : "", vd->has_batch ? ", batch" : "",
 		 vd->has_uuid ? ", uuid" : "",
-		 vd->has_page_size ? ", page-size" : "");
+		 vd->has_page_size ? ", page-size" : "",
+		 vd->has_heap_range ? ", heap-range" : "");
 	return 0;
 
 stop_dev:
@@ -471,6 +373,7 @@ static const unsigned int vdh_features[] = {
 	VIRTIO_DMAHEAP_F_NO_SYNC,
 	VIRTIO_DMAHEAP_F_BATCH,
 	VIRTIO_DMAHEAP_F_PAGE_SIZE,
+	VIRTIO_DMAHEAP_F_HEAP_RANGE,
 #if VDH_UUID
 	VIRTIO_DMAHEAP_F_UUID,
 #endif

@@ -118,6 +118,9 @@ static int imp_check_sgt(struct sg_table *sgt, size_t size)
 		pr_err("DMA mapping covers %zu bytes of %zu\n", total, size);
 		return -EINVAL;
 	}
+	/* A range without struct pages (a WC or uncached heap): DMA addresses only. */
+	if (!sg_page(sgt->sgl))
+		return 0;
 	va = kmap_local_page(sg_page(sgt->sgl));
 	same = !memcmp(va + sgt->sgl->offset, MARK, MARK_LEN);
 	kunmap_local(va);
