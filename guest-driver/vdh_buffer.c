@@ -584,14 +584,12 @@ static struct dma_buf *vdh_buf_reuse(struct vdh_dev *vd, struct vdh_heap *vh,
 				     size_t len, u32 fd_flags)
 {
 	struct vdh_buffer *buf;
-	pgoff_t i;
 	int ret;
 
 	buf = vdh_pool_get(vd, vh, len);
 	if (!buf)
 		return NULL;
-	for (i = 0; i < buf->pagecount; i++)
-		clear_highpage(pfn_to_page(buf->pfn + i));
+	memset(vdh_buf_kaddr(buf), 0, buf->len);
 	ret = vdh_buf_export(buf, fd_flags);
 	if (ret) {
 		vdh_buf_destroy(buf);

@@ -15,6 +15,9 @@
  *    which user mappings then get. UNCACHED is UC- on x86 and Normal-NC
  *    elsewhere (arm64 has no uncached normal type beyond it; its Device types
  *    fault on unaligned accesses, which user space copies make).
+ * A CACHED range the direct map cannot reach (arm64 kernels with 39-bit
+ * virtual addresses and a window above 256 GiB, as QEMU's virt machine puts
+ * 64-bit BARs at 512 GiB) is mapped write-back without struct pages instead.
  * A range stays mapped until the window goes: buffers of an earlier binding
  * may still use it.
  */
@@ -28,6 +31,11 @@
 #include <linux/virtio_config.h>
 
 #include "vdh.h"
+
+static bool cached_pages = true;
+module_param(cached_pages, bool, 0644);
+MODULE_PARM_DESC(cached_pages,
+		 "Give cached heap ranges struct pages, as importers that need pages expect (default: Y; N maps them like the others)");
 
 static DEFINE_MUTEX(vdh_windows_lock);
 static LIST_HEAD(vdh_windows);
@@ -58,7 +66,9 @@ static void *vdh_span_remap(struct vdh_span *span, phys_addr_t start)
 	if (vdh_span_uc_minus(span->cache))
 		vaddr = (void __force *)ioremap(start, span->len);
 	else
-		vaddr = memremap(start, span->len, MEMREMAP_WC);
+		vaddr = memremap(start, span->len,
+				 span->cache == VIRTIO_DMAHEAP_CACHE_CACHED ?
+				 MEMREMAP_WB : MEMREMAP_WC);
 	return vaddr ?: ERR_PTR(-ENOMEM);
 }
 
@@ -85,10 +95,16 @@ static struct vdh_span *vdh_span_create(struct vdh_window *win, u64 offset,
 	span->offset = offset;
 	span->len = len;
 	span->cache = cache;
-	span->pages = cache == VIRTIO_DMAHEAP_CACHE_CACHED;
-	if (span->pages)
+	span->pages = cache == VIRTIO_DMAHEAP_CACHE_CACHED && READ_ONCE(cached_pages);
+	if (span->pages) {
 		vaddr = vdh_span_map_pages(span, start, nid);
-	else
+		if (IS_ERR(vaddr)) {
+			pr_notice("window range %#llx+%#llx: no struct pages (%pe), mapped without\n",
+				  offset, len, vaddr);
+			span->pages = false;
+		}
+	}
+	if (!span->pages)
 		vaddr = vdh_span_remap(span, start);
 	if (IS_ERR(vaddr)) {
 		kfree(span);
