@@ -250,9 +250,16 @@ fn dmesg() -> String {
         .unwrap_or_default()
 }
 
-/// Suspends the guest (`freeze`: to idle, woken by the host pressing the power button;
-/// `mem`: to RAM, woken by QMP system_wakeup) and waits until it runs again.
+/// The RTC alarm that wakes an arm64 guest (QEMU virt's PL031; there is no ACPI).
+const RTC_WAKEALARM: &str = "/sys/class/rtc/rtc0/wakealarm";
+
+/// Suspends the guest (`freeze`: to idle, woken by the host pressing the power button, or
+/// on arm64 by the RTC alarm; `mem`: to RAM, woken by QMP system_wakeup) and waits until it
+/// runs again.
 fn suspend(state: &str) -> Result<(), String> {
+    if cfg!(target_arch = "aarch64") {
+        return suspend_rtc(state);
+    }
     let (wake, stop) = match state {
         "freeze" => (["wake-presses", "start"], Some(["wake-presses", "stop"])),
         _ => (["s3-wake", "start"], None),
@@ -285,12 +292,47 @@ fn suspend(state: &str) -> Result<(), String> {
     Err(format!("suspend {state} failed 5 times: {last}"))
 }
 
+/// [`suspend`] woken by the RTC alarm, a few seconds on.
+fn suspend_rtc(state: &str) -> Result<(), String> {
+    let mut last = String::new();
+    for attempt in 0..5 {
+        // An alarm that fires while the kernel is entering suspend aborts it: then again.
+        std::fs::write(RTC_WAKEALARM, "0")
+            .and_then(|()| std::fs::write(RTC_WAKEALARM, "+5"))
+            .map_err(|e| format!("{RTC_WAKEALARM}: {e}"))?;
+        let t0 = Instant::now();
+        let r = std::fs::write("/sys/power/state", state);
+        host::reconnect()?;
+        match r {
+            Ok(()) => {
+                eprintln!(
+                    "  suspend {state}: suspended and woken by the RTC in {:.1?} (attempt {attempt})",
+                    t0.elapsed()
+                );
+                return Ok(());
+            }
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(format!("suspend {state} failed 5 times: {last}"))
+}
+
 pub fn suspend_to_idle(ctx: &Ctx) -> Result<(), String> {
-    arm_power_button()?;
+    if !cfg!(target_arch = "aarch64") {
+        arm_power_button()?;
+    }
     suspend_case(ctx, "freeze")
 }
 
 pub fn suspend_to_ram(ctx: &Ctx) -> Result<(), String> {
+    // Without `deep`, `mem` is suspend to idle again (QEMU's arm64 virt machine).
+    let modes = std::fs::read_to_string("/sys/power/mem_sleep").unwrap_or_default();
+    check(modes.contains("deep"), || {
+        format!(
+            "no suspend to RAM here: /sys/power/mem_sleep is {:?}",
+            modes.trim()
+        )
+    })?;
     suspend_case(ctx, "mem")
 }
 
