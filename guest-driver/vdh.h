@@ -243,6 +243,7 @@ void vdh_dev_put(struct vdh_dev *vd);
 void vdh_session_lost(struct vdh_dev *vd);
 
 /* vdh_heap.c */
+const char *vdh_cache_name(u32 cache);
 int vdh_heaps_probe(struct vdh_dev *vd);
 void vdh_heaps_remove(struct vdh_dev *vd);
 struct vdh_dev *vdh_heap_get_dev(struct vdh_heap *vh,

@@ -58,6 +58,11 @@ static const char * const vdh_cache_names[] = {
 	[VIRTIO_DMAHEAP_CACHE_WC] = "write-combined",
 };
 
+const char *vdh_cache_name(u32 cache)
+{
+	return cache < ARRAY_SIZE(vdh_cache_names) ? vdh_cache_names[cache] : "unknown";
+}
+
 static struct vdh_heap_props vdh_heap_props(struct kobject *kobj)
 {
 	struct vdh_heap *vh = to_vdh_heap(kobj);
@@ -348,7 +353,7 @@ static struct vdh_span *vdh_heap_span(struct vdh_dev *vd,
 		       " (the device does not offer VIRTIO_DMAHEAP_F_HEAP_RANGE, so each heap's range is the whole window)");
 	else if (IS_ERR(span))
 		pr_err("heap %s: cannot map its range %#llx+%#llx of the window %s: %pe\n",
-		       info->name, offset, len, vdh_cache_names[cache], span);
+		       info->name, offset, len, vdh_cache_name(cache), span);
 	return span;
 }
 

@@ -99,7 +99,7 @@ static struct vdh_span *vdh_span_create(struct vdh_window *win, u64 offset,
 	if (span->pages) {
 		vaddr = vdh_span_map_pages(span, start, nid);
 		if (IS_ERR(vaddr)) {
-			pr_notice("window range %#llx+%#llx: no struct pages (%pe), mapped without\n",
+			pr_notice("window range %#llx+%#llx: cannot give it struct pages: %pe\n",
 				  offset, len, vaddr);
 			span->pages = false;
 		}
@@ -111,6 +111,8 @@ static struct vdh_span *vdh_span_create(struct vdh_window *win, u64 offset,
 		return vaddr;
 	}
 	span->vaddr = vaddr;
+	pr_info("window range %#llx+%#llx: %s, %s\n", offset, len,
+		vdh_cache_name(cache), span->pages ? "struct pages" : "no struct pages");
 	return span;
 }
 
