@@ -13,7 +13,7 @@ use std::mem::size_of;
 use vm_memory::ByteValued;
 
 use crate::abi::*;
-use crate::core::RequestError;
+use crate::core::{HeapRange as Range, RequestError};
 
 /// What becomes of a request's descriptor chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +43,9 @@ pub struct Features {
     /// `VIRTIO_DMAHEAP_F_PAGE_SIZE` (with `VIRTIO_DMAHEAP_F_SESSION`): SESSION_OPEN states
     /// the driver's page size.
     pub page_size: bool,
+    /// `VIRTIO_DMAHEAP_F_HEAP_RANGE`: HEAP_INFO states the heap's range
+    /// ([`HeapInfoRangeResp`]).
+    pub heap_range: bool,
 }
 
 impl Features {
@@ -52,7 +55,8 @@ impl Features {
         | (1 << VIRTIO_DMAHEAP_F_SESSION)
         | (1 << VIRTIO_DMAHEAP_F_NO_SYNC)
         | (1 << VIRTIO_DMAHEAP_F_BATCH)
-        | (1 << VIRTIO_DMAHEAP_F_PAGE_SIZE);
+        | (1 << VIRTIO_DMAHEAP_F_PAGE_SIZE)
+        | (1 << VIRTIO_DMAHEAP_F_HEAP_RANGE);
 
     /// From the feature bits the driver accepted.
     pub fn from_bits(bits: u64) -> Self {
@@ -65,6 +69,7 @@ impl Features {
             uuid: has(VIRTIO_DMAHEAP_F_UUID),
             // Meaningless without sessions (spec 3.2): treated as not negotiated.
             page_size: has(VIRTIO_DMAHEAP_F_PAGE_SIZE) && has(VIRTIO_DMAHEAP_F_SESSION),
+            heap_range: has(VIRTIO_DMAHEAP_F_HEAP_RANGE),
         }
     }
 }
@@ -161,7 +166,12 @@ impl Request {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer {
     /// HEAP_INFO.
-    HeapInfo(HeapInfo),
+    HeapInfo {
+        /// The heap's properties.
+        info: HeapInfo,
+        /// The heap's range of the window (sent with `VIRTIO_DMAHEAP_F_HEAP_RANGE`).
+        range: Range,
+    },
     /// ALLOC.
     Alloc {
         /// Buffer id.
@@ -276,6 +286,9 @@ fn parse<T: ByteValued + Default>(req: &[u8]) -> Option<T> {
 fn sizes_of(ty: u32, features: Features) -> Option<(usize, usize)> {
     let hdr = size_of::<RespHdr>();
     Some(match ty {
+        VIRTIO_DMAHEAP_REQ_HEAP_INFO if features.heap_range => {
+            (size_of::<HeapInfoReq>(), size_of::<HeapInfoRangeResp>())
+        }
         VIRTIO_DMAHEAP_REQ_HEAP_INFO => (size_of::<HeapInfoReq>(), size_of::<HeapInfoResp>()),
         VIRTIO_DMAHEAP_REQ_ALLOC => (size_of::<AllocReq>(), size_of::<AllocResp>()),
         VIRTIO_DMAHEAP_REQ_ALLOC_BATCH if features.batch => {
@@ -399,8 +412,9 @@ pub fn header_only(status: u32, writable: usize) -> Vec<u8> {
     }
 }
 
-/// The response to a request the core served: the full response of the request's type.
-pub fn encode(req: &Request, outcome: Result<Answer, RequestError>) -> Reply {
+/// The response to a request the core served: the full response of the request's type
+/// with the `features` negotiated.
+pub fn encode(req: &Request, outcome: Result<Answer, RequestError>, features: Features) -> Reply {
     let (status, answer) = match outcome {
         Ok(a) => (VIRTIO_DMAHEAP_S_OK, Some(a)),
         Err(e) => match status(e) {
@@ -411,14 +425,25 @@ pub fn encode(req: &Request, outcome: Result<Answer, RequestError>) -> Reply {
     let hdr = resp_hdr(status);
     let bytes = match req {
         Request::HeapInfo { .. } => {
-            let mut r = HeapInfoResp {
+            let mut r = HeapInfoRangeResp {
                 hdr,
                 ..Default::default()
             };
-            if let Some(Answer::HeapInfo(info)) = answer {
+            if let Some(Answer::HeapInfo { info, range }) = answer {
                 r.info = info;
+                r.range = HeapRange {
+                    offset: range.offset.into(),
+                    len: range.len.into(),
+                };
             }
-            r.as_slice().to_vec()
+            let bytes = r.as_slice();
+            // Without the feature the response is the first part only (spec 6.3).
+            let n = if features.heap_range {
+                bytes.len()
+            } else {
+                size_of::<HeapInfoResp>()
+            };
+            bytes[..n].to_vec()
         }
         Request::Alloc { .. } => {
             let mut r = AllocResp {

@@ -10,6 +10,7 @@ const ALL: Features = Features {
     batch: true,
     uuid: true,
     page_size: false,
+    heap_range: false,
 };
 
 #[test]
@@ -114,6 +115,62 @@ fn session_open_has_the_page_size_shape_exactly_when_the_feature_is_negotiated()
 }
 
 #[test]
+fn heap_info_has_the_range_shape_exactly_when_the_feature_is_negotiated() {
+    let with = Features {
+        heap_range: true,
+        ..ALL
+    };
+    assert!(Features::from_bits(1 << VIRTIO_DMAHEAP_F_HEAP_RANGE).heap_range);
+    assert_ne!(Features::OFFERED & (1 << VIRTIO_DMAHEAP_F_HEAP_RANGE), 0);
+    let req = heap_info_req(0);
+    let want = Request::HeapInfo {
+        heap_id: 0,
+        reserved: 0,
+    };
+    assert_eq!(decode(&req, HEAP_INFO_RANGE_RESP_SIZE, with), Ok(want));
+    assert_eq!(decode(&req, HEAP_INFO_RESP_SIZE, ALL), Ok(want));
+    // A writable part that holds only the old response is malformed with the feature.
+    assert_eq!(
+        decode(&req, HEAP_INFO_RANGE_RESP_SIZE - 1, with).map_err(DecodeError::status),
+        Err(VIRTIO_DMAHEAP_S_INVAL)
+    );
+    assert_eq!(
+        decode(&req, HEAP_INFO_RESP_SIZE, with).map_err(DecodeError::status),
+        Err(VIRTIO_DMAHEAP_S_INVAL)
+    );
+    let answer = || {
+        Ok(Answer::HeapInfo {
+            info: HeapInfo {
+                capacity: 7.into(),
+                ..Default::default()
+            },
+            range: Range {
+                offset: 2 << 20,
+                len: 4 << 20,
+            },
+        })
+    };
+    let Reply::Answer(a) = encode(&want, answer(), with) else {
+        panic!("no answer");
+    };
+    assert_eq!(a.len(), HEAP_INFO_RANGE_RESP_SIZE);
+    assert_eq!(le64(&a, 64), 7);
+    assert_eq!((le64(&a, 72), le64(&a, 80)), (2 << 20, 4 << 20));
+    let Reply::Answer(a) = encode(&want, answer(), ALL) else {
+        panic!("no answer");
+    };
+    assert_eq!(a.len(), HEAP_INFO_RESP_SIZE);
+    assert_eq!(le64(&a, 64), 7);
+    // An error keeps the full shape, range zero.
+    let Reply::Answer(a) = encode(&want, Err(RequestError::NoHeap), with) else {
+        panic!("no answer");
+    };
+    assert_eq!(a.len(), HEAP_INFO_RANGE_RESP_SIZE);
+    assert_eq!(status_of(&a), VIRTIO_DMAHEAP_S_NO_HEAP);
+    assert!(a[8..].iter().all(|&b| b == 0));
+}
+
+#[test]
 fn header_level_errors() {
     let none = Features {
         sync: false,
@@ -122,6 +179,7 @@ fn header_level_errors() {
         batch: false,
         uuid: false,
         page_size: false,
+        heap_range: false,
     };
     let d = |b: &[u8], w, f| decode(b, w, f).map_err(DecodeError::status);
     assert_eq!(d(&[1, 0, 0], 8, ALL), Err(VIRTIO_DMAHEAP_S_INVAL));
@@ -160,8 +218,8 @@ fn every_error_has_one_status_and_errors_keep_the_full_response_shape() {
         flags: 0,
         len: 4096,
     };
-    assert_eq!(encode(&alloc, Err(RequestError::Retry)), Reply::Retry);
-    let Reply::Answer(a) = encode(&alloc, Err(RequestError::WindowFull)) else {
+    assert_eq!(encode(&alloc, Err(RequestError::Retry), ALL), Reply::Retry);
+    let Reply::Answer(a) = encode(&alloc, Err(RequestError::WindowFull), ALL) else {
         panic!("no answer");
     };
     assert_eq!(a.len(), ALLOC_RESP_SIZE);
