@@ -4,7 +4,7 @@ use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 
 use crate::args::DaemonArgs;
-use crate::core::{CacheMode, Heap, HeapParams, Limits, ARENA_MIN};
+use crate::core::{heap_ranges, CacheMode, Heap, HeapParams, LayoutError, Limits, ARENA_MIN};
 use crate::host::{DmaHeapProvider, HeapProvider, MemfdProvider, ProviderError, UdmabufProvider};
 
 /// Where the host's dma-buf heaps live.
@@ -58,6 +58,9 @@ pub enum ConfigError {
     /// Two heaps with one name.
     #[error("heap name {0:?} used twice")]
     DuplicateHeap(String),
+    /// The window cannot be split between the cache attributes of the heaps.
+    #[error("--shm-size too small for the heaps' cache attributes")]
+    Layout(#[source] LayoutError),
 }
 
 /// Most live mappings an operator may allow. Each mapping becomes a RAM region that QEMU
@@ -178,11 +181,51 @@ fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"_-.,".contains(&b))
 }
 
-fn parse_heap(spec: &str, shm_size: u64) -> Result<HeapSpec, ConfigError> {
+/// The part of the window a heap's buffers lie in, for the checks of its options.
+#[derive(Debug, Clone, Copy)]
+struct RangeLimit {
+    /// The heap range's length.
+    len: u64,
+    /// The window size.
+    shm_size: u64,
+    /// Cache attributes that share the window.
+    attrs: usize,
+}
+
+impl RangeLimit {
+    /// The whole window.
+    fn window(shm_size: u64) -> Self {
+        Self {
+            len: shm_size,
+            shm_size,
+            attrs: 1,
+        }
+    }
+}
+
+impl std::fmt::Display for RangeLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.attrs <= 1 {
+            f.write_str("--shm-size")
+        } else {
+            write!(
+                f,
+                "the heap's range of {} bytes (--shm-size {} split evenly between {} cache \
+                 attributes)",
+                self.len, self.shm_size, self.attrs
+            )
+        }
+    }
+}
+
+/// Parses one `--heap`; the sizes must fit `range` (whose length is also the default
+/// max-size and bounds the default arena-size).
+fn parse_heap(spec: &str, range: RangeLimit) -> Result<HeapSpec, ConfigError> {
     let bad = |why: String| ConfigError::Heap {
         spec: spec.to_string(),
         why,
     };
+    let limit = range.len;
     let (name, rest) = spec
         .split_once('=')
         .ok_or_else(|| bad("expected NAME=SOURCE[,OPT=VAL]...".into()))?;
@@ -220,9 +263,9 @@ fn parse_heap(spec: &str, shm_size: u64) -> Result<HeapSpec, ConfigError> {
         contiguous: contiguous_default,
         cache: CacheMode::Cached,
         min_align: PAGE,
-        max_size: shm_size,
+        max_size: limit,
         max_bytes: None,
-        arena_size: DEFAULT_ARENA_SIZE.min(shm_size),
+        arena_size: DEFAULT_ARENA_SIZE.min(limit),
     };
     for opt in parts {
         let (k, v) = opt
@@ -251,25 +294,24 @@ fn parse_heap(spec: &str, shm_size: u64) -> Result<HeapSpec, ConfigError> {
             _ => return Err(bad(format!("unknown option {k:?}"))),
         }
     }
-    if !params.min_align.is_power_of_two() || params.min_align < PAGE || params.min_align > shm_size
-    {
+    if !params.min_align.is_power_of_two() || params.min_align < PAGE || params.min_align > limit {
         return Err(bad(format!(
-            "align={} must be a power of two between 4K and --shm-size",
+            "align={} must be a power of two between 4K and {range}",
             params.min_align
         )));
     }
-    if params.max_size == 0 || !params.max_size.is_multiple_of(PAGE) || params.max_size > shm_size {
+    if params.max_size == 0 || !params.max_size.is_multiple_of(PAGE) || params.max_size > limit {
         return Err(bad(format!(
-            "max-size={} must be a nonzero multiple of 4K, at most --shm-size",
+            "max-size={} must be a nonzero multiple of 4K, at most {range}",
             params.max_size
         )));
     }
     if params.arena_size < ARENA_MIN
         || !params.arena_size.is_multiple_of(ARENA_MIN)
-        || params.arena_size > shm_size
+        || params.arena_size > limit
     {
         return Err(bad(format!(
-            "arena-size={} must be a multiple of 2M, at most --shm-size",
+            "arena-size={} must be a multiple of 2M, at most {range}",
             params.arena_size
         )));
     }
@@ -330,23 +372,34 @@ impl Config {
         if max_bytes == 0 {
             return Err(ConfigError::Zero("--max-bytes"));
         }
-        let mut heaps = Vec::new();
+        let mut specs = Vec::new();
         let mut fallback_memfd = false;
         if args.heaps.is_empty() {
-            let spec = if dma_heap_dir.join("system").exists() {
+            specs.push(if dma_heap_dir.join("system").exists() {
                 "system=dma-heap:system"
             } else {
                 fallback_memfd = true;
                 "system=memfd"
-            };
-            heaps.push(parse_heap(spec, shm_size)?);
+            });
         }
-        for h in &args.heaps {
-            let spec = parse_heap(h, shm_size)?;
-            if heaps
-                .iter()
-                .any(|o: &HeapSpec| o.params.name == spec.params.name)
-            {
+        specs.extend(args.heaps.iter().map(String::as_str));
+        // The cache attributes decide the heap ranges, which bound the other sizes: parse
+        // once against the window for the attributes, then again against each range.
+        let caches = specs
+            .iter()
+            .map(|h| parse_heap(h, RangeLimit::window(shm_size)).map(|s| s.params.cache))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ranges = heap_ranges(shm_size, &caches).map_err(ConfigError::Layout)?;
+        let attrs = crate::core::layout::attributes(&caches).len();
+        let mut heaps: Vec<HeapSpec> = Vec::new();
+        for (h, r) in specs.iter().zip(&ranges) {
+            let range = RangeLimit {
+                len: r.len,
+                shm_size,
+                attrs,
+            };
+            let spec = parse_heap(h, range)?;
+            if heaps.iter().any(|o| o.params.name == spec.params.name) {
                 return Err(ConfigError::DuplicateHeap(spec.params.name));
             }
             heaps.push(spec);

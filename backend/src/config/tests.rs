@@ -126,6 +126,101 @@ fn heaps() {
 }
 
 #[test]
+fn several_cache_attributes_split_the_window_and_bound_the_heaps() {
+    let c = cfg(&[
+        "--socket-path",
+        "/s",
+        "--shm-size",
+        "1G",
+        "--heap",
+        "wc=memfd,cache=wc",
+        "--heap",
+        "sys=memfd",
+        "--heap",
+        "sys2=memfd,max-size=16M",
+    ])
+    .unwrap();
+    // Two attributes: 512 MiB each; the default max-size is the range, not the window.
+    assert_eq!(c.heaps[0].params.max_size, 512 << 20);
+    assert_eq!(c.heaps[1].params.max_size, 512 << 20);
+    assert_eq!(c.heaps[2].params.max_size, 16 << 20);
+    // One attribute: the whole window, as before.
+    let c = cfg(&[
+        "--socket-path",
+        "/s",
+        "--shm-size",
+        "8M",
+        "--heap",
+        "u=memfd,cache=uncached",
+    ]);
+    assert_eq!(c.unwrap().heaps[0].params.max_size, 8 << 20);
+    // Three attributes in 8M: 2M each; the default arena-size shrinks to the range.
+    let three = |extra: &str| {
+        cfg(&[
+            "--socket-path",
+            "/s",
+            "--shm-size",
+            "8M",
+            "--heap",
+            "a=memfd",
+            "--heap",
+            "b=memfd,cache=uncached",
+            "--heap",
+            &format!("c=memfd,cache=wc{extra}"),
+        ])
+    };
+    let c = three("").unwrap();
+    assert!(c.heaps.iter().all(|h| h.params.max_size == 2 << 20));
+    assert!(c.heaps.iter().all(|h| h.params.arena_size == 2 << 20));
+    for extra in [",max-size=4M", ",arena-size=4M"] {
+        let err = three(extra).unwrap_err().to_string();
+        assert!(
+            err.contains("range of 2097152 bytes")
+                && err.contains("--shm-size 8388608 split evenly between 3"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn a_window_too_small_for_the_cache_attributes_is_refused_with_the_sizes() {
+    let err = cfg(&[
+        "--socket-path",
+        "/s",
+        "--shm-size",
+        "4M",
+        "--heap",
+        "a=memfd",
+        "--heap",
+        "b=memfd,cache=uncached",
+        "--heap",
+        "c=memfd,cache=wc",
+    ])
+    .unwrap_err();
+    let ConfigError::Layout(e) = &err else {
+        panic!("{err:?}");
+    };
+    assert_eq!((e.shm_size, e.attrs, e.need), (4 << 20, 3, 8 << 20));
+    let cause = std::error::Error::source(&err).unwrap().to_string();
+    assert!(
+        cause.contains("4194304") && cause.contains("8388608"),
+        "{cause}"
+    );
+    // The same attribute twice needs no split.
+    assert!(cfg(&[
+        "--socket-path",
+        "/s",
+        "--shm-size",
+        "2M",
+        "--heap",
+        "a=memfd,cache=wc",
+        "--heap",
+        "b=memfd,cache=wc",
+    ])
+    .is_ok());
+}
+
+#[test]
 fn mapping_cap_stops_below_the_memory_slots() {
     let c = cfg(&["--socket-path", "/s", "--max-mappings", "480"]).unwrap();
     assert_eq!(c.limits.max_mappings, MAX_MAPPINGS_LIMIT);
