@@ -360,11 +360,10 @@ impl Device {
         if reserved != 0 {
             return Err(RequestError::Inval);
         }
-        let i = usize::try_from(heap_id)
+        let (heap, range) = usize::try_from(heap_id)
             .ok()
-            .filter(|&i| i < self.heaps.len())
+            .and_then(|i| self.heaps.get(i).zip(self.ranges.get(i).copied()))
             .ok_or(RequestError::NoHeap)?;
-        let (heap, range) = (&self.heaps[i], self.ranges[i]);
         let p = &heap.params;
         // No buffer of the heap can be larger than its range, nor can the heap hold more.
         let global = self.limits.max_bytes.min(range.len);
