@@ -24,6 +24,9 @@ pub const VIRTIO_DMAHEAP_F_BATCH: u32 = 4;
 /// ([`SessionOpenPageReq`]); the session's buffers and reservations are aligned to it.
 /// Needs `VIRTIO_DMAHEAP_F_SESSION`.
 pub const VIRTIO_DMAHEAP_F_PAGE_SIZE: u32 = 5;
+/// Feature: HEAP_INFO also states the window range that holds the heap's buffers
+/// ([`HeapInfoRangeResp`]); heaps with different cache attributes get disjoint ranges.
+pub const VIRTIO_DMAHEAP_F_HEAP_RANGE: u32 = 6;
 
 /// Shared memory region id of the buffer window.
 pub const VIRTIO_DMAHEAP_SHM_BUFFERS: u32 = 0;
@@ -36,6 +39,8 @@ pub const VIRTIO_DMAHEAP_VERSION: u32 = 1;
 pub const VIRTIO_DMAHEAP_PAGE_SIZE: u32 = 4096;
 /// Largest page size a driver may state with `VIRTIO_DMAHEAP_F_PAGE_SIZE`.
 pub const VIRTIO_DMAHEAP_PAGE_SIZE_MAX: u32 = 65536;
+/// Alignment of a heap range (`VIRTIO_DMAHEAP_F_HEAP_RANGE`) that is not the whole window.
+pub const VIRTIO_DMAHEAP_RANGE_ALIGN: u64 = 0x20_0000;
 
 /// Request type: describe one heap.
 pub const VIRTIO_DMAHEAP_REQ_HEAP_INFO: u32 = 1;
@@ -188,6 +193,29 @@ pub struct HeapInfoResp {
     pub hdr: RespHdr,
     /// The heap's properties.
     pub info: HeapInfo,
+}
+
+/// `struct virtio_dmaheap_heap_range`: the window range every buffer of a heap lies in.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct HeapRange {
+    /// Start in the window.
+    pub offset: Le64,
+    /// Length in bytes.
+    pub len: Le64,
+}
+
+/// `struct virtio_dmaheap_heap_info_range_resp`: HEAP_INFO's answer with
+/// `VIRTIO_DMAHEAP_F_HEAP_RANGE`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct HeapInfoRangeResp {
+    /// Response header.
+    pub hdr: RespHdr,
+    /// The heap's properties.
+    pub info: HeapInfo,
+    /// The heap range.
+    pub range: HeapRange,
 }
 
 /// `struct virtio_dmaheap_alloc_req`.
@@ -380,6 +408,8 @@ byte_valued!(
     HeapInfoReq,
     HeapInfo,
     HeapInfoResp,
+    HeapRange,
+    HeapInfoRangeResp,
     AllocReq,
     AllocResp,
     AllocBatchReq,
@@ -431,6 +461,8 @@ mod tests {
         assert_eq!(size_of::<Config>(), 16);
         assert_eq!(size_of::<HeapInfo>(), 64);
         assert_eq!(size_of::<HeapInfoResp>(), 72);
+        assert_eq!(size_of::<HeapRange>(), 16);
+        assert_eq!(size_of::<HeapInfoRangeResp>(), 88);
         assert_eq!(size_of::<AllocReq>(), 24);
         assert_eq!(size_of::<AllocResp>(), 32);
         assert_eq!(size_of::<AllocBatchReq>(), 24);

@@ -45,18 +45,26 @@ pub struct DaemonArgs {
     /// Export a heap to the guest as NAME (repeatable; heap ids follow the order given;
     /// NAME: 1-31 characters of [A-Za-z0-9_.,-], e.g. `linux,cma`).
     /// SOURCE is `dma-heap:HOSTNAME` (/dev/dma_heap/HOSTNAME), `memfd`, or `udmabuf`.
-    /// OPTs: max-bytes=SIZE (per-heap quota), max-size=SIZE (largest buffer, default:
-    /// --shm-size), align=SIZE (min_align, power of two >= 4K, default 4K),
-    /// cache=cached|uncached|wc (default cached), contiguous=yes|no (default: yes for
+    /// OPTs: max-bytes=SIZE (per-heap quota), max-size=SIZE (largest buffer, default: the
+    /// heap's range, see --shm-size), align=SIZE (min_align, power of two >= 4K, default
+    /// 4K), cache=cached|uncached|wc (default cached), contiguous=yes|no (default: yes for
     /// dma-heap heaps named like *cma* or *reserved*, else no), arena-size=SIZE (largest
-    /// host allocation shared by small buffers, multiple of 2M, default 64M; buffers up to
-    /// arena-size/8 are sub-allocated in arenas, larger ones get a mapping of their own).
+    /// host allocation shared by small buffers, multiple of 2M, default 64M or the heap's
+    /// range if smaller; buffers up to arena-size/8 are sub-allocated in arenas, larger
+    /// ones get a mapping of their own). align, max-size and arena-size above the heap's
+    /// range are refused.
     /// Without --heap: the host's `system` dma-heap if /dev/dma_heap/system exists,
     /// else a memfd heap named `system` (with a warning).
     #[arg(long = "heap", value_name = "NAME=SOURCE[,OPT=VAL]...")]
     pub heaps: Vec<String>,
 
-    /// Size of the shared memory window (BAR 4), a power of two.
+    /// Size of the shared memory window (BAR 4), a power of two. It is split evenly between
+    /// the cache attributes the heaps use, in the order cached, uncached, wc: each gets a
+    /// range of (SIZE / attributes) rounded down to 2M that holds all buffers of its heaps
+    /// (so the guest maps each range with one memory type); with one attribute that range
+    /// is the whole window. Heaps of several attributes therefore each see only part of
+    /// the window (their max-size, arena-size and capacity shrink to it): raise SIZE
+    /// accordingly. A window that leaves an attribute less than 2M is refused.
     #[arg(long, value_name = "SIZE", default_value = "4G")]
     pub shm_size: String,
 

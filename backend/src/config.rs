@@ -4,7 +4,7 @@ use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 
 use crate::args::DaemonArgs;
-use crate::core::{CacheMode, Heap, HeapParams, Limits, ARENA_MIN};
+use crate::core::{heap_ranges, CacheMode, Heap, HeapParams, LayoutError, Limits, ARENA_MIN};
 use crate::host::{DmaHeapProvider, HeapProvider, MemfdProvider, ProviderError, UdmabufProvider};
 
 /// Where the host's dma-buf heaps live.
@@ -58,6 +58,9 @@ pub enum ConfigError {
     /// Two heaps with one name.
     #[error("heap name {0:?} used twice")]
     DuplicateHeap(String),
+    /// The window cannot be split between the cache attributes of the heaps.
+    #[error("--shm-size too small for the heaps' cache attributes")]
+    Layout(#[source] LayoutError),
 }
 
 /// Most live mappings an operator may allow. Each mapping becomes a RAM region that QEMU
@@ -178,11 +181,51 @@ fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"_-.,".contains(&b))
 }
 
-fn parse_heap(spec: &str, shm_size: u64) -> Result<HeapSpec, ConfigError> {
+/// The part of the window a heap's buffers lie in, for the checks of its options.
+#[derive(Debug, Clone, Copy)]
+struct RangeLimit {
+    /// The heap range's length.
+    len: u64,
+    /// The window size.
+    shm_size: u64,
+    /// Cache attributes that share the window.
+    attrs: usize,
+}
+
+impl RangeLimit {
+    /// The whole window.
+    fn window(shm_size: u64) -> Self {
+        Self {
+            len: shm_size,
+            shm_size,
+            attrs: 1,
+        }
+    }
+}
+
+impl std::fmt::Display for RangeLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.attrs <= 1 {
+            f.write_str("--shm-size")
+        } else {
+            write!(
+                f,
+                "the heap's range of {} bytes (--shm-size {} split evenly between {} cache \
+                 attributes)",
+                self.len, self.shm_size, self.attrs
+            )
+        }
+    }
+}
+
+/// Parses one `--heap`; the sizes must fit `range` (whose length is also the default
+/// max-size and bounds the default arena-size).
+fn parse_heap(spec: &str, range: RangeLimit) -> Result<HeapSpec, ConfigError> {
     let bad = |why: String| ConfigError::Heap {
         spec: spec.to_string(),
         why,
     };
+    let limit = range.len;
     let (name, rest) = spec
         .split_once('=')
         .ok_or_else(|| bad("expected NAME=SOURCE[,OPT=VAL]...".into()))?;
@@ -220,9 +263,9 @@ fn parse_heap(spec: &str, shm_size: u64) -> Result<HeapSpec, ConfigError> {
         contiguous: contiguous_default,
         cache: CacheMode::Cached,
         min_align: PAGE,
-        max_size: shm_size,
+        max_size: limit,
         max_bytes: None,
-        arena_size: DEFAULT_ARENA_SIZE.min(shm_size),
+        arena_size: DEFAULT_ARENA_SIZE.min(limit),
     };
     for opt in parts {
         let (k, v) = opt
@@ -251,25 +294,24 @@ fn parse_heap(spec: &str, shm_size: u64) -> Result<HeapSpec, ConfigError> {
             _ => return Err(bad(format!("unknown option {k:?}"))),
         }
     }
-    if !params.min_align.is_power_of_two() || params.min_align < PAGE || params.min_align > shm_size
-    {
+    if !params.min_align.is_power_of_two() || params.min_align < PAGE || params.min_align > limit {
         return Err(bad(format!(
-            "align={} must be a power of two between 4K and --shm-size",
+            "align={} must be a power of two between 4K and {range}",
             params.min_align
         )));
     }
-    if params.max_size == 0 || !params.max_size.is_multiple_of(PAGE) || params.max_size > shm_size {
+    if params.max_size == 0 || !params.max_size.is_multiple_of(PAGE) || params.max_size > limit {
         return Err(bad(format!(
-            "max-size={} must be a nonzero multiple of 4K, at most --shm-size",
+            "max-size={} must be a nonzero multiple of 4K, at most {range}",
             params.max_size
         )));
     }
     if params.arena_size < ARENA_MIN
         || !params.arena_size.is_multiple_of(ARENA_MIN)
-        || params.arena_size > shm_size
+        || params.arena_size > limit
     {
         return Err(bad(format!(
-            "arena-size={} must be a multiple of 2M, at most --shm-size",
+            "arena-size={} must be a multiple of 2M, at most {range}",
             params.arena_size
         )));
     }
@@ -330,23 +372,34 @@ impl Config {
         if max_bytes == 0 {
             return Err(ConfigError::Zero("--max-bytes"));
         }
-        let mut heaps = Vec::new();
+        let mut specs = Vec::new();
         let mut fallback_memfd = false;
         if args.heaps.is_empty() {
-            let spec = if dma_heap_dir.join("system").exists() {
+            specs.push(if dma_heap_dir.join("system").exists() {
                 "system=dma-heap:system"
             } else {
                 fallback_memfd = true;
                 "system=memfd"
-            };
-            heaps.push(parse_heap(spec, shm_size)?);
+            });
         }
-        for h in &args.heaps {
-            let spec = parse_heap(h, shm_size)?;
-            if heaps
-                .iter()
-                .any(|o: &HeapSpec| o.params.name == spec.params.name)
-            {
+        specs.extend(args.heaps.iter().map(String::as_str));
+        // The cache attributes decide the heap ranges, which bound the other sizes: parse
+        // once against the window for the attributes, then again against each range.
+        let caches = specs
+            .iter()
+            .map(|h| parse_heap(h, RangeLimit::window(shm_size)).map(|s| s.params.cache))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ranges = heap_ranges(shm_size, &caches).map_err(ConfigError::Layout)?;
+        let attrs = crate::core::layout::attributes(&caches).len();
+        let mut heaps: Vec<HeapSpec> = Vec::new();
+        for (h, r) in specs.iter().zip(&ranges) {
+            let range = RangeLimit {
+                len: r.len,
+                shm_size,
+                attrs,
+            };
+            let spec = parse_heap(h, range)?;
+            if heaps.iter().any(|o| o.params.name == spec.params.name) {
                 return Err(ConfigError::DuplicateHeap(spec.params.name));
             }
             heaps.push(spec);
@@ -385,250 +438,4 @@ impl TryFrom<DaemonArgs> for Config {
 }
 
 #[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-    use crate::args::{Args, Command};
-    use clap::Parser;
-
-    fn cfg(argv: &[&str]) -> Result<Config, ConfigError> {
-        let mut v = vec!["vhost-user-dmaheap"];
-        v.extend_from_slice(argv);
-        let args = Args::try_parse_from(v).unwrap();
-        Config::from_args(args.daemon, Path::new("/nonexistent-dma-heap-dir"))
-    }
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("4K"), Ok(4096));
-        assert_eq!(parse_size("2m"), Ok(2 << 20));
-        assert_eq!(parse_size("4G"), Ok(4 << 30));
-        assert!(parse_size("").is_err());
-        assert!(parse_size("4X").is_err());
-        assert!(parse_size("-1").is_err());
-        assert!(parse_size("99999999999T").is_err());
-    }
-
-    #[test]
-    fn defaults() {
-        let c = cfg(&["--socket-path", "/tmp/s"]).unwrap();
-        assert_eq!(c.socket, SocketSpec::Path("/tmp/s".into()));
-        assert_eq!(c.limits.shm_size, 4 << 30);
-        assert_eq!(c.limits.max_mappings, 128);
-        assert_eq!(c.limits.max_bytes, 4 << 30);
-        assert!(c.fallback_memfd);
-        assert_eq!(c.heaps.len(), 1);
-        assert_eq!(c.heaps[0].params.name, "system");
-        assert_eq!(c.heaps[0].source, HeapSource::Memfd);
-        assert_eq!(c.heaps[0].params.min_align, 4096);
-        assert!(!c.control_debug);
-        assert!(c.uuid);
-        assert!(!c.shared_object_table);
-        assert_eq!(c.export_socket, None);
-    }
-
-    #[test]
-    fn uuid_options() {
-        let c = cfg(&[
-            "--socket-path",
-            "/tmp/s",
-            "--export-socket",
-            "/tmp/e",
-            "--shared-object-table",
-        ])
-        .unwrap();
-        assert!(c.uuid && c.shared_object_table);
-        assert_eq!(c.export_socket, Some("/tmp/e".into()));
-        let c = cfg(&["--socket-path", "/tmp/s", "--no-uuid"]).unwrap();
-        assert!(!c.uuid);
-        assert!(Args::try_parse_from([
-            "x",
-            "--socket-path",
-            "/s",
-            "--no-uuid",
-            "--export-socket",
-            "/e"
-        ])
-        .is_err());
-    }
-
-    #[test]
-    fn default_uses_host_system_heap() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("system"), b"").unwrap();
-        let args = Args::try_parse_from(["x", "--socket-fd", "3"]).unwrap();
-        let c = Config::from_args(args.daemon, dir.path()).unwrap();
-        assert_eq!(c.socket, SocketSpec::Fd(3));
-        assert!(!c.fallback_memfd);
-        assert_eq!(c.heaps[0].source, HeapSource::DmaHeap("system".into()));
-    }
-
-    #[test]
-    fn heaps() {
-        // Android's CMA heap name has a comma, on either side.
-        let c = cfg(&[
-            "--socket-fd",
-            "3",
-            "--heap",
-            "linux,cma=dma-heap:linux,cma,max-bytes=8M",
-            "--heap",
-            "linux,cma2=dma-heap:default_cma_region",
-        ])
-        .unwrap();
-        assert_eq!(c.heaps[0].params.name, "linux,cma");
-        assert_eq!(c.heaps[0].source, HeapSource::DmaHeap("linux,cma".into()));
-        assert_eq!(c.heaps[0].params.max_bytes, Some(8 << 20));
-        assert!(c.heaps[0].params.contiguous);
-        assert_eq!(c.heaps[1].params.name, "linux,cma2");
-        assert_eq!(
-            c.heaps[1].source,
-            HeapSource::DmaHeap("default_cma_region".into())
-        );
-        let c = cfg(&["--socket-fd", "3", "--heap", "a=memfd,oops"]);
-        assert!(c.is_err(), "an option without a value: {c:?}");
-        let c = cfg(&[
-            "--socket-fd",
-            "3",
-            "--heap",
-            "sys=memfd,max-bytes=64M,max-size=8M,align=64K,cache=wc",
-            "--heap",
-            "cma=dma-heap:reserved",
-            "--heap",
-            "u=udmabuf,contiguous=yes,arena-size=4M",
-        ])
-        .unwrap();
-        assert!(!c.fallback_memfd);
-        let p = &c.heaps[0].params;
-        assert_eq!(p.max_bytes, Some(64 << 20));
-        assert_eq!(p.max_size, 8 << 20);
-        assert_eq!(p.min_align, 64 << 10);
-        assert_eq!(p.cache, CacheMode::WriteCombined);
-        assert!(!p.contiguous);
-        assert!(c.heaps[1].params.contiguous);
-        assert_eq!(c.heaps[1].source, HeapSource::DmaHeap("reserved".into()));
-        assert!(c.heaps[2].params.contiguous);
-        assert_eq!(c.heaps[2].params.arena_size, 4 << 20);
-    }
-
-    #[test]
-    fn mapping_cap_stops_below_the_memory_slots() {
-        let c = cfg(&["--socket-path", "/s", "--max-mappings", "480"]).unwrap();
-        assert_eq!(c.limits.max_mappings, MAX_MAPPINGS_LIMIT);
-        let err = cfg(&["--socket-path", "/s", "--max-mappings", "600"]).unwrap_err();
-        assert_eq!(err, ConfigError::TooManyMappings(600));
-        assert!(err.to_string().contains("memory slots"), "{err}");
-    }
-
-    #[test]
-    fn rejects() {
-        for argv in [
-            &["--shm-size", "4G"][..],
-            &["--socket-path", "/s", "--shm-size", "3G"],
-            &["--socket-path", "/s", "--shm-size", "1M"],
-            &["--socket-path", "/s", "--max-mappings", "0"],
-            &["--socket-path", "/s", "--max-mappings", "481"],
-            &["--socket-path", "/s", "--max-buffers", "0"],
-            &["--socket-path", "/s", "--max-bytes", "0"],
-            &["--socket-path", "/s", "--heap", "a"],
-            &["--socket-path", "/s", "--heap", "=memfd"],
-            &["--socket-path", "/s", "--heap", "a=tmpfs"],
-            &["--socket-path", "/s", "--heap", "a=memfd,align=3000"],
-            &["--socket-path", "/s", "--heap", "a=memfd,max-size=5000"],
-            &["--socket-path", "/s", "--heap", "a=memfd,max-size=8G"],
-            &["--socket-path", "/s", "--heap", "a=memfd,cache=maybe"],
-            &["--socket-path", "/s", "--heap", "a=memfd,arena-size=3M"],
-            &["--socket-path", "/s", "--heap", "a=memfd,color=red"],
-            &[
-                "--socket-path",
-                "/s",
-                "--heap",
-                "a=memfd,arena-size=2M,align=512K",
-            ],
-            &["--socket-path", "/s", "--max-buffers", "4294967296"],
-            &[
-                "--socket-path",
-                "/s",
-                "--heap",
-                "a=memfd",
-                "--heap",
-                "a=memfd",
-            ],
-            &[
-                "--socket-path",
-                "/s",
-                "--heap",
-                "a-very-long-heap-name-of-more-than-31=memfd",
-            ],
-        ] {
-            assert!(cfg(argv).is_err(), "{argv:?} accepted");
-        }
-    }
-
-    #[test]
-    fn align_and_buffer_cap_fit_what_the_device_can_serve_and_state() {
-        let ok = cfg(&[
-            "--socket-path",
-            "/s",
-            "--heap",
-            "a=memfd,arena-size=2M,align=256K",
-        ]);
-        assert_eq!(ok.unwrap().heaps[0].params.min_align, 256 << 10);
-        let err = cfg(&[
-            "--socket-path",
-            "/s",
-            "--heap",
-            "a=memfd,arena-size=2M,align=512K",
-        ]);
-        assert!(err.unwrap_err().to_string().contains("arena-size/8"));
-        let c = cfg(&["--socket-path", "/s", "--max-buffers", "4294967295"]).unwrap();
-        assert_eq!(c.limits.max_buffers, u64::from(u32::MAX));
-        assert_eq!(
-            cfg(&["--socket-path", "/s", "--max-buffers", "4294967296"]).unwrap_err(),
-            ConfigError::TooManyBuffers(1 << 32)
-        );
-    }
-
-    #[test]
-    fn socket_activation() {
-        let act = crate::systemd::Activation {
-            fd: 3,
-            name: Some("vm1".into()),
-        };
-        let from = |argv: &[&str]| {
-            let mut v = vec!["x"];
-            v.extend_from_slice(argv);
-            let args = Args::try_parse_from(v).unwrap();
-            Config::from_args_activated(args.daemon, Path::new("/nonexistent"), Some(act.clone()))
-        };
-        assert_eq!(
-            from(&[]).unwrap().socket,
-            SocketSpec::Activated(act.clone())
-        );
-        for argv in [&["--socket-path", "/s"][..], &["--socket-fd", "3"]] {
-            assert_eq!(
-                from(argv).unwrap_err(),
-                ConfigError::SocketAndActivation,
-                "{argv:?}"
-            );
-        }
-        let err = cfg(&[]).unwrap_err();
-        assert_eq!(err, ConfigError::Socket);
-        assert!(err.to_string().contains("LISTEN_FDS"), "{err}");
-    }
-
-    #[test]
-    fn clap_level() {
-        assert!(Args::try_parse_from(["x", "--socket-path", "/s", "--socket-fd", "3"]).is_err());
-        assert!(Args::try_parse_from(["x", "--socket-path", "/s", "--control-debug"]).is_err());
-        let a = Args::try_parse_from(["x", "stats", "--control-socket", "/c", "--json"]).unwrap();
-        assert!(matches!(a.command, Some(Command::Stats { json: true, .. })));
-        let a =
-            Args::try_parse_from(["x", "ctl", "--control-socket", "/c", "peek", "1", "0", "16"])
-                .unwrap();
-        match a.command {
-            Some(Command::Ctl { command, .. }) => assert_eq!(command, ["peek", "1", "0", "16"]),
-            _ => panic!("not ctl"),
-        }
-    }
-}
+mod tests;

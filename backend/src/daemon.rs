@@ -142,10 +142,11 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             source,
         })?;
         info!(
-            "heap {} (id {}): {}, max-size {}, align {}, max-bytes {:?}, arena-size {}",
+            "heap {} (id {}): {}, cache {}, max-size {}, align {}, max-bytes {:?}, arena-size {}",
             spec.params.name,
             heaps.len(),
             heap.provider.describe(),
+            spec.params.cache,
             spec.params.max_size,
             spec.params.min_align,
             spec.params.max_bytes,
@@ -158,6 +159,14 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     // daemon process cannot free a buffer of this one.
     let ids = Arc::new(AtomicU64::new(unpredictable_id_start()));
     let mut device = Device::new(heaps, cfg.limits.clone(), ids);
+    for (i, spec) in cfg.heaps.iter().enumerate() {
+        if let Some(r) = device.heap_range(i) {
+            info!(
+                "heap {}: window range {:#x}+{:#x}",
+                spec.params.name, r.offset, r.len
+            );
+        }
+    }
     device.set_uuid_offered(cfg.uuid);
     device.set_shared_object_table(cfg.shared_object_table);
     let handle = Arc::new(DeviceHandle::new(device).map_err(DaemonError::WorkerEvents)?);

@@ -1,5 +1,6 @@
-//! A first-fit range allocator over `[0, size)` with alignment, used for the buffer window
-//! and for sub-allocation inside arenas.
+//! A first-fit range allocator over `[0, size)` with alignment (optionally within bounds:
+//! a heap's range of the window), used for the buffer window and for sub-allocation inside
+//! arenas.
 
 use std::collections::BTreeMap;
 
@@ -43,16 +44,28 @@ impl RangeAllocator {
 
     /// Allocates `len` bytes at a multiple of `align` (a power of two). First fit.
     pub fn alloc(&mut self, len: u64, align: u64) -> Option<u64> {
-        if len == 0 || !align.is_power_of_two() {
+        self.alloc_in(len, align, 0, self.size)
+    }
+
+    /// Allocates `len` bytes at a multiple of `align` (a power of two), wholly inside
+    /// `[lo, hi)`. First fit.
+    pub fn alloc_in(&mut self, len: u64, align: u64, lo: u64, hi: u64) -> Option<u64> {
+        if len == 0 || !align.is_power_of_two() || lo >= hi {
             return None;
         }
+        // The free range that holds `lo` (if any) starts below it; every later one starts
+        // inside `[lo, hi)`.
+        let first = self.free.range(..=lo).next_back().map_or(lo, |(&s, _)| s);
         let mut found = None;
-        for (&start, &flen) in &self.free {
-            let Some(aligned) = start.checked_next_multiple_of(align) else {
+        for (&start, &flen) in self.free.range(first..hi) {
+            let from = start.max(lo);
+            let Some(aligned) = from.checked_next_multiple_of(align) else {
                 continue;
             };
-            let pad = aligned - start;
-            if pad.checked_add(len).is_some_and(|need| need <= flen) {
+            let Some(end) = aligned.checked_add(len) else {
+                continue;
+            };
+            if end <= start + flen && end <= hi {
                 found = Some((start, flen, aligned));
                 break;
             }
@@ -181,6 +194,42 @@ mod tests {
         assert!(r.alloc_at(20480, (1 << 20) - 20480), "the whole tail");
         assert!(r.free(8192, 4096));
         assert!(r.alloc_at(8192, 4096));
+    }
+
+    #[test]
+    fn alloc_in_stays_inside_its_bounds() {
+        let mut r = RangeAllocator::new(16 << 20);
+        // A free range that starts below the bounds and ends inside them.
+        assert_eq!(r.alloc_in(4096, 4096, 4 << 20, 8 << 20), Some(4 << 20));
+        assert_eq!(
+            r.alloc_in(4096, 4096, 4 << 20, 8 << 20),
+            Some((4 << 20) + 4096)
+        );
+        // Aligned inside, not at the bound.
+        assert_eq!(
+            r.alloc_in(4096, 1 << 20, (4 << 20) + 1, 8 << 20),
+            Some(5 << 20)
+        );
+        // Does not fit before `hi` although the free range goes on.
+        assert_eq!(r.alloc_in(4 << 20, 4096, 6 << 20, 8 << 20), None);
+        assert_eq!(r.alloc_in(2 << 20, 4096, 6 << 20, 8 << 20), Some(6 << 20));
+        assert_eq!(r.alloc_in(4096, 4096, 6 << 20, 8 << 20), None, "full");
+        // Other bounds still have room; the unbounded alloc goes first fit from 0.
+        assert_eq!(r.alloc_in(4096, 4096, 8 << 20, 16 << 20), Some(8 << 20));
+        assert_eq!(r.alloc(4096, 4096), Some(0));
+        assert_eq!(
+            r.alloc_in(4096, 4096, 8 << 20, 8 << 20),
+            None,
+            "empty bounds"
+        );
+        assert_eq!(
+            r.alloc_in(4096, 4096, 16 << 20, u64::MAX),
+            None,
+            "past the end"
+        );
+        assert!(r.free(4 << 20, 4096));
+        assert_eq!(r.alloc_in(4096, 4096, 0, 16 << 20), Some(4096));
+        assert_eq!(r.alloc_in(4096, 4096, 2 << 20, 16 << 20), Some(2 << 20));
     }
 
     #[test]

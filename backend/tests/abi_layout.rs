@@ -46,6 +46,10 @@ fn rust_structs() -> Vec<StructDesc> {
             "max_size" => max_size, "capacity" => capacity,
         }),
         s!("virtio_dmaheap_heap_info_resp", HeapInfoResp, { "hdr" => hdr, "info" => info }),
+        s!("virtio_dmaheap_heap_range", HeapRange, { "offset" => offset, "len" => len }),
+        s!("virtio_dmaheap_heap_info_range_resp", HeapInfoRangeResp, {
+            "hdr" => hdr, "info" => info, "range" => range,
+        }),
         s!("virtio_dmaheap_alloc_req", AllocReq, {
             "hdr" => hdr, "heap_id" => heap_id, "flags" => flags, "len" => len,
         }),
@@ -104,6 +108,11 @@ fn rust_consts() -> BTreeMap<&'static str, u64> {
             "VIRTIO_DMAHEAP_PAGE_SIZE_MAX",
             VIRTIO_DMAHEAP_PAGE_SIZE_MAX.into(),
         ),
+        (
+            "VIRTIO_DMAHEAP_F_HEAP_RANGE",
+            VIRTIO_DMAHEAP_F_HEAP_RANGE.into(),
+        ),
+        ("VIRTIO_DMAHEAP_RANGE_ALIGN", VIRTIO_DMAHEAP_RANGE_ALIGN),
         (
             "VIRTIO_DMAHEAP_REQ_ALLOC_BATCH",
             VIRTIO_DMAHEAP_REQ_ALLOC_BATCH.into(),

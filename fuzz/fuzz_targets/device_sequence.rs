@@ -9,8 +9,12 @@
 //! A model of the live buffers is checked after every step:
 //! * every status is a defined code, and the one the spec prescribes where it is certain
 //!   (FREE/SYNC of a freed or never-allocated id: NO_BUFFER; FREE of a live id: OK);
-//! * no two live buffers overlap in the window; every live buffer is inside the window,
-//!   aligned to its heap's min_align, page-granular and backed by live mappings;
+//! * no two live buffers overlap in the window; every live buffer is inside its heap's
+//!   range of the window (`VIRTIO_DMAHEAP_F_HEAP_RANGE`: the two heaps have different
+//!   cache attributes, so disjoint ranges, whether the feature is negotiated or not),
+//!   aligned to its heap's min_align, page-granular and backed by live mappings; HEAP_INFO
+//!   has the range shape (88 bytes) exactly when the feature is negotiated, and states the
+//!   range the buffers are placed in;
 //! * ids are never 0 and never reused, even across sessions and disconnects;
 //! * a request the device asks to retry (ring stopped) changed nothing visible, and is
 //!   answered in full once the ring runs; session requests follow the state machine of
@@ -118,6 +122,7 @@ enum Op {
         session: bool,
         batch: bool,
         uuid: bool,
+        heap_range: bool,
     },
     /// The vring worker's timer fires: the idle policy releases spares whose idle
     /// deadline passed (as if the deadline had come).
@@ -168,6 +173,8 @@ struct Model {
     dirty: BTreeSet<u64>,
     sync: bool,
     batch: bool,
+    /// `VIRTIO_DMAHEAP_F_HEAP_RANGE` negotiated.
+    heap_range: bool,
     session_acked: bool,
     session: Session,
     last_session: u64,
@@ -209,6 +216,11 @@ impl Model {
         assert!(
             end <= SHM_SIZE,
             "range {off:#x}+{blen:#x} outside the window"
+        );
+        let range = heap_range(h);
+        assert!(
+            off >= range.0 && end <= range.0 + range.1,
+            "buffer {id} {off:#x}+{blen:#x} of heap {h} outside its range {range:x?}"
         );
         for (&oid, b) in &self.live {
             assert!(
@@ -359,6 +371,7 @@ fuzz_target!(|ops: Vec<Op>| {
         dirty: BTreeSet::new(),
         sync: true,
         batch: false,
+        heap_range: false,
         session_acked: false,
         session: Session::Open(0),
         last_session: 0,
@@ -479,11 +492,22 @@ fuzz_target!(|ops: Vec<Op>| {
                 }
             }
             Op::HeapInfo(heap) => {
-                let resp = run(&mut dev, &heap_info_req(*heap), HEAP_INFO_RESP, &mut mapper);
-                let st = status(&resp, HEAP_INFO_RESP);
-                if (*heap as usize) < params.len() {
-                    assert_eq!((st, resp.len()), (S_OK, HEAP_INFO_RESP));
-                    assert_eq!(le64(&resp, 48), params[*heap as usize].min_align);
+                let size = if m.heap_range {
+                    HEAP_INFO_RANGE_RESP
+                } else {
+                    HEAP_INFO_RESP
+                };
+                let resp = run(&mut dev, &heap_info_req(*heap), size, &mut mapper);
+                let st = status(&resp, size);
+                let h = *heap as usize;
+                if h < params.len() {
+                    assert_eq!((st, resp.len()), (S_OK, size));
+                    assert_eq!(le64(&resp, 48), params[h].min_align);
+                    let (off, len) = heap_range(h);
+                    assert!(le64(&resp, 56) <= len && le64(&resp, 64) <= len);
+                    if m.heap_range {
+                        assert_eq!((le64(&resp, 72), le64(&resp, 80)), (off, len));
+                    }
                 } else {
                     assert_eq!(st, S_NO_HEAP);
                 }
@@ -689,13 +713,16 @@ fuzz_target!(|ops: Vec<Op>| {
                 session,
                 batch,
                 uuid,
+                heap_range,
             } => {
                 dev.set_acked_features(
                     (u64::from(*sync) << F_SYNC)
                         | (u64::from(*session) << F_SESSION)
                         | (u64::from(*batch) << F_BATCH)
-                        | (u64::from(*uuid) << F_UUID),
+                        | (u64::from(*uuid) << F_UUID)
+                        | (u64::from(*heap_range) << F_HEAP_RANGE),
                 );
+                m.heap_range = *heap_range;
                 m.sync = *sync;
                 m.session_acked = *session;
                 m.batch = *batch;

@@ -4,12 +4,15 @@
 //! Input: a sequence of records `[writable: u16 LE][features: u8][len: u8][len bytes]`
 //! (the last record takes whatever is left). Feature byte: bits 0 and 1 are
 //! `VIRTIO_DMAHEAP_F_SYNC` and `_UUID`; bit 2 acks `VIRTIO_DMAHEAP_F_SESSION` with
-//! `VIRTIO_DMAHEAP_F_PAGE_SIZE`, so SESSION_OPEN takes its page-size shape. Before the first record the device holds
-//! one live buffer (id 1), so FREE and SYNC also reach a real buffer.
+//! `VIRTIO_DMAHEAP_F_PAGE_SIZE`, so SESSION_OPEN takes its page-size shape; bit 3 acks
+//! `VIRTIO_DMAHEAP_F_HEAP_RANGE`, so HEAP_INFO takes its range shape. Before the first
+//! record the device holds one live buffer (id 1), so FREE and SYNC also reach a real
+//! buffer.
 //!
 //! Checked for every response: never longer than the writable part; nothing at all below
 //! a resp_hdr; a defined status; reserved 0; an OK response has its full size; an OK
-//! ALLOC is page-granular, aligned, inside the window and backed by a mapping; an OK
+//! ALLOC is page-granular, aligned, inside its heap's range of the window and backed by a
+//! mapping; an OK HEAP_INFO with the range states that range; an OK
 //! ASSIGN_UUID has its full size and a v4 UUID. After the run: the device's counters match
 //! the buffers it reported (plus retained ones), and the fake mapper saw no request QEMU
 //! would refuse.
@@ -41,7 +44,15 @@ fuzz_target!(|data: &[u8]| {
         } else {
             0
         };
-        dev.set_acked_features(u64::from(features & 3) | page_size);
+        let range_acked = features & 8 != 0;
+        dev.set_acked_features(
+            u64::from(features & 3) | page_size | (u64::from(range_acked) << F_HEAP_RANGE),
+        );
+        let heap_info_resp = if range_acked {
+            HEAP_INFO_RANGE_RESP
+        } else {
+            HEAP_INFO_RESP
+        };
         let before = dev.stats();
         let (resp, _) = serve(&mut dev, req, writable, &mut mapper);
         let Some(status) = check_response(&resp, writable) else {
@@ -56,7 +67,7 @@ fuzz_target!(|data: &[u8]| {
         if status != S_OK {
             // At least a resp_hdr, never beyond the response structure of the type.
             let full = match ty {
-                REQ_HEAP_INFO => HEAP_INFO_RESP,
+                REQ_HEAP_INFO => heap_info_resp,
                 REQ_ALLOC => ALLOC_RESP,
                 REQ_SESSION_OPEN => SESSION_OPEN_RESP,
                 REQ_ASSIGN_UUID => ASSIGN_UUID_RESP,
@@ -76,7 +87,14 @@ fuzz_target!(|data: &[u8]| {
             continue;
         }
         match ty {
-            REQ_HEAP_INFO => assert_eq!(resp.len(), HEAP_INFO_RESP),
+            REQ_HEAP_INFO => {
+                assert_eq!(resp.len(), heap_info_resp);
+                let (off, len) = heap_range(le32(req, 8) as usize);
+                assert!(le64(&resp, 56) <= len && le64(&resp, 64) <= len);
+                if range_acked {
+                    assert_eq!((le64(&resp, 72), le64(&resp, 80)), (off, len));
+                }
+            }
             REQ_ALLOC => {
                 assert_eq!(resp.len(), ALLOC_RESP);
                 let (id, off, blen) = (le64(&resp, 8), le64(&resp, 16), le64(&resp, 24));
@@ -86,7 +104,8 @@ fuzz_target!(|data: &[u8]| {
                 let align = heap_params()[heap].min_align.max(dev.page_size());
                 assert_ne!(id, 0);
                 assert!(blen >= want && blen % align == 0 && off % align == 0);
-                assert!(off.checked_add(blen).is_some_and(|e| e <= SHM_SIZE));
+                let (lo, len) = heap_range(heap);
+                assert!(off >= lo && off.checked_add(blen).is_some_and(|e| e <= lo + len));
                 assert!(mapper.covers(off, blen), "ALLOC range not mapped");
             }
             REQ_FREE | REQ_SYNC | REQ_SESSION_CLOSE | REQ_RESERVE | REQ_UNRESERVE => {

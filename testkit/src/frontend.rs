@@ -1284,18 +1284,24 @@ impl FrontEnd {
         le32(&c.written, 0)
     }
 
+    /// HEAP_INFO; with [`F_HEAP_RANGE`] acked, the heap range too.
     pub fn heap_info(&mut self, heap_id: u32) -> Result<HeapInfo, u32> {
-        let c = self.request(&heap_info_req(heap_id), HEAP_INFO_RESP_SIZE as u32);
+        let size = if self.acked_features & F_HEAP_RANGE != 0 {
+            HEAP_INFO_RANGE_RESP_SIZE
+        } else {
+            HEAP_INFO_RESP_SIZE
+        };
+        let c = self.request(&heap_info_req(heap_id), size as u32);
         let what = format!("HEAP_INFO {heap_id}");
         let status = Self::status_of(&c, &what);
         if status != S_OK {
             return Err(status);
         }
         assert_eq!(
-            c.used_len as usize, HEAP_INFO_RESP_SIZE,
+            c.used_len as usize, size,
             "{what}: used len of an OK heap_info_resp"
         );
-        Ok(HeapInfo::parse(&c.written[RESP_HDR_SIZE..]))
+        Ok(HeapInfo::parse(&c.written[RESP_HDR_SIZE..size]))
     }
 
     pub fn alloc(&mut self, heap_id: u32, len: u64) -> Result<Buffer, u32> {

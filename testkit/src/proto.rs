@@ -41,11 +41,16 @@ pub const F_SESSION: u64 = 1 << abi::VIRTIO_DMAHEAP_F_SESSION;
 pub const F_NO_SYNC: u64 = 1 << abi::VIRTIO_DMAHEAP_F_NO_SYNC;
 pub const F_BATCH: u64 = 1 << abi::VIRTIO_DMAHEAP_F_BATCH;
 pub const F_PAGE_SIZE: u64 = 1 << abi::VIRTIO_DMAHEAP_F_PAGE_SIZE;
+pub const F_HEAP_RANGE: u64 = 1 << abi::VIRTIO_DMAHEAP_F_HEAP_RANGE;
+
+/// `VIRTIO_DMAHEAP_RANGE_ALIGN`.
+pub const RANGE_ALIGN: u64 = abi::VIRTIO_DMAHEAP_RANGE_ALIGN;
 
 /// Struct sizes from the header.
 pub const RESP_HDR_SIZE: usize = size_of::<abi::RespHdr>();
 pub const HEAP_INFO_REQ_SIZE: usize = size_of::<abi::HeapInfoReq>();
 pub const HEAP_INFO_RESP_SIZE: usize = size_of::<abi::HeapInfoResp>();
+pub const HEAP_INFO_RANGE_RESP_SIZE: usize = size_of::<abi::HeapInfoRangeResp>();
 pub const ALLOC_REQ_SIZE: usize = size_of::<abi::AllocReq>();
 pub const ALLOC_RESP_SIZE: usize = size_of::<abi::AllocResp>();
 pub const FREE_REQ_SIZE: usize = size_of::<abi::FreeReq>();
@@ -113,10 +118,13 @@ pub struct HeapInfo {
     pub min_align: u64,
     pub max_size: u64,
     pub capacity: u64,
+    /// The heap range (offset, len), when `VIRTIO_DMAHEAP_F_HEAP_RANGE` was negotiated.
+    pub range: Option<(u64, u64)>,
 }
 
 impl HeapInfo {
-    /// Parses the `info` part of a heap_info_resp (the bytes after the resp_hdr).
+    /// Parses the `info` part of a heap_info_resp (the bytes after the resp_hdr), and the
+    /// `range` after it if the bytes go on (heap_info_range_resp).
     pub fn parse(b: &[u8]) -> Self {
         let raw_name = b[..NAME_LEN].to_vec();
         let end = raw_name.iter().position(|&c| c == 0).unwrap_or(NAME_LEN);
@@ -128,6 +136,7 @@ impl HeapInfo {
             min_align: le64(b, 40),
             max_size: le64(b, 48),
             capacity: le64(b, 56),
+            range: (b.len() >= 80).then(|| (le64(b, 64), le64(b, 72))),
         }
     }
 

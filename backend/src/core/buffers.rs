@@ -29,7 +29,10 @@ impl Device {
             return Err(RequestError::Inval);
         }
         let params = self.heaps[heap].params.clone();
-        if len > params.max_size {
+        // The configuration keeps max_size within the heap range; the range bounds it all
+        // the same (spec 6.3.1).
+        let range_len = self.heap_range(heap).map_or(0, |r| r.len);
+        if len > params.max_size.min(range_len) {
             return Err(RequestError::TooBig);
         }
         let align = self.align_of(&params);
@@ -125,8 +128,8 @@ impl Device {
         Ok((woff, off))
     }
 
-    /// Maps a new host buffer of `size` bytes into the window (an arena if `arena`);
-    /// returns its window offset.
+    /// Maps a new host buffer of `size` bytes into the window (an arena if `arena`), inside
+    /// the heap's range; returns its window offset.
     pub(super) fn new_mapping(
         &mut self,
         heap: usize,
@@ -134,19 +137,24 @@ impl Device {
         arena: bool,
         mapper: &mut dyn Mapper,
     ) -> Result<u64, RequestError> {
-        // The mapping cap is a limit of the window (spec 6.2: WINDOW_FULL).
-        if self.pool.mapping_count() >= self.limits.max_mappings && !self.evict_spare(mapper)? {
+        let range = self.heap_range(heap).ok_or(RequestError::NoHeap)?;
+        // The mapping cap is a limit of the window (spec 6.2: WINDOW_FULL): any heap's spare
+        // may go for it.
+        if self.pool.mapping_count() >= self.limits.max_mappings
+            && !self.evict_spare(None, mapper)?
+        {
             return Err(RequestError::WindowFull);
         }
         let align = ARENA_MIN.max(self.align_of(&self.heaps[heap].params));
-        let woff = match self.pool.take_range(size, align) {
+        let woff = match self.pool.take_range(size, align, range) {
             Some(w) => w,
             None => {
-                if !self.evict_spare(mapper)? {
+                // Only a spare inside the heap's range makes room there.
+                if !self.evict_spare(Some(range), mapper)? {
                     return Err(RequestError::WindowFull);
                 }
                 self.pool
-                    .take_range(size, align)
+                    .take_range(size, align, range)
                     .ok_or(RequestError::WindowFull)?
             }
         };

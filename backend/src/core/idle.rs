@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use log::debug;
 
-use super::{Device, Mapper, RequestError};
+use super::{Device, HeapRange, Mapper, RequestError};
 
 /// How long a heap with no live buffer keeps its emptied arenas mapped after the last
 /// ALLOC or FREE, before [`Device::release_idle`] unmaps them.
@@ -182,23 +182,37 @@ impl Device {
         true
     }
 
-    /// Unmaps and releases one spare mapping (any heap; large spares first). Returns true
-    /// if one was released; [`RequestError::Retry`] if the ring stopped.
-    pub(super) fn evict_spare(&mut self, mapper: &mut dyn Mapper) -> Result<bool, RequestError> {
-        for heap in 0..self.heaps.len() {
-            if let Some(&woff) = self.idle.large_spares[heap].first() {
-                self.release_mapping(woff, mapper)
-                    .map_err(|_| RequestError::Retry)?;
-                self.idle.large_spares[heap].remove(0);
-                return Ok(true);
-            }
+    /// Unmaps and releases one spare mapping (large spares first) of any heap, or, with
+    /// `within`, one that lies inside that heap range (the only kind whose window range
+    /// another mapping of that range can use). Returns true if one was released;
+    /// [`RequestError::Retry`] if the ring stopped.
+    pub(super) fn evict_spare(
+        &mut self,
+        within: Option<HeapRange>,
+        mapper: &mut dyn Mapper,
+    ) -> Result<bool, RequestError> {
+        let pool = &self.pool;
+        let fits = |woff: u64| {
+            within.is_none_or(|r| pool.mapping(woff).is_some_and(|m| r.holds(woff, m.len)))
+        };
+        let large = (0..self.heaps.len()).find_map(|heap| {
+            let spares = self.idle.large_spares.get(heap)?;
+            let i = spares.iter().position(|&w| fits(w))?;
+            Some((heap, i, spares[i]))
+        });
+        if let Some((heap, i, woff)) = large {
+            self.release_mapping(woff, mapper)
+                .map_err(|_| RequestError::Retry)?;
+            self.idle.large_spares[heap].remove(i);
+            return Ok(true);
         }
-        for heap in 0..self.heaps.len() {
-            if let Some(woff) = self.pool.spare_of(heap) {
-                self.release_mapping(woff, mapper)
-                    .map_err(|_| RequestError::Retry)?;
-                return Ok(true);
-            }
+        let arena = (0..self.heaps.len())
+            .filter_map(|heap| self.pool.spare_of(heap))
+            .find(|&w| fits(w));
+        if let Some(woff) = arena {
+            self.release_mapping(woff, mapper)
+                .map_err(|_| RequestError::Retry)?;
+            return Ok(true);
         }
         Ok(false)
     }

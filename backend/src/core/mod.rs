@@ -3,6 +3,8 @@
 //! the vhost-user layer implements with the back-end request channel (and tests with a
 //! fake, [`crate::testing`]).
 //!
+//! * [`layout`]: the heap ranges, the part of the window each heap's buffers lie in
+//!   (`VIRTIO_DMAHEAP_F_HEAP_RANGE`);
 //! * [`pool`]: the window, its mappings (arenas shared by small buffers, or one large
 //!   buffer's own), the live buffers and the driver's reservations;
 //! * [`buffers`]: ALLOC and FREE over the pool;
@@ -17,6 +19,7 @@ mod buffers;
 pub mod export;
 pub mod handle;
 mod idle;
+pub mod layout;
 mod mapper;
 mod params;
 mod pool;
@@ -30,6 +33,7 @@ mod tests;
 pub use export::{ExportTable, Retained, Uuid, Watch};
 pub use handle::{DeviceHandle, HostRequest, HostResult, HOST_REQUEST_TIMEOUT};
 pub use idle::{MAX_LARGE_SPARES, SPARE_IDLE_DELAY};
+pub use layout::{heap_ranges, HeapRange, LayoutError, RANGE_ALIGN};
 pub use mapper::{MapError, Mapper};
 pub use params::{
     BufferInfo, CacheMode, Heap, HeapParams, HeapStats, LimitStats, Limits, Stats, ARENA_MIN,
@@ -124,6 +128,11 @@ pub fn unpredictable_id_start() -> u64 {
 #[derive(Debug)]
 pub struct Device {
     heaps: Vec<Heap>,
+    /// Each heap's range of the window (spec 6.3), by heap index: every mapping of the heap
+    /// lies inside it. Fixed for the device's lifetime.
+    ranges: Vec<HeapRange>,
+    /// Whether `VIRTIO_DMAHEAP_F_HEAP_RANGE` is offered (the ranges follow its rules).
+    heap_range_offered: bool,
     limits: Limits,
     pool: Pool,
     quota: Quota,
@@ -162,8 +171,27 @@ pub struct Device {
 impl Device {
     /// A device serving `heaps` within `limits`. Buffer ids come from `next_id`, which the
     /// caller keeps for the daemon's lifetime so that ids are never reused.
+    ///
+    /// The heap ranges are laid out here ([`layout`]). The daemon's configuration refuses
+    /// heaps the window cannot be split for ([`LayoutError`]); should such heaps reach this
+    /// point anyway, every heap gets the whole window and `VIRTIO_DMAHEAP_F_HEAP_RANGE` is
+    /// not offered.
     pub fn new(heaps: Vec<Heap>, limits: Limits, next_id: Arc<AtomicU64>) -> Self {
+        let caches: Vec<CacheMode> = heaps.iter().map(|h| h.params.cache).collect();
+        let (ranges, heap_range_offered) = match heap_ranges(limits.shm_size, &caches) {
+            Ok(r) => (r, true),
+            Err(e) => {
+                log::error!("{e}: heap ranges not offered");
+                let whole = HeapRange {
+                    offset: 0,
+                    len: limits.shm_size,
+                };
+                (vec![whole; heaps.len()], false)
+            }
+        };
         Self {
+            ranges,
+            heap_range_offered,
             pool: Pool::new(limits.shm_size),
             quota: Quota::new(heaps.len()),
             idle: IdlePolicy::new(heaps.len()),
@@ -177,6 +205,7 @@ impl Device {
                 batch: false,
                 uuid: false,
                 page_size: false,
+                heap_range: false,
             },
             ratelimit: RateLimit::new(),
             session: SessionState::Open(0),
@@ -217,11 +246,19 @@ impl Device {
 
     /// The virtio feature bits the device offers (device-specific bits only).
     pub fn device_features(&self) -> u64 {
+        let mut f = Features::OFFERED;
         if self.uuid_offered {
-            Features::OFFERED | (1 << VIRTIO_DMAHEAP_F_UUID)
-        } else {
-            Features::OFFERED
+            f |= 1 << VIRTIO_DMAHEAP_F_UUID;
         }
+        if !self.heap_range_offered {
+            f &= !(1 << VIRTIO_DMAHEAP_F_HEAP_RANGE);
+        }
+        f
+    }
+
+    /// The range of the window that holds every buffer of heap `heap` (an index).
+    pub fn heap_range(&self, heap: usize) -> Option<HeapRange> {
+        self.ranges.get(heap).copied()
     }
 
     /// Records the features the driver accepted (of those offered).
@@ -254,15 +291,15 @@ impl Device {
             return Reply::Answer(wire::header_only(VIRTIO_DMAHEAP_S_NO_SESSION, writable));
         }
         let outcome = self.serve(req, mapper);
-        wire::encode(&req, outcome)
+        wire::encode(&req, outcome, self.features)
     }
 
     fn serve(&mut self, req: Request, mapper: &mut dyn Mapper) -> Result<Answer, RequestError> {
         let done = |r: Result<(), RequestError>| r.map(|()| Answer::Done);
         match req {
-            Request::HeapInfo { heap_id, reserved } => {
-                self.heap_info(heap_id, reserved).map(Answer::HeapInfo)
-            }
+            Request::HeapInfo { heap_id, reserved } => self
+                .heap_info(heap_id, reserved)
+                .map(|(info, range)| Answer::HeapInfo { info, range }),
             Request::Alloc {
                 heap_id,
                 flags,
@@ -314,16 +351,23 @@ impl Device {
         self.page_size
     }
 
-    fn heap_info(&self, heap_id: u32, reserved: u32) -> Result<HeapInfo, RequestError> {
+    /// HEAP_INFO: the heap's properties and its range.
+    fn heap_info(
+        &self,
+        heap_id: u32,
+        reserved: u32,
+    ) -> Result<(HeapInfo, HeapRange), RequestError> {
         if reserved != 0 {
             return Err(RequestError::Inval);
         }
-        let heap = usize::try_from(heap_id)
+        let (heap, range) = usize::try_from(heap_id)
             .ok()
-            .and_then(|i| self.heaps.get(i))
+            .and_then(|i| self.heaps.get(i).zip(self.ranges.get(i).copied()))
             .ok_or(RequestError::NoHeap)?;
         let p = &heap.params;
-        let global = self.limits.max_bytes.min(self.limits.shm_size);
+        // No buffer of the heap can be larger than its range, nor can the heap hold more.
+        let global = self.limits.max_bytes.min(range.len);
+        let max_size = p.max_size.min(range.len);
         let mut flags = 0;
         if p.contiguous {
             flags |= VIRTIO_DMAHEAP_HEAP_F_CONTIGUOUS;
@@ -331,16 +375,17 @@ impl Device {
         if self.features.no_sync && !heap.provider.has_sync() {
             flags |= VIRTIO_DMAHEAP_HEAP_F_NO_SYNC;
         }
-        Ok(HeapInfo {
+        let info = HeapInfo {
             name: wire::heap_name_bytes(&p.name),
             flags: flags.into(),
             cache: p.cache.abi().into(),
             min_align: self.align_of(p).into(),
             // A driver rounds every length up to its page, so a limit between two pages
             // would refuse the page-rounded length of a buffer it allows.
-            max_size: (p.max_size - p.max_size % self.page_size).into(),
+            max_size: (max_size - max_size % self.page_size).into(),
             capacity: p.max_bytes.map_or(global, |b| b.min(global)).into(),
-        })
+        };
+        Ok((info, range))
     }
 
     fn sync(&mut self, id: u64, flags: u32, reserved: u32) -> Result<(), RequestError> {

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use super::HeapRange;
 use crate::host::HostBuffer;
 use crate::range::RangeAllocator;
 
@@ -83,9 +84,11 @@ impl Pool {
         *self = Self::new(self.shm_size);
     }
 
-    /// Takes a free, `align`ed range of `len` bytes of the window.
-    pub fn take_range(&mut self, len: u64, align: u64) -> Option<u64> {
-        self.window.alloc(len, align)
+    /// Takes a free, `align`ed range of `len` bytes of the window inside `within` (the
+    /// heap range of the mapping's heap). First fit.
+    pub fn take_range(&mut self, len: u64, align: u64, within: HeapRange) -> Option<u64> {
+        self.window
+            .alloc_in(len, align, within.offset, within.end())
     }
 
     /// Gives back a range that [`Pool::take_range`] took and no mapping holds.

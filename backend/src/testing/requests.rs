@@ -10,6 +10,8 @@ use crate::abi::{self, *};
 pub const RESP_HDR_SIZE: usize = size_of::<abi::RespHdr>();
 /// Size of the HEAP_INFO response.
 pub const HEAP_INFO_RESP_SIZE: usize = size_of::<abi::HeapInfoResp>();
+/// Size of the HEAP_INFO response with `VIRTIO_DMAHEAP_F_HEAP_RANGE`.
+pub const HEAP_INFO_RANGE_RESP_SIZE: usize = size_of::<abi::HeapInfoRangeResp>();
 /// Size of the ALLOC response.
 pub const ALLOC_RESP_SIZE: usize = size_of::<abi::AllocResp>();
 /// Size of the ALLOC_BATCH response.

@@ -13,7 +13,7 @@ use std::mem::size_of;
 use vm_memory::ByteValued;
 
 use crate::abi::*;
-use crate::core::RequestError;
+use crate::core::{HeapRange as Range, RequestError};
 
 /// What becomes of a request's descriptor chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +43,9 @@ pub struct Features {
     /// `VIRTIO_DMAHEAP_F_PAGE_SIZE` (with `VIRTIO_DMAHEAP_F_SESSION`): SESSION_OPEN states
     /// the driver's page size.
     pub page_size: bool,
+    /// `VIRTIO_DMAHEAP_F_HEAP_RANGE`: HEAP_INFO states the heap's range
+    /// ([`HeapInfoRangeResp`]).
+    pub heap_range: bool,
 }
 
 impl Features {
@@ -52,7 +55,8 @@ impl Features {
         | (1 << VIRTIO_DMAHEAP_F_SESSION)
         | (1 << VIRTIO_DMAHEAP_F_NO_SYNC)
         | (1 << VIRTIO_DMAHEAP_F_BATCH)
-        | (1 << VIRTIO_DMAHEAP_F_PAGE_SIZE);
+        | (1 << VIRTIO_DMAHEAP_F_PAGE_SIZE)
+        | (1 << VIRTIO_DMAHEAP_F_HEAP_RANGE);
 
     /// From the feature bits the driver accepted.
     pub fn from_bits(bits: u64) -> Self {
@@ -65,6 +69,7 @@ impl Features {
             uuid: has(VIRTIO_DMAHEAP_F_UUID),
             // Meaningless without sessions (spec 3.2): treated as not negotiated.
             page_size: has(VIRTIO_DMAHEAP_F_PAGE_SIZE) && has(VIRTIO_DMAHEAP_F_SESSION),
+            heap_range: has(VIRTIO_DMAHEAP_F_HEAP_RANGE),
         }
     }
 }
@@ -161,7 +166,12 @@ impl Request {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer {
     /// HEAP_INFO.
-    HeapInfo(HeapInfo),
+    HeapInfo {
+        /// The heap's properties.
+        info: HeapInfo,
+        /// The heap's range of the window (sent with `VIRTIO_DMAHEAP_F_HEAP_RANGE`).
+        range: Range,
+    },
     /// ALLOC.
     Alloc {
         /// Buffer id.
@@ -276,6 +286,9 @@ fn parse<T: ByteValued + Default>(req: &[u8]) -> Option<T> {
 fn sizes_of(ty: u32, features: Features) -> Option<(usize, usize)> {
     let hdr = size_of::<RespHdr>();
     Some(match ty {
+        VIRTIO_DMAHEAP_REQ_HEAP_INFO if features.heap_range => {
+            (size_of::<HeapInfoReq>(), size_of::<HeapInfoRangeResp>())
+        }
         VIRTIO_DMAHEAP_REQ_HEAP_INFO => (size_of::<HeapInfoReq>(), size_of::<HeapInfoResp>()),
         VIRTIO_DMAHEAP_REQ_ALLOC => (size_of::<AllocReq>(), size_of::<AllocResp>()),
         VIRTIO_DMAHEAP_REQ_ALLOC_BATCH if features.batch => {
@@ -399,8 +412,9 @@ pub fn header_only(status: u32, writable: usize) -> Vec<u8> {
     }
 }
 
-/// The response to a request the core served: the full response of the request's type.
-pub fn encode(req: &Request, outcome: Result<Answer, RequestError>) -> Reply {
+/// The response to a request the core served: the full response of the request's type
+/// with the `features` negotiated.
+pub fn encode(req: &Request, outcome: Result<Answer, RequestError>, features: Features) -> Reply {
     let (status, answer) = match outcome {
         Ok(a) => (VIRTIO_DMAHEAP_S_OK, Some(a)),
         Err(e) => match status(e) {
@@ -411,14 +425,25 @@ pub fn encode(req: &Request, outcome: Result<Answer, RequestError>) -> Reply {
     let hdr = resp_hdr(status);
     let bytes = match req {
         Request::HeapInfo { .. } => {
-            let mut r = HeapInfoResp {
+            let mut r = HeapInfoRangeResp {
                 hdr,
                 ..Default::default()
             };
-            if let Some(Answer::HeapInfo(info)) = answer {
+            if let Some(Answer::HeapInfo { info, range }) = answer {
                 r.info = info;
+                r.range = HeapRange {
+                    offset: range.offset.into(),
+                    len: range.len.into(),
+                };
             }
-            r.as_slice().to_vec()
+            let bytes = r.as_slice();
+            // Without the feature the response is the first part only (spec 6.3).
+            let n = if features.heap_range {
+                bytes.len()
+            } else {
+                size_of::<HeapInfoResp>()
+            };
+            bytes[..n].to_vec()
         }
         Request::Alloc { .. } => {
             let mut r = AllocResp {
@@ -488,178 +513,4 @@ pub fn heap_name_bytes(name: &str) -> [u8; VIRTIO_DMAHEAP_NAME_LEN] {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::testing::*;
-
-    const ALL: Features = Features {
-        sync: true,
-        session: true,
-        no_sync: true,
-        batch: true,
-        uuid: true,
-        page_size: false,
-    };
-
-    #[test]
-    fn requests_decode_to_their_fields() {
-        let cases: Vec<(Vec<u8>, usize, Request)> = vec![
-            (
-                heap_info_req(3),
-                HEAP_INFO_RESP_SIZE,
-                Request::HeapInfo {
-                    heap_id: 3,
-                    reserved: 0,
-                },
-            ),
-            (
-                alloc_req(1, 2, 4096),
-                ALLOC_RESP_SIZE,
-                Request::Alloc {
-                    heap_id: 1,
-                    flags: 2,
-                    len: 4096,
-                },
-            ),
-            (free_req(9), 8, Request::Free { buffer_id: 9 }),
-            (
-                sync_req(9, 5),
-                8,
-                Request::Sync {
-                    buffer_id: 9,
-                    flags: 5,
-                    reserved: 0,
-                },
-            ),
-            (
-                session_open_req(7),
-                SESSION_OPEN_RESP_SIZE,
-                Request::SessionOpen {
-                    resume_id: 7,
-                    page_size: 4096,
-                    reserved: 0,
-                },
-            ),
-            (
-                session_close_req(1),
-                8,
-                Request::SessionClose {
-                    flags: 1,
-                    reserved: 0,
-                },
-            ),
-            (
-                reserve_req(VIRTIO_DMAHEAP_REQ_UNRESERVE, 4096, 8192),
-                8,
-                Request::Unreserve {
-                    offset: 4096,
-                    len: 8192,
-                },
-            ),
-        ];
-        for (bytes, writable, want) in cases {
-            assert_eq!(decode(&bytes, writable, ALL), Ok(want));
-        }
-    }
-
-    #[test]
-    fn session_open_has_the_page_size_shape_exactly_when_the_feature_is_negotiated() {
-        let with = Features {
-            page_size: true,
-            ..ALL
-        };
-        assert_eq!(
-            decode(
-                &session_open_page_req(5, 16384),
-                SESSION_OPEN_RESP_SIZE,
-                with
-            ),
-            Ok(Request::SessionOpen {
-                resume_id: 5,
-                page_size: 16384,
-                reserved: 0,
-            })
-        );
-        let mut r = session_open_page_req(0, 16384);
-        r[20] = 1;
-        assert_eq!(
-            decode(&r, SESSION_OPEN_RESP_SIZE, with),
-            Ok(Request::SessionOpen {
-                resume_id: 0,
-                page_size: 16384,
-                reserved: 1,
-            })
-        );
-        let d = |b: &[u8], f| decode(b, SESSION_OPEN_RESP_SIZE, f).map_err(DecodeError::status);
-        assert_eq!(d(&session_open_req(0), with), Err(VIRTIO_DMAHEAP_S_INVAL));
-        assert_eq!(
-            d(&session_open_page_req(0, 16384), ALL),
-            Err(VIRTIO_DMAHEAP_S_INVAL)
-        );
-        // Without sessions the page size feature means nothing.
-        let bits = 1 << VIRTIO_DMAHEAP_F_PAGE_SIZE;
-        assert!(!Features::from_bits(bits).page_size);
-        assert!(Features::from_bits(bits | (1 << VIRTIO_DMAHEAP_F_SESSION)).page_size);
-    }
-
-    #[test]
-    fn header_level_errors() {
-        let none = Features {
-            sync: false,
-            session: false,
-            no_sync: false,
-            batch: false,
-            uuid: false,
-            page_size: false,
-        };
-        let d = |b: &[u8], w, f| decode(b, w, f).map_err(DecodeError::status);
-        assert_eq!(d(&[1, 0, 0], 8, ALL), Err(VIRTIO_DMAHEAP_S_INVAL));
-        assert_eq!(d(&sync_req(1, 1), 8, none), Err(VIRTIO_DMAHEAP_S_UNSUPP));
-        assert_eq!(
-            d(&session_open_req(0), 16, none),
-            Err(VIRTIO_DMAHEAP_S_UNSUPP)
-        );
-        assert_eq!(
-            d(&assign_uuid_req(1), 24, none),
-            Err(VIRTIO_DMAHEAP_S_UNSUPP)
-        );
-        assert_eq!(
-            decode(&assign_uuid_req(9), 24, ALL),
-            Ok(Request::AssignUuid { buffer_id: 9 })
-        );
-        assert_eq!(d(&assign_uuid_req(9), 23, ALL), Err(VIRTIO_DMAHEAP_S_INVAL));
-        assert_eq!(
-            d(&assign_uuid_req(9)[..12], 24, ALL),
-            Err(VIRTIO_DMAHEAP_S_INVAL)
-        );
-        let a = alloc_req(0, 0, 4096);
-        assert_eq!(d(&a[..20], 32, ALL), Err(VIRTIO_DMAHEAP_S_INVAL));
-        assert_eq!(d(&a, 31, ALL), Err(VIRTIO_DMAHEAP_S_INVAL));
-        let mut r = a.clone();
-        r[4] = 1;
-        assert_eq!(d(&r, 32, ALL), Err(VIRTIO_DMAHEAP_S_INVAL));
-        assert_eq!(header_only(VIRTIO_DMAHEAP_S_INVAL, 7), Vec::<u8>::new());
-        assert_eq!(header_only(VIRTIO_DMAHEAP_S_INVAL, 8).len(), 8);
-    }
-
-    #[test]
-    fn every_error_has_one_status_and_errors_keep_the_full_response_shape() {
-        let alloc = Request::Alloc {
-            heap_id: 0,
-            flags: 0,
-            len: 4096,
-        };
-        assert_eq!(encode(&alloc, Err(RequestError::Retry)), Reply::Retry);
-        let Reply::Answer(a) = encode(&alloc, Err(RequestError::WindowFull)) else {
-            panic!("no answer");
-        };
-        assert_eq!(a.len(), ALLOC_RESP_SIZE);
-        assert_eq!(status_of(&a), VIRTIO_DMAHEAP_S_WINDOW_FULL);
-        assert!(a[8..].iter().all(|&b| b == 0));
-        assert_eq!(status(RequestError::Quota), Some(VIRTIO_DMAHEAP_S_QUOTA));
-        assert_eq!(
-            status(RequestError::NoSession),
-            Some(VIRTIO_DMAHEAP_S_NO_SESSION)
-        );
-    }
-}
+mod tests;

@@ -22,9 +22,10 @@ pub const PAGE: u64 = 4096;
 #[allow(unused_imports)]
 pub use vhost_user_dmaheap::abi::{
     VIRTIO_DMAHEAP_CLOSE_SUSPEND as CLOSE_SUSPEND, VIRTIO_DMAHEAP_F_BATCH as F_BATCH,
-    VIRTIO_DMAHEAP_F_PAGE_SIZE as F_PAGE_SIZE, VIRTIO_DMAHEAP_F_SESSION as F_SESSION,
-    VIRTIO_DMAHEAP_F_SYNC as F_SYNC, VIRTIO_DMAHEAP_F_UUID as F_UUID,
-    VIRTIO_DMAHEAP_REQ_ASSIGN_UUID as REQ_ASSIGN_UUID, VIRTIO_DMAHEAP_REQ_RESERVE as REQ_RESERVE,
+    VIRTIO_DMAHEAP_F_HEAP_RANGE as F_HEAP_RANGE, VIRTIO_DMAHEAP_F_PAGE_SIZE as F_PAGE_SIZE,
+    VIRTIO_DMAHEAP_F_SESSION as F_SESSION, VIRTIO_DMAHEAP_F_SYNC as F_SYNC,
+    VIRTIO_DMAHEAP_F_UUID as F_UUID, VIRTIO_DMAHEAP_REQ_ASSIGN_UUID as REQ_ASSIGN_UUID,
+    VIRTIO_DMAHEAP_REQ_RESERVE as REQ_RESERVE,
     VIRTIO_DMAHEAP_REQ_SESSION_CLOSE as REQ_SESSION_CLOSE,
     VIRTIO_DMAHEAP_REQ_SESSION_OPEN as REQ_SESSION_OPEN,
     VIRTIO_DMAHEAP_REQ_UNRESERVE as REQ_UNRESERVE, VIRTIO_DMAHEAP_S_NO_SESSION as S_NO_SESSION,
@@ -42,6 +43,8 @@ pub use vhost_user_dmaheap::abi::{
 
 pub const RESP_HDR: usize = std::mem::size_of::<vhost_user_dmaheap::abi::RespHdr>();
 pub const HEAP_INFO_RESP: usize = std::mem::size_of::<vhost_user_dmaheap::abi::HeapInfoResp>();
+pub const HEAP_INFO_RANGE_RESP: usize =
+    std::mem::size_of::<vhost_user_dmaheap::abi::HeapInfoRangeResp>();
 pub const ALLOC_RESP: usize = std::mem::size_of::<vhost_user_dmaheap::abi::AllocResp>();
 pub const ALLOC_BATCH_RESP: usize = std::mem::size_of::<vhost_user_dmaheap::abi::AllocBatchResp>();
 pub const ASSIGN_UUID_RESP: usize = std::mem::size_of::<vhost_user_dmaheap::abi::AssignUuidResp>();
@@ -75,6 +78,17 @@ pub fn heap_params() -> Vec<HeapParams> {
             arena_size: 2 << 20,
         },
     ]
+}
+
+/// The heap range (offset, len) of heap `h`, as the spec's layout gives it (written out
+/// here rather than taken from the device): the cached heap first, then the wc heap, each
+/// half of the window.
+pub fn heap_range(h: usize) -> (u64, u64) {
+    let half = SHM_SIZE / 2;
+    match heap_params()[h].cache {
+        CacheMode::Cached => (0, half),
+        _ => (half, half),
+    }
 }
 
 pub fn limits() -> Limits {
