@@ -69,6 +69,14 @@ pub const EXPLICIT_CASES: &[(&str, &str, CaseFn)] = &[
         importer,
     ),
     (
+        "memtype",
+        "every heap's cache attribute honoured (importer loaded): the user mapping and the \
+         kernel vmap of a buffer have the memory type it names (x86: cached WB, wc WC, \
+         uncached UC-; arm64: cached Normal, wc and uncached Normal-NC, never Device), and \
+         unaligned copies through both work",
+        crate::memtype::memtype,
+    ),
+    (
         "uuid",
         "VIRTIO_DMAHEAP_F_UUID (importer loaded; memfd heap, no host udmabuf): buffers are \
          virtio_dma_bufs; get_uuid (8 callers at once) succeeds, is stable, counted by the \
