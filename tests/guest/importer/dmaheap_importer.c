@@ -36,6 +36,9 @@
  * "user=T kernel=T iomem=0|1 unaligned=ok|bad|skipped", T a name below
  * (imp_memtype_name): x86 the PAT type, arm64 the MAIR index of the entry.
  * The copy is skipped on a Device mapping (it would fault in the kernel).
+ * Reading "memtype_check" tells what the kernel lookup says of a page vmapped
+ * with PAGE_KERNEL, pgprot_writecombine() and pgprot_noncached(), a check of
+ * the lookup itself: "kernel=T writecombine=T noncached=T".
  */
 
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
@@ -50,6 +53,7 @@
 #include <linux/scatterlist.h>
 #include <linux/slab.h>
 #include <linux/uuid.h>
+#include <linux/vmalloc.h>
 #include <linux/workqueue.h>
 #if IS_ENABLED(CONFIG_VIRTIO_DMA_SHARED_BUFFER)
 #include <linux/virtio_dma_buf.h>
@@ -661,6 +665,41 @@ put:
 	dma_buf_put(db);
 	return ret;
 }
+
+/* What the kernel lookup says of a page vmapped with known protections. */
+static int imp_memtype_check(char *buffer, const struct kernel_param *kp)
+{
+	static const char *const what[] = { "kernel", "writecombine", "noncached" };
+	const pgprot_t prots[] = {
+		PAGE_KERNEL, pgprot_writecombine(PAGE_KERNEL), pgprot_noncached(PAGE_KERNEL),
+	};
+	struct page *page;
+	int i, len = 0;
+	void *va;
+
+	page = alloc_page(GFP_KERNEL);
+	if (!page)
+		return -ENOMEM;
+	for (i = 0; i < ARRAY_SIZE(prots); i++) {
+		/* Never accessed: no data passes through the other-type alias. */
+		va = vmap(&page, 1, VM_MAP, prots[i]);
+		if (!va) {
+			len = -ENOMEM;
+			break;
+		}
+		len += sysfs_emit_at(buffer, len, "%s%s=%s", i ? " " : "", what[i],
+				     imp_kernel_memtype(va));
+		vunmap(va);
+	}
+	__free_page(page);
+	return len < 0 ? len : len + sysfs_emit_at(buffer, len, "\n");
+}
+
+static const struct kernel_param_ops imp_memtype_check_ops = {
+	.get = imp_memtype_check,
+};
+module_param_cb(memtype_check, &imp_memtype_check_ops, NULL, 0400);
+MODULE_PARM_DESC(memtype_check, "the memory types the kernel lookup gives known vmaps");
 
 static int imp_memtype_read(char *buffer, const struct kernel_param *kp)
 {

@@ -8,6 +8,7 @@ use crate::env::{self, SysHeap};
 use crate::sys::{self, Heap};
 
 const PARAM: &str = "/sys/module/dmaheap_importer/parameters/memtype";
+const CHECK: &str = "/sys/module/dmaheap_importer/parameters/memtype_check";
 /// Where the unaligned user copy starts, and how long it is: it crosses a page boundary.
 const COPY_OFF: usize = 1;
 
@@ -20,6 +21,16 @@ fn allowed(cache: &str) -> Option<&'static [&'static str]> {
         ("x86_64", "uncached") => Some(&["UC-"]),
         ("aarch64", "cached") => Some(&["NORMAL", "NORMAL_TAGGED"]),
         ("aarch64", "write-combined" | "uncached") => Some(&["NORMAL_NC"]),
+        _ => None,
+    }
+}
+
+/// What the importer's lookup must say of pages it vmaps with PAGE_KERNEL,
+/// pgprot_writecombine() and pgprot_noncached(): else the lookup, not the driver, is wrong.
+fn lookup_control() -> Option<&'static str> {
+    match std::env::consts::ARCH {
+        "x86_64" => Some("kernel=WB writecombine=WC noncached=UC-"),
+        "aarch64" => Some("kernel=NORMAL writecombine=NORMAL_NC noncached=DEVICE_nGnRnE"),
         _ => None,
     }
 }
@@ -117,6 +128,16 @@ pub fn memtype(_ctx: &Ctx) -> Result<(), String> {
     if !std::path::Path::new(PARAM).exists() {
         println!("# memtype: no {PARAM} (insmod dmaheap_importer.ko first): skipped");
         return Ok(());
+    }
+    let control = std::fs::read_to_string(CHECK).map_err(|e| format!("read {CHECK}: {e}"))?;
+    let control = control.trim();
+    println!("# memtype: the importer's lookup of known vmaps: {control}");
+    if let Some(want) = lookup_control() {
+        if control != want {
+            return Err(format!(
+                "the importer's lookup is wrong: known vmaps give {control:?}, want {want:?}"
+            ));
+        }
     }
     let heaps = env::sysfs_heaps();
     if heaps.is_empty() {
