@@ -633,6 +633,7 @@ static int imp_memtype_write(const char *val, const struct kernel_param *kp)
 	struct iosys_map map;
 	struct dma_buf *db;
 	unsigned long addr;
+	bool iomem;
 	int fd, ret;
 
 	if (sscanf(val, "%d %lx", &fd, &addr) != 2)
@@ -652,14 +653,15 @@ static int imp_memtype_write(const char *val, const struct kernel_param *kp)
 		pr_err("memtype: vmap: %d\n", ret);
 		goto put;
 	}
-	/* Either way the vaddr: the types of an iomem map are reported as well. */
-	kernel = imp_kernel_memtype(map.is_iomem ? (void __force *)map.vaddr_iomem : map.vaddr);
-	if (!map.is_iomem && !imp_memtype_is_device(kernel))
+	/* The type of an iomem map is reported too; it is not copied through. */
+	iomem = map.is_iomem;
+	kernel = imp_kernel_memtype(iomem ? (void __force *)map.vaddr_iomem : map.vaddr);
+	if (!iomem && !imp_memtype_is_device(kernel))
 		copy = imp_unaligned_copy(map.vaddr);
 	dma_buf_vunmap_unlocked(db, &map);
 	mutex_lock(&imp_lock);
 	snprintf(imp_memtype, sizeof(imp_memtype), "user=%s kernel=%s iomem=%d unaligned=%s",
-		 user, kernel, map.is_iomem, copy);
+		 user, kernel, iomem, copy);
 	mutex_unlock(&imp_lock);
 put:
 	dma_buf_put(db);
