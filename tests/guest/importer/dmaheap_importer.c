@@ -27,6 +27,18 @@
  * does the same from IMP_RACERS workers at once (the write fails with the
  * first errno, or EILSEQ if they got different UUIDs). Built for a kernel
  * without virtio_dma_buf (CONFIG_VIRTIO_DMA_SHARED_BUFFER), nothing is one.
+ *
+ * Memory types (a heap's cache attribute honoured): writing "FD ADDR" to
+ * "memtype", ADDR an address of the writer's mapping of dma-buf FD, looks up
+ * the memory type of the page table entry that maps ADDR, vmaps the buffer,
+ * looks up the memory type of the vmap, and copies 4093 bytes into the vmap
+ * at offset 3 and back. Reading "memtype" then gives one line:
+ * "user=T kernel=T iomem=0|1 unaligned=ok|bad|skipped", T a name below
+ * (imp_memtype_name): x86 the PAT type, arm64 the MAIR index of the entry.
+ * The copy is skipped on a Device mapping (it would fault in the kernel).
+ * Reading "memtype_check" tells what the kernel lookup says of a page vmapped
+ * with PAGE_KERNEL, pgprot_writecombine() and pgprot_noncached(), a check of
+ * the lookup itself: "kernel=T writecombine=T noncached=T".
  */
 
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
@@ -35,13 +47,23 @@
 #include <linux/dma-mapping.h>
 #include <linux/highmem.h>
 #include <linux/iosys-map.h>
+#include <linux/mm.h>
 #include <linux/module.h>
 #include <linux/platform_device.h>
 #include <linux/scatterlist.h>
+#include <linux/slab.h>
 #include <linux/uuid.h>
+#include <linux/vmalloc.h>
 #include <linux/workqueue.h>
 #if IS_ENABLED(CONFIG_VIRTIO_DMA_SHARED_BUFFER)
 #include <linux/virtio_dma_buf.h>
+#endif
+#if defined(CONFIG_X86)
+#include <asm/msr.h>
+#include <asm/pgtable.h>
+#elif defined(CONFIG_ARM64)
+#include <linux/bitfield.h>
+#include <asm/sysreg.h>
 #endif
 
 #define MARK "importer"
@@ -432,6 +454,274 @@ static const struct kernel_param_ops imp_uuid_race_ops = {
 };
 module_param_cb(uuid_race, &imp_uuid_race_ops, NULL, 0200);
 MODULE_PARM_DESC(uuid_race, "as uuid, from 8 workers at once (read the UUID from uuid)");
+
+/* ---- memtype: the memory types of a buffer's user mapping and vmap ---- */
+
+#define IMP_COPY_OFF 3
+#define IMP_COPY_LEN 4093
+
+/* What the last successful write to "memtype" found. */
+static char imp_memtype[96];
+
+#if defined(CONFIG_X86)
+/*
+ * The PAT entry that the PWT, PCD and PAT bits of a 4 KiB entry select, as the
+ * CPU reads it: the IA32_PAT MSR (its power-on value if it cannot be read).
+ */
+static const char *imp_memtype_name(pteval_t flags)
+{
+	static const char *const names[8] = {
+		[0] = "UC", [1] = "WC", [4] = "WT", [5] = "WP", [6] = "WB", [7] = "UC-",
+	};
+	u64 pat = 0x0007040600070406ULL;
+	const char *name;
+
+	rdmsrq_safe(MSR_IA32_CR_PAT, &pat);
+	name = names[(pat >> (8 * __pte2cm_idx(flags))) & 7];
+	return name ?: "reserved";
+}
+
+static const char *imp_user_memtype(const struct follow_pfnmap_args *args)
+{
+	pteval_t flags = pgprot_val(args->pgprot);
+
+	if (args->addr_mask != PAGE_MASK)	/* a huge entry: PAT is bit 12 */
+		flags = protval_large_2_4k(flags);
+	return imp_memtype_name(flags);
+}
+
+static const char *imp_kernel_memtype(void *vaddr)
+{
+	unsigned int level;
+	pteval_t flags;
+	pte_t *pte;
+
+	pte = lookup_address((unsigned long)vaddr, &level);
+	if (!pte || !pte_present(*pte))
+		return "unmapped";
+	flags = pte_val(*pte);	/* a huge entry's PAT bit is in its pfn field */
+	if (level != PG_LEVEL_4K)
+		flags = protval_large_2_4k(flags);
+	return imp_memtype_name(flags);
+}
+
+static bool imp_memtype_is_device(const char *name)
+{
+	return false;	/* every x86 type allows unaligned accesses */
+}
+#elif defined(CONFIG_ARM64)
+static const char *const imp_attr_names[] = {
+	[MT_NORMAL] = "NORMAL",
+	[MT_NORMAL_TAGGED] = "NORMAL_TAGGED",
+	[MT_NORMAL_NC] = "NORMAL_NC",
+	[MT_DEVICE_nGnRnE] = "DEVICE_nGnRnE",
+	[MT_DEVICE_nGnRE] = "DEVICE_nGnRE",
+};
+
+static const char *imp_memtype_name(unsigned int idx)
+{
+	if (idx >= ARRAY_SIZE(imp_attr_names) || !imp_attr_names[idx])
+		return "unknown";
+	return imp_attr_names[idx];
+}
+
+static const char *imp_user_memtype(const struct follow_pfnmap_args *args)
+{
+	return imp_memtype_name(FIELD_GET(PTE_ATTRINDX_MASK, pgprot_val(args->pgprot)));
+}
+
+/*
+ * The kernel's page tables (init_mm) are not exported: ask the MMU. AT S1E1R
+ * translates vaddr as a kernel read would; PAR_EL1.ATTR is then the MAIR_EL1
+ * attribute of the entry, which names its index.
+ */
+static const char *imp_kernel_memtype(void *vaddr)
+{
+	unsigned long flags;
+	u64 par, mair;
+	unsigned int i;
+	u8 attr;
+
+	local_irq_save(flags);
+	asm volatile("at s1e1r, %0" : : "r" (vaddr));
+	isb();
+	par = read_sysreg_par();
+	mair = read_sysreg(mair_el1);
+	local_irq_restore(flags);
+	if (par & SYS_PAR_EL1_F)
+		return "unmapped";
+	attr = FIELD_GET(SYS_PAR_EL1_ATTR, par);
+	for (i = 0; i < ARRAY_SIZE(imp_attr_names); i++)
+		if (imp_attr_names[i] && ((mair >> (8 * i)) & 0xff) == attr)
+			return imp_attr_names[i];
+	return "unknown";
+}
+
+static bool imp_memtype_is_device(const char *name)
+{
+	return !strncmp(name, "DEVICE", 6) || !strcmp(name, "unknown") ||
+	       !strcmp(name, "unmapped");
+}
+#else
+static const char *imp_user_memtype(const struct follow_pfnmap_args *args)
+{
+	return "unknown";
+}
+
+static const char *imp_kernel_memtype(void *vaddr)
+{
+	return "unknown";
+}
+
+static bool imp_memtype_is_device(const char *name)
+{
+	return true;
+}
+#endif
+
+/* The memory type of the entry that maps addr, in the caller's mapping of db. */
+static int imp_user_lookup(struct dma_buf *db, unsigned long addr, const char **name)
+{
+	struct follow_pfnmap_args args = { .address = addr };
+	struct mm_struct *mm = current->mm;
+	int ret;
+
+	mmap_read_lock(mm);
+	args.vma = vma_lookup(mm, addr);
+	if (!args.vma) {
+		ret = -EFAULT;
+		goto unlock;
+	}
+	if (args.vma->vm_file != db->file) {
+		pr_err("memtype: %#lx is not in a mapping of the dma-buf\n", addr);
+		ret = -EINVAL;
+		goto unlock;
+	}
+	ret = follow_pfnmap_start(&args);
+	if (ret) {
+		pr_err("memtype: no pfn map entry at %#lx (flags %#lx): %d\n",
+		       addr, args.vma->vm_flags, ret);
+		goto unlock;
+	}
+	*name = imp_user_memtype(&args);
+	follow_pfnmap_end(&args);
+unlock:
+	mmap_read_unlock(mm);
+	return ret;
+}
+
+/* Unaligned copies into and out of the vmap: "ok" or "bad". */
+static const char *imp_unaligned_copy(void *vaddr)
+{
+	u8 *src, *dst;
+	bool same;
+	size_t i;
+
+	src = kmalloc(2 * IMP_COPY_LEN, GFP_KERNEL);
+	if (!src)
+		return "nomem";
+	dst = src + IMP_COPY_LEN;
+	for (i = 0; i < IMP_COPY_LEN; i++)
+		src[i] = i * 7 + 1;
+	memcpy(vaddr + IMP_COPY_OFF, src, IMP_COPY_LEN);
+	memcpy(dst, vaddr + IMP_COPY_OFF, IMP_COPY_LEN);
+	same = !memcmp(src, dst, IMP_COPY_LEN);
+	kfree(src);
+	return same ? "ok" : "bad";
+}
+
+static int imp_memtype_write(const char *val, const struct kernel_param *kp)
+{
+	const char *user, *kernel, *copy = "skipped";
+	struct iosys_map map;
+	struct dma_buf *db;
+	unsigned long addr;
+	bool iomem;
+	int fd, ret;
+
+	if (sscanf(val, "%d %lx", &fd, &addr) != 2)
+		return -EINVAL;
+	db = dma_buf_get(fd);
+	if (IS_ERR(db))
+		return PTR_ERR(db);
+	if (db->size < IMP_COPY_OFF + IMP_COPY_LEN) {
+		ret = -EINVAL;
+		goto put;
+	}
+	ret = imp_user_lookup(db, addr, &user);
+	if (ret)
+		goto put;
+	ret = dma_buf_vmap_unlocked(db, &map);
+	if (ret) {
+		pr_err("memtype: vmap: %d\n", ret);
+		goto put;
+	}
+	/* The type of an iomem map is reported too; it is not copied through. */
+	iomem = map.is_iomem;
+	kernel = imp_kernel_memtype(iomem ? (void __force *)map.vaddr_iomem : map.vaddr);
+	if (!iomem && !imp_memtype_is_device(kernel))
+		copy = imp_unaligned_copy(map.vaddr);
+	dma_buf_vunmap_unlocked(db, &map);
+	mutex_lock(&imp_lock);
+	snprintf(imp_memtype, sizeof(imp_memtype), "user=%s kernel=%s iomem=%d unaligned=%s",
+		 user, kernel, iomem, copy);
+	mutex_unlock(&imp_lock);
+put:
+	dma_buf_put(db);
+	return ret;
+}
+
+/* What the kernel lookup says of a page vmapped with known protections. */
+static int imp_memtype_check(char *buffer, const struct kernel_param *kp)
+{
+	static const char *const what[] = { "kernel", "writecombine", "noncached" };
+	const pgprot_t prots[] = {
+		PAGE_KERNEL, pgprot_writecombine(PAGE_KERNEL), pgprot_noncached(PAGE_KERNEL),
+	};
+	struct page *page;
+	int i, len = 0;
+	void *va;
+
+	page = alloc_page(GFP_KERNEL);
+	if (!page)
+		return -ENOMEM;
+	for (i = 0; i < ARRAY_SIZE(prots); i++) {
+		/* Never accessed: no data passes through the other-type alias. */
+		va = vmap(&page, 1, VM_MAP, prots[i]);
+		if (!va) {
+			len = -ENOMEM;
+			break;
+		}
+		len += sysfs_emit_at(buffer, len, "%s%s=%s", i ? " " : "", what[i],
+				     imp_kernel_memtype(va));
+		vunmap(va);
+	}
+	__free_page(page);
+	return len < 0 ? len : len + sysfs_emit_at(buffer, len, "\n");
+}
+
+static const struct kernel_param_ops imp_memtype_check_ops = {
+	.get = imp_memtype_check,
+};
+module_param_cb(memtype_check, &imp_memtype_check_ops, NULL, 0400);
+MODULE_PARM_DESC(memtype_check, "the memory types the kernel lookup gives known vmaps");
+
+static int imp_memtype_read(char *buffer, const struct kernel_param *kp)
+{
+	int ret;
+
+	mutex_lock(&imp_lock);
+	ret = sysfs_emit(buffer, "%s\n", imp_memtype);
+	mutex_unlock(&imp_lock);
+	return ret;
+}
+
+static const struct kernel_param_ops imp_memtype_ops = {
+	.set = imp_memtype_write,
+	.get = imp_memtype_read,
+};
+module_param_cb(memtype, &imp_memtype_ops, NULL, 0600);
+MODULE_PARM_DESC(memtype, "write \"FD ADDR\" to get the memory types of a buffer's mappings");
 
 static int __init imp_init(void)
 {

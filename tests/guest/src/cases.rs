@@ -69,6 +69,14 @@ pub const EXPLICIT_CASES: &[(&str, &str, CaseFn)] = &[
         importer,
     ),
     (
+        "memtype",
+        "every heap's cache attribute honoured (importer loaded): the user mapping and the \
+         kernel vmap of a buffer have the memory type it names (x86: cached WB, wc WC, \
+         uncached UC-; arm64: cached Normal, wc and uncached Normal-NC, never Device), and \
+         unaligned copies through both work",
+        crate::memtype::memtype,
+    ),
+    (
         "uuid",
         "VIRTIO_DMAHEAP_F_UUID (importer loaded; memfd heap, no host udmabuf): buffers are \
          virtio_dma_bufs; get_uuid (8 callers at once) succeeds, is stable, counted by the \
@@ -1252,6 +1260,11 @@ fn sysfs(ctx: &Ctx) -> Result<(), String> {
         });
     }
     let limits = env::daemon_limits()?;
+    let attrs = specs
+        .iter()
+        .map(|s| s.opts.get("cache").map_or("cached", String::as_str))
+        .collect::<BTreeSet<_>>()
+        .len() as u64;
     let mut errs = Vec::new();
     let mut ids = BTreeSet::new();
     for h in &heaps {
@@ -1308,8 +1321,29 @@ fn sysfs(ctx: &Ctx) -> Result<(), String> {
                 .map_or(Ok(default), |v| env::parse_size(v))
         };
         let global = limits.max_bytes.min(limits.shm_size);
+        // With heaps of several cache attributes the daemon splits the window between them
+        // (VIRTIO_DMAHEAP_F_HEAP_RANGE): a heap's buffers, and so its default max-size, fit
+        // its attribute's range, an even share of the window in 2 MiB units.
+        if !spec.opts.contains_key("max-size") && attrs > 1 {
+            let share = (limits.shm_size / attrs) & !((2 << 20) - 1);
+            let got = num("max_size");
+            if !(share..=limits.shm_size).contains(&got) {
+                e(format!(
+                    "max_size is {got}: with {attrs} cache attributes the daemon's \
+                     configuration gives the window ({}) or at least {share}",
+                    limits.shm_size
+                ));
+            }
+        }
         for (file, want) in [
-            ("max_size", size_opt("max-size", limits.shm_size)),
+            (
+                "max_size",
+                if spec.opts.contains_key("max-size") || attrs == 1 {
+                    size_opt("max-size", limits.shm_size)
+                } else {
+                    Ok(num("max_size")) // checked above
+                },
+            ),
             ("min_align", size_opt("align", sys::page() as u64)),
             (
                 "capacity",

@@ -14,6 +14,7 @@ mod env;
 mod host;
 mod json;
 mod lifecycle;
+mod memtype;
 mod nested;
 mod sharing;
 mod sys;

@@ -303,6 +303,11 @@ impl Map {
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// The start of the mapping, for raw accesses (e.g. unaligned ones).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
     /// The whole mapping as a slice, for bulk checks of memory nobody else writes now.
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: the mapping is live and `len` bytes long for the lifetime of `self`.
