@@ -352,7 +352,7 @@ static struct vdh_span *vdh_heap_span(struct vdh_dev *vd,
 		       vd->has_heap_range ? "" :
 		       " (the device does not offer VIRTIO_DMAHEAP_F_HEAP_RANGE, so each heap's range is the whole window)");
 	else if (IS_ERR(span))
-		pr_err("heap %s: cannot map its range %#llx+%#llx of the window %s: %pe\n",
+		pr_err("heap %s: cannot map its range %#llx+%#llx of the window as %s: %pe\n",
 		       info->name, offset, len, vdh_cache_name(cache), span);
 	return span;
 }
