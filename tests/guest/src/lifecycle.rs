@@ -257,17 +257,21 @@ const RTC_WAKEALARM: &str = "/sys/class/rtc/rtc0/wakealarm";
 /// on arm64 by the RTC alarm; `mem`: to RAM, woken by QMP system_wakeup) and waits until it
 /// runs again.
 fn suspend(state: &str) -> Result<(), String> {
-    if cfg!(target_arch = "aarch64") {
-        return suspend_rtc(state);
-    }
+    let rtc = cfg!(target_arch = "aarch64");
     let (wake, stop) = match state {
         "freeze" => (["wake-presses", "start"], Some(["wake-presses", "stop"])),
         _ => (["s3-wake", "start"], None),
     };
     let mut last = String::new();
     for attempt in 0..5 {
-        // A press while the kernel is entering suspend aborts it: then again.
-        host::call(&wake)?;
+        // A wake event while the kernel is entering suspend aborts it: then again.
+        if rtc {
+            std::fs::write(RTC_WAKEALARM, "0")
+                .and_then(|()| std::fs::write(RTC_WAKEALARM, "+5"))
+                .map_err(|e| format!("{RTC_WAKEALARM}: {e}"))?;
+        } else {
+            host::call(&wake)?;
+        }
         let t0 = Instant::now();
         let r = std::fs::OpenOptions::new()
             .write(true)
@@ -275,38 +279,14 @@ fn suspend(state: &str) -> Result<(), String> {
             .and_then(|mut f| f.write_all(state.as_bytes()));
         // The hook port is dead after a suspend (virtio-serial): reconnect it first.
         host::reconnect()?;
-        if let Some(stop) = stop {
+        if let (false, Some(stop)) = (rtc, stop) {
             host::call(&stop)?;
         }
         match r {
             Ok(()) => {
                 eprintln!(
-                    "  suspend {state}: suspended and woken in {:.1?} (attempt {attempt})",
-                    t0.elapsed()
-                );
-                return Ok(());
-            }
-            Err(e) => last = e.to_string(),
-        }
-    }
-    Err(format!("suspend {state} failed 5 times: {last}"))
-}
-
-/// [`suspend`] woken by the RTC alarm, a few seconds on.
-fn suspend_rtc(state: &str) -> Result<(), String> {
-    let mut last = String::new();
-    for attempt in 0..5 {
-        // An alarm that fires while the kernel is entering suspend aborts it: then again.
-        std::fs::write(RTC_WAKEALARM, "0")
-            .and_then(|()| std::fs::write(RTC_WAKEALARM, "+5"))
-            .map_err(|e| format!("{RTC_WAKEALARM}: {e}"))?;
-        let t0 = Instant::now();
-        let r = std::fs::write("/sys/power/state", state);
-        host::reconnect()?;
-        match r {
-            Ok(()) => {
-                eprintln!(
-                    "  suspend {state}: suspended and woken by the RTC in {:.1?} (attempt {attempt})",
+                    "  suspend {state}: suspended and woken{} in {:.1?} (attempt {attempt})",
+                    if rtc { " by the RTC" } else { "" },
                     t0.elapsed()
                 );
                 return Ok(());
