@@ -265,14 +265,20 @@ impl Device {
             }
             return Ok(());
         };
-        // The last buffer of the arena, and the heap has a spare already: give the arena
-        // back. Its memory goes with it, so the range needs no zeroing if the unmap works.
-        let spare = self.pool.spare_of(heap);
-        if arena.alloc.used() == rec.len
-            && spare.is_some_and(|s| s != rec.mapping)
-            && self.release_mapping(rec.mapping, mapper).is_ok()
-        {
-            return Ok(());
+        // The last buffer of the arena, and the heap has a spare already: the larger of the
+        // two stays the spare (a heap whose buffers grew would otherwise map and unmap an
+        // arena per ALLOC beside a small spare that never goes while it is busy). The arena
+        // given back takes its memory along, so its range needs no zeroing.
+        let mut spare = self.pool.spare_of(heap).filter(|&s| s != rec.mapping);
+        if let Some(old) = spare.filter(|_| arena.alloc.used() == rec.len) {
+            let (len, old_len) = (m.len, self.pool.mapping(old).map_or(0, |o| o.len));
+            if len <= old_len {
+                if self.release_mapping(rec.mapping, mapper).is_ok() {
+                    return Ok(());
+                }
+            } else if self.release_mapping(old, mapper).is_ok() {
+                spare = None;
+            }
         }
         let Some(m) = self.pool.mapping_mut(rec.mapping) else {
             return Ok(());

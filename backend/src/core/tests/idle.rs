@@ -228,3 +228,38 @@ fn a_session_keeps_spares_for_the_longer_delay_and_its_close_unmaps_them() {
     assert_eq!((m.unmaps, m.mapped.len()), (1, 0));
     assert_eq!(d.spare_idle_delay(), SPARE_IDLE_DELAY, "closed");
 }
+
+#[test]
+fn a_larger_emptied_arena_replaces_a_smaller_spare() {
+    // The daemon's default arena size: buffers up to 8 MiB come from arenas.
+    let params = HeapParams {
+        arena_size: 64 << 20,
+        ..heap_params("system")
+    };
+    let (mut d, p) = device_with(vec![params], limits());
+    let mut m = FakeMapper::default();
+    // A small buffer: a first arena of ARENA_MIN, the spare once emptied.
+    let (_, id, small_off, _) = alloc(&mut d, &mut m, 0, 4096);
+    assert_eq!(free(&mut d, &mut m, id), VIRTIO_DMAHEAP_S_OK);
+    // Buffers that outgrew it get an arena of their size; emptied, it becomes the spare and
+    // the small one goes, instead of one arena mapped and unmapped per ALLOC.
+    let len = 2 * ARENA_MIN;
+    let (st, id, off, _) = alloc(&mut d, &mut m, 0, len);
+    assert_eq!(st, VIRTIO_DMAHEAP_S_OK);
+    assert_ne!(off, small_off);
+    assert_eq!(free(&mut d, &mut m, id), VIRTIO_DMAHEAP_S_OK);
+    assert_eq!((m.maps, m.unmaps, m.mapped.len()), (2, 1, 1));
+    for _ in 0..3 {
+        let (st, id, again, _) = alloc(&mut d, &mut m, 0, len);
+        assert_eq!((st, again), (VIRTIO_DMAHEAP_S_OK, off));
+        assert_eq!(d.peek(id, 0, 4096).unwrap(), vec![0u8; 4096]);
+        assert_eq!(free(&mut d, &mut m, id), VIRTIO_DMAHEAP_S_OK);
+    }
+    assert_eq!((m.maps, m.unmaps), (2, 1));
+    assert_eq!(p.allocations.load(Ordering::SeqCst), 2);
+    // Smaller buffers now come from the larger spare.
+    let (st, id, off2, _) = alloc(&mut d, &mut m, 0, 4096);
+    assert_eq!((st, off2), (VIRTIO_DMAHEAP_S_OK, off));
+    assert_eq!(free(&mut d, &mut m, id), VIRTIO_DMAHEAP_S_OK);
+    assert_eq!(m.maps, 2);
+}
