@@ -25,6 +25,11 @@
 #                         serves the daemon's heap HEAP (its name in the daemon)
 #   trace-stop            stop tracing; per traced function, the calls made by the daemon's
 #                         threads and by other threads, and `daemon begin=N end=N lost=N`
+#
+# Kprobes and the function tracer are armed at their first use and stay armed: arming
+# and disarming patch kernel text, which waits for every L1 vCPU while L2 runs on them.
+# 3 of the 4 hangs of L2's command on 2026-12-01 came in cases whose hooks did that
+# (tests/nested/README.md). Later uses only switch the instance's recording on and off.
 set -u
 T=/sys/kernel/tracing
 PFNS=$T/instances/vdh-pfns # a tracing instance per use: they do not disturb each other
@@ -63,6 +68,18 @@ exporter_functions() {
 	udmabuf) echo begin_cpu_udmabuf end_cpu_udmabuf ;;
 	*) return 1 ;;
 	esac
+}
+
+# all_exporter_functions: the traceable CPU-access callbacks of every heap of the daemon.
+all_exporter_functions() {
+	eval "set -- $DAEMON_ARGS"
+	for a in "$@"; do
+		case "$a" in --heap=*) a=${a#--heap=} ;; *=*) ;; *) continue ;; esac
+		spec=${a#*=}
+		exporter_functions "${spec%%,*}" || true
+	done | tr ' ' '\n' | sort -u | while read -r f; do
+		grep -qE "^$f( |\$)" "$T/available_filter_functions" && echo "$f"
+	done | tr '\n' ' '
 }
 
 tracefs() { # INSTANCE: mount tracefs, create the instance
@@ -149,9 +166,11 @@ pfns-start)
 		fi
 	fi
 	echo 0 >"$PFNS/tracing_on"
-	echo 8192 >"$PFNS/buffer_size_kb"
+	if ! grep -q 1 "$PFNS/events/vdh_pfns/enable"; then
+		echo 8192 >"$PFNS/buffer_size_kb"
+		echo 1 >"$PFNS/events/vdh_pfns/enable" || fail "cannot enable the vdh_pfns kprobes"
+	fi
 	echo >"$PFNS/trace"
-	echo 1 >"$PFNS/events/vdh_pfns/enable" || fail "cannot enable the vdh_pfns kprobes"
 	echo 1 >"$PFNS/tracing_on"
 	say "recording the page frames mapped into user space"
 	;;
@@ -159,7 +178,6 @@ pfns)
 	[ $# -eq 1 ] || fail "usage: pfns LEN"
 	tracefs "$PFNS"
 	echo 0 >"$PFNS/tracing_on"
-	echo 0 >"$PFNS/events/vdh_pfns/enable"
 	qpid=$(cat /tmp/qemu.pid 2>/dev/null) || fail "no /tmp/qemu.pid"
 	n=$(lost "$PFNS")
 	[ "${n:-0}" -eq 0 ] || say "warning: the trace lost $n events"
@@ -200,26 +218,26 @@ trace-start)
 			fail "$f is not traceable in L1's kernel ($(uname -r)) (heap $NAME, $src)"
 	done
 	echo 0 >"$SYNC/tracing_on"
-	echo nop >"$SYNC/current_tracer"
-	echo "$funcs" >"$SYNC/set_ftrace_filter" || fail "set_ftrace_filter $funcs failed"
+	# Armed once, for the exporters of every heap of the daemon.
+	if [ "$(cat "$SYNC/current_tracer")" != function ]; then
+		all=$(all_exporter_functions) || fail "cannot list the daemon's exporters"
+		echo "$all" >"$SYNC/set_ftrace_filter" || fail "set_ftrace_filter $all failed"
+		echo function >"$SYNC/current_tracer" || fail "no function tracer in L1's kernel"
+	fi
+	echo "$funcs" >/tmp/sync.funcs
 	echo >"$SYNC/trace"
-	echo function >"$SYNC/current_tracer" || fail "no function tracer in L1's kernel"
 	echo 1 >"$SYNC/tracing_on"
 	say "tracing $funcs ($NAME = $src) for the daemon (pid $DPID)"
 	;;
 trace-stop)
 	tracefs "$SYNC"
 	echo 0 >"$SYNC/tracing_on"
-	funcs=$(cat "$SYNC/set_ftrace_filter")
-	case "$funcs" in
-	"#"* | "") fail "trace-stop: no trace-start before" ;;
-	esac
+	funcs=$(cat /tmp/sync.funcs 2>/dev/null) || fail "trace-stop: no trace-start before"
+	rm -f /tmp/sync.funcs
 	n=$(lost "$SYNC")
 	# `FUNCTION <-CALLER` events: the daemon's threads' and the others'.
 	events "$(tids "$DPID")" <"$SYNC/trace" >/tmp/sync.daemon
 	grep -v '^#' "$SYNC/trace" >/tmp/sync.all
-	echo nop >"$SYNC/current_tracer"
-	echo >"$SYNC/set_ftrace_filter"
 	echo >"$SYNC/trace"
 	begin=0 end=0
 	for f in $funcs; do
