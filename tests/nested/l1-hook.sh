@@ -28,7 +28,7 @@
 #
 # Kprobes and the function tracer are armed at their first use and stay armed: arming
 # and disarming patch kernel text, which waits for every L1 vCPU while L2 runs on them.
-# 3 of the 4 hangs of L2's command on 2026-12-01 came in cases whose hooks did that
+# The 3 hangs of L2's command on 2026-12-01 all came in cases whose hooks did that
 # (tests/nested/README.md). Later uses only switch the instance's recording on and off.
 set -u
 T=/sys/kernel/tracing
