@@ -12,11 +12,10 @@ use std::time::{Duration, Instant};
 
 use log::debug;
 
-use super::{Device, HeapRange, Mapper, RequestError, SessionState};
+use super::{Device, HeapRange, Mapper, RequestError};
 
 /// How long a heap with no live buffer keeps its emptied arenas mapped after the last
-/// ALLOC or FREE, before [`Device::release_idle`] unmaps them, for a driver that did not
-/// open a session ([`SESSION_SPARE_IDLE_DELAY`] for one that did).
+/// ALLOC or FREE, before [`Device::release_idle`] unmaps them.
 ///
 /// Keeping the emptied arena as a spare makes the next ALLOC of an alloc/free loop cheap
 /// (no new host allocation, no SHMEM_MAP, no memory-table update in every back end of the
@@ -27,17 +26,6 @@ use super::{Device, HeapRange, Mapper, RequestError, SessionState};
 /// the delay is kept short: long enough to span the gap between the requests of a busy
 /// allocator, short against anything a human or a script does before an unbind.
 pub const SPARE_IDLE_DELAY: Duration = Duration::from_millis(100);
-
-/// The idle delay while a driver's session is open (`VIRTIO_DMAHEAP_F_SESSION`).
-///
-/// Such a driver closes its session before the resets it makes (unbind, reboot, suspend),
-/// and the close unmaps every spare, so a long delay no longer meets the QEMU crash on
-/// that path; only resets nobody announces (spec A.5) find the spares still mapped, as
-/// they find every live buffer. One second spans the gaps of allocators that free and
-/// reallocate large buffers (a frame every 16-100 ms, a 64 MiB buffer cycle in a nested
-/// guest that takes over 100 ms, bench/README.md), where every expired spare costs a new
-/// host allocation and a SHMEM_MAP.
-pub const SESSION_SPARE_IDLE_DELAY: Duration = Duration::from_secs(1);
 
 /// Most mappings of freed large buffers a heap keeps (zeroed) for the next large ALLOC.
 ///
@@ -52,8 +40,7 @@ pub struct IdlePolicy {
     /// Time of the last ALLOC or FREE; `None` once [`Device::release_idle`] made its
     /// attempt for the current idle period (and after a reset).
     last_activity: Option<Instant>,
-    /// Set by [`Device::set_spare_idle_delay`]: the delay with or without a session.
-    delay: Option<Duration>,
+    delay: Duration,
     /// Per heap: window offsets of zeroed mappings of freed large buffers, oldest first.
     large_spares: Vec<Vec<u64>>,
 }
@@ -63,7 +50,7 @@ impl IdlePolicy {
     pub fn new(heaps: usize) -> Self {
         Self {
             last_activity: None,
-            delay: None,
+            delay: SPARE_IDLE_DELAY,
             large_spares: vec![Vec::new(); heaps],
         }
     }
@@ -89,20 +76,10 @@ impl IdlePolicy {
 }
 
 impl Device {
-    /// Changes how long idle heaps keep their emptied arenas, with or without a session
-    /// (default [`SESSION_SPARE_IDLE_DELAY`] in a session the driver opened,
-    /// [`SPARE_IDLE_DELAY`] otherwise).
+    /// Changes how long idle heaps keep their emptied arenas (default
+    /// [`SPARE_IDLE_DELAY`]).
     pub fn set_spare_idle_delay(&mut self, delay: Duration) {
-        self.idle.delay = Some(delay);
-    }
-
-    /// How long idle heaps keep their emptied arenas now.
-    pub fn spare_idle_delay(&self) -> Duration {
-        match (self.idle.delay, self.session) {
-            (Some(delay), _) => delay,
-            (None, SessionState::Open(id)) if id != 0 => SESSION_SPARE_IDLE_DELAY,
-            (None, _) => SPARE_IDLE_DELAY,
-        }
+        self.idle.delay = delay;
     }
 
     /// When [`Device::release_idle`] should run next: the idle delay after the last ALLOC
@@ -126,7 +103,7 @@ impl Device {
                 (self.quota.heap(h).buffers == 0 && self.pool.arena_bytes(h) > 0)
                     || self.idle.large_spares.get(h).is_some_and(|s| !s.is_empty())
             })
-            .then(|| last.checked_add(self.spare_idle_delay()))
+            .then(|| last.checked_add(self.idle.delay))
             .flatten()
     }
 

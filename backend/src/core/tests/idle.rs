@@ -206,30 +206,6 @@ fn an_arena_released_on_free_is_not_zeroed_but_a_kept_one_is() {
 }
 
 #[test]
-fn a_session_keeps_spares_for_the_longer_delay_and_its_close_unmaps_them() {
-    let (mut d, _) = device();
-    let mut m = FakeMapper::default();
-    assert_eq!(d.spare_idle_delay(), SPARE_IDLE_DELAY, "no session");
-    d.set_acked_features(1 << VIRTIO_DMAHEAP_F_SESSION);
-    let r = answer(&mut d, &session_open_req(0), SESSION_OPEN_RESP_SIZE, &mut m);
-    assert_eq!(status_of(&r), VIRTIO_DMAHEAP_S_OK);
-    assert_eq!(d.spare_idle_delay(), SESSION_SPARE_IDLE_DELAY);
-    let before = Instant::now();
-    let (_, id, _, _) = alloc(&mut d, &mut m, 0, 4096);
-    assert_eq!(free(&mut d, &mut m, id), VIRTIO_DMAHEAP_S_OK);
-    let deadline = d.idle_deadline().expect("a spare");
-    assert!(deadline >= before + SESSION_SPARE_IDLE_DELAY);
-    // Still there after the short delay.
-    assert_eq!(d.release_idle(before + SPARE_IDLE_DELAY * 2, &mut m), 0);
-    assert_eq!(m.mapped.len(), 1);
-    // The close (before a reset) empties the window at once.
-    let r = answer(&mut d, &session_close_req(0), 8, &mut m);
-    assert_eq!(status_of(&r), VIRTIO_DMAHEAP_S_OK);
-    assert_eq!((m.unmaps, m.mapped.len()), (1, 0));
-    assert_eq!(d.spare_idle_delay(), SPARE_IDLE_DELAY, "closed");
-}
-
-#[test]
 fn a_larger_emptied_arena_replaces_a_smaller_spare() {
     // The daemon's default arena size: buffers up to 8 MiB come from arenas.
     let params = HeapParams {
