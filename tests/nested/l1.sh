@@ -120,7 +120,8 @@ mkfifo /tmp/l2-hook.in /tmp/l2-hook.out
 ) &
 hookd=$!
 
-say L2-START "$(up)"
+l2_start=$(up)
+say L2-START "$l2_start"
 # L2 must print its ready marker within boot_deadline seconds (QEMU copies L2's console
 # to /tmp/l2.console), else its QEMU is stopped; the whole QEMU run has `deadline`.
 (
@@ -173,4 +174,9 @@ say QEMU-LOG-BEGIN
 cat /tmp/qemu.log
 [ -s /tmp/hooks.log ] && echo "host hooks L2 called:" && cat /tmp/hooks.log
 say QEMU-LOG-END
+# L1's kernel log from L2's start on: a KVM or nested-SVM report when L2 died unannounced.
+say L1-KMSG-BEGIN
+dmesg | awk -v t="$l2_start" '{ s = $0; sub(/^\[ */, "", s); if (s + 0 >= t) print }' |
+	tail -n 80
+say L1-KMSG-END
 exit "$qrc"
