@@ -705,7 +705,12 @@ fuzz_target!(|ops: Vec<Op>| {
                         (held.buffers, held.bytes),
                         "the idle policy released a live buffer"
                     );
-                    assert_eq!(dev.spare_deadline(), None, "one attempt per idle period");
+                    // Each heap on its own clock: those due made their attempt; the
+                    // others' deadlines are later.
+                    assert!(
+                        dev.spare_deadline().is_none_or(|next| next > deadline),
+                        "one attempt per idle period of each heap"
+                    );
                 }
             }
             Op::Features {

@@ -24,7 +24,7 @@ impl Device {
             .ok()
             .filter(|&h| h < self.heaps.len())
             .ok_or(RequestError::NoHeap)?;
-        self.idle.touch();
+        self.idle.touch(heap);
         if flags != 0 || len == 0 || !len.is_multiple_of(PAGE) {
             return Err(RequestError::Inval);
         }
@@ -245,7 +245,7 @@ impl Device {
             return self.free_exported(id, mapper);
         }
         let rec = self.pool.remove_buffer(id).ok_or(RequestError::NoBuffer)?;
-        self.idle.touch();
+        self.idle.touch(rec.heap);
         self.quota.uncharge(rec.heap, rec.len);
         let heap = rec.heap;
         let Some(m) = self.pool.mapping(rec.mapping) else {

@@ -361,7 +361,7 @@ impl Device {
         let Some(rec) = self.pool.remove_buffer(id) else {
             return Err(RequestError::NoBuffer);
         };
-        self.idle.touch();
+        self.idle.touch(rec.heap);
         // Watch before our last reference goes, so that the registration sees the file.
         let token = match (&export, self.watch.as_mut()) {
             (Some((file, kind)), Some(w)) => {
@@ -491,7 +491,7 @@ impl Device {
             w.unwatch(wd);
         }
         self.quota.uncharge(r.heap, r.charged);
-        self.idle.touch();
+        self.idle.touch(r.heap);
         let Some((woff, off, len)) = r.range else {
             return;
         };

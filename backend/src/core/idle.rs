@@ -5,17 +5,19 @@
 //! the VM, and QEMU 11.1.3 crashes on one it reads after the VM began to pause (spec A.5).
 //! So the common paths must not map: a heap keeps its one emptied arena (the spare, see
 //! [`super::pool::Arena::spare`]) and up to [`MAX_LARGE_SPARES`] zeroed mappings of freed
-//! large buffers. They go when the heap has been idle for the idle delay, and first when
-//! the window or the mapping cap is short.
+//! large buffers. They go when their heap has been idle for the idle delay (each heap on
+//! its own clock, so a busy heap keeps no other heap's spares), and first when the window
+//! or the mapping cap is short.
 
 use std::time::{Duration, Instant};
 
 use log::debug;
 
-use super::{Device, HeapRange, Mapper, RequestError};
+use super::{Device, HeapRange, Mapper, RequestError, SessionState};
 
-/// How long a heap with no live buffer keeps its emptied arenas mapped after the last
-/// ALLOC or FREE, before [`Device::release_idle`] unmaps them.
+/// How long a heap with no live buffer keeps its emptied arenas mapped after its last
+/// ALLOC or FREE, before [`Device::release_idle`] unmaps them, for a driver that did not
+/// open a session ([`SESSION_SPARE_IDLE_DELAY`] for one that did).
 ///
 /// Keeping the emptied arena as a spare makes the next ALLOC of an alloc/free loop cheap
 /// (no new host allocation, no SHMEM_MAP, no memory-table update in every back end of the
@@ -27,6 +29,17 @@ use super::{Device, HeapRange, Mapper, RequestError};
 /// allocator, short against anything a human or a script does before an unbind.
 pub const SPARE_IDLE_DELAY: Duration = Duration::from_millis(100);
 
+/// The idle delay while a driver's session is open (`VIRTIO_DMAHEAP_F_SESSION`).
+///
+/// Such a driver closes its session before the resets it makes (unbind, reboot, suspend),
+/// and the close unmaps every spare, so a long delay no longer meets the QEMU crash on
+/// that path; only resets nobody announces (spec A.5) find the spares still mapped, as
+/// they find every live buffer. One second spans the gaps of allocators that free and
+/// reallocate large buffers (a frame every 16-100 ms, a 64 MiB buffer cycle in a nested
+/// guest that takes over 100 ms, bench/README.md), where every expired spare costs a new
+/// host allocation and a SHMEM_MAP.
+pub const SESSION_SPARE_IDLE_DELAY: Duration = Duration::from_secs(1);
+
 /// Most mappings of freed large buffers a heap keeps (zeroed) for the next large ALLOC.
 ///
 /// The guest's requests submitted just before a pause are served while QEMU is stopping
@@ -37,10 +50,11 @@ pub const MAX_LARGE_SPARES: usize = 4;
 /// When the spares go.
 #[derive(Debug)]
 pub struct IdlePolicy {
-    /// Time of the last ALLOC or FREE; `None` once [`Device::release_idle`] made its
-    /// attempt for the current idle period (and after a reset).
-    last_activity: Option<Instant>,
-    delay: Duration,
+    /// Per heap: time of its last ALLOC or FREE; `None` once [`Device::release_idle`] made
+    /// its attempt for the heap's current idle period (and after a reset).
+    last_activity: Vec<Option<Instant>>,
+    /// Set by [`Device::set_spare_idle_delay`]: the delay with or without a session.
+    delay: Option<Duration>,
     /// Per heap: window offsets of zeroed mappings of freed large buffers, oldest first.
     large_spares: Vec<Vec<u64>>,
 }
@@ -49,20 +63,28 @@ impl IdlePolicy {
     /// No spares for `heaps` heaps.
     pub fn new(heaps: usize) -> Self {
         Self {
-            last_activity: None,
-            delay: SPARE_IDLE_DELAY,
+            last_activity: vec![None; heaps],
+            delay: None,
             large_spares: vec![Vec::new(); heaps],
         }
     }
 
-    /// An ALLOC or FREE (or a resumed session) starts a new idle period.
-    pub fn touch(&mut self) {
-        self.last_activity = Some(Instant::now());
+    /// An ALLOC or FREE on `heap` starts a new idle period of that heap.
+    pub fn touch(&mut self, heap: usize) {
+        if let Some(last) = self.last_activity.get_mut(heap) {
+            *last = Some(Instant::now());
+        }
     }
 
-    /// Forgets the spares (their mappings are gone) and the idle period.
+    /// A resumed session starts a new idle period of every heap.
+    pub fn touch_all(&mut self) {
+        let now = Instant::now();
+        self.last_activity.iter_mut().for_each(|l| *l = Some(now));
+    }
+
+    /// Forgets the spares (their mappings are gone) and the idle periods.
     pub fn clear(&mut self) {
-        self.last_activity = None;
+        self.last_activity.iter_mut().for_each(|l| *l = None);
         self.large_spares.iter_mut().for_each(Vec::clear);
     }
 
@@ -76,15 +98,25 @@ impl IdlePolicy {
 }
 
 impl Device {
-    /// Changes how long idle heaps keep their emptied arenas (default
-    /// [`SPARE_IDLE_DELAY`]).
+    /// Changes how long idle heaps keep their emptied arenas, with or without a session
+    /// (default [`SESSION_SPARE_IDLE_DELAY`] in a session the driver opened,
+    /// [`SPARE_IDLE_DELAY`] otherwise).
     pub fn set_spare_idle_delay(&mut self, delay: Duration) {
-        self.idle.delay = delay;
+        self.idle.delay = Some(delay);
+    }
+
+    /// How long idle heaps keep their emptied arenas now.
+    pub fn spare_idle_delay(&self) -> Duration {
+        match (self.idle.delay, self.session) {
+            (Some(delay), _) => delay,
+            (None, SessionState::Open(id)) if id != 0 => SESSION_SPARE_IDLE_DELAY,
+            (None, _) => SPARE_IDLE_DELAY,
+        }
     }
 
     /// When [`Device::release_idle`] should run next: the idle delay after the last ALLOC
-    /// or FREE, if some heap without live buffers still holds arenas, or some heap holds
-    /// large spares; or when retained buffers are to be checked
+    /// or FREE of a heap that holds spares (arenas while it has no live buffer, or large
+    /// spares), the earliest of them; or when retained buffers are to be checked
     /// ([`Device::poll_retained`]). `None`: nothing to do (or the attempt for this idle
     /// period was made already).
     pub fn idle_deadline(&self) -> Option<Instant> {
@@ -97,33 +129,50 @@ impl Device {
     /// When the spares go (see [`Device::idle_deadline`], which also covers the poll of
     /// retained buffers).
     pub fn spare_deadline(&self) -> Option<Instant> {
-        let last = self.idle.last_activity?;
         (0..self.heaps.len())
-            .any(|h| {
-                (self.quota.heap(h).buffers == 0 && self.pool.arena_bytes(h) > 0)
-                    || self.idle.large_spares.get(h).is_some_and(|s| !s.is_empty())
-            })
-            .then(|| last.checked_add(self.idle.delay))
+            .filter_map(|h| self.heap_spare_deadline(h))
+            .min()
+    }
+
+    /// When `heap`'s spares go, if it holds any.
+    fn heap_spare_deadline(&self, heap: usize) -> Option<Instant> {
+        let last = (*self.idle.last_activity.get(heap)?)?;
+        let holds_spares = (self.quota.heap(heap).buffers == 0 && self.pool.arena_bytes(heap) > 0)
+            || self
+                .idle
+                .large_spares
+                .get(heap)
+                .is_some_and(|s| !s.is_empty());
+        holds_spares
+            .then(|| last.checked_add(self.spare_idle_delay()))
             .flatten()
     }
 
-    /// Unmaps and releases the (empty) arenas of every heap that has no live buffer, and
-    /// every large spare, if the idle deadline has passed at `now`. Returns the number of
-    /// mappings released.
+    /// Unmaps and releases, for every heap whose idle deadline has passed at `now`, its
+    /// large spares and, if it has no live buffer, its (empty) arenas. Returns the number
+    /// of mappings released.
     ///
     /// Must be called only where a [`Mapper`] may send requests (the vring worker of a
     /// running device). One attempt per idle period: an arena whose unmap fails stays (and
-    /// stays usable); the next ALLOC or FREE starts a new period.
+    /// stays usable); the heap's next ALLOC or FREE starts a new period.
     pub fn release_idle(&mut self, now: Instant, mapper: &mut dyn Mapper) -> usize {
-        if self.spare_deadline().is_none_or(|d| now < d) {
+        let due: Vec<usize> = (0..self.heaps.len())
+            .filter(|&h| self.heap_spare_deadline(h).is_some_and(|d| now >= d))
+            .collect();
+        if due.is_empty() {
             return 0;
         }
-        self.idle.last_activity = None;
-        let quota = &self.quota;
-        let mut idle = self
-            .pool
-            .mapping_offsets(|m| m.arena.is_some() && m.mapped && quota.heap(m.heap).buffers == 0);
-        idle.append(&mut self.idle.take_all_large_spares());
+        let mut idle = Vec::new();
+        for &heap in &due {
+            self.idle.last_activity[heap] = None;
+            if self.quota.heap(heap).buffers == 0 {
+                idle.extend(
+                    self.pool
+                        .mapping_offsets(|m| m.arena.is_some() && m.mapped && m.heap == heap),
+                );
+            }
+            idle.append(&mut self.idle.large_spares[heap]);
+        }
         let mut released = 0;
         for &woff in &idle {
             if self.release_mapping(woff, mapper).is_ok() {

@@ -32,7 +32,7 @@ mod tests;
 
 pub use export::{ExportTable, Retained, Uuid, Watch};
 pub use handle::{DeviceHandle, HostRequest, HostResult, HOST_REQUEST_TIMEOUT};
-pub use idle::{MAX_LARGE_SPARES, SPARE_IDLE_DELAY};
+pub use idle::{MAX_LARGE_SPARES, SESSION_SPARE_IDLE_DELAY, SPARE_IDLE_DELAY};
 pub use layout::{heap_ranges, HeapRange, LayoutError, RANGE_ALIGN};
 pub use mapper::{MapError, Mapper};
 pub use params::{

@@ -96,7 +96,7 @@ impl Device {
             SessionState::Suspended(id) if id == resume_id => {
                 self.remap_all(mapper)?;
                 self.session = SessionState::Open(id);
-                self.idle.touch();
+                self.idle.touch_all();
                 debug!(
                     "session {id:#x} resumed with {} buffers",
                     self.pool.buffer_count()

@@ -19,9 +19,9 @@
 //! * no front-end message handler takes the device lock (`GET_CONFIG` may arrive from a
 //!   vCPU thread of QEMU holding its big lock while the worker waits for QEMU's main loop
 //!   to acknowledge a map).
-//! * idle heaps give their spare arenas back after [`crate::core::SPARE_IDLE_DELAY`]: a
-//!   [`WorkerTimer`] (a timerfd in the vring worker's epoll loop, [`IDLE_TIMER_EVENT`])
-//!   wakes the worker. The same timer polls for the ring to run again after a stop.
+//! * idle heaps give their spare arenas back after the idle delay
+//!   ([`crate::core::Device::spare_idle_delay`]): a [`WorkerTimer`] (a timerfd in the
+//!   vring worker's epoll loop, [`IDLE_TIMER_EVENT`]) wakes the worker. The same timer polls for the ring to run again after a stop.
 //!   Operator requests that need the worker ([`crate::core::HostRequest`]) wake it
 //!   through [`HOST_REQUEST_EVENT`].
 

@@ -239,3 +239,51 @@ fn a_larger_emptied_arena_replaces_a_smaller_spare() {
     assert_eq!(free(&mut d, &mut m, id), VIRTIO_DMAHEAP_S_OK);
     assert_eq!(m.maps, 2);
 }
+
+#[test]
+fn a_session_keeps_spares_for_the_longer_delay_and_its_close_unmaps_them() {
+    let (mut d, _) = device();
+    let mut m = FakeMapper::default();
+    assert_eq!(d.spare_idle_delay(), SPARE_IDLE_DELAY, "no session");
+    d.set_acked_features(1 << VIRTIO_DMAHEAP_F_SESSION);
+    let r = answer(&mut d, &session_open_req(0), SESSION_OPEN_RESP_SIZE, &mut m);
+    assert_eq!(status_of(&r), VIRTIO_DMAHEAP_S_OK);
+    assert_eq!(d.spare_idle_delay(), SESSION_SPARE_IDLE_DELAY);
+    let before = Instant::now();
+    let (_, id, _, _) = alloc(&mut d, &mut m, 0, 4096);
+    assert_eq!(free(&mut d, &mut m, id), VIRTIO_DMAHEAP_S_OK);
+    let deadline = d.idle_deadline().expect("a spare");
+    assert!(deadline >= before + SESSION_SPARE_IDLE_DELAY);
+    // Still there after the short delay.
+    assert_eq!(d.release_idle(before + SPARE_IDLE_DELAY * 2, &mut m), 0);
+    assert_eq!(m.mapped.len(), 1);
+    // The close (before a reset) empties the window at once.
+    let r = answer(&mut d, &session_close_req(0), 8, &mut m);
+    assert_eq!(status_of(&r), VIRTIO_DMAHEAP_S_OK);
+    assert_eq!((m.unmaps, m.mapped.len()), (1, 0));
+    assert_eq!(d.spare_idle_delay(), SPARE_IDLE_DELAY, "closed");
+}
+
+#[test]
+fn a_busy_heap_does_not_keep_an_idle_heaps_spare() {
+    let (mut d, _) = device_with(vec![heap_params("a"), heap_params("b")], limits());
+    let mut m = FakeMapper::default();
+    let t0 = Instant::now();
+    let (_, b, _, _) = alloc(&mut d, &mut m, 1, 4096);
+    assert_eq!(free(&mut d, &mut m, b), VIRTIO_DMAHEAP_S_OK);
+    let b_deadline = d.idle_deadline().expect("heap b's spare");
+    // Heap a is busy after heap b went idle: its alloc/free cycles push only its own
+    // deadline.
+    std::thread::sleep(Duration::from_millis(1));
+    let (_, a, _, _) = alloc(&mut d, &mut m, 0, 4096);
+    assert_eq!(free(&mut d, &mut m, a), VIRTIO_DMAHEAP_S_OK);
+    assert_eq!(d.idle_deadline(), Some(b_deadline), "the earliest deadline");
+    assert_eq!(d.release_idle(b_deadline, &mut m), 1, "heap b's arena only");
+    let s = d.stats();
+    assert_eq!((s.heaps["a"].arenas, s.heaps["b"].arenas), (1, 0));
+    // Heap a's deadline is still ahead, then its spare goes too.
+    let a_deadline = d.idle_deadline().expect("heap a's spare");
+    assert!(a_deadline >= t0 + SPARE_IDLE_DELAY);
+    assert_eq!(d.release_idle(a_deadline, &mut m), 1);
+    assert!(m.mapped.is_empty());
+}
