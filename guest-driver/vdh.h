@@ -203,9 +203,10 @@ struct vdh_dev {
 	struct mutex buffers_lock;	/* protects buffers, revoked */
 	struct list_head buffers;
 	bool revoked;
-	spinlock_t pool_lock;		/* protects pool, pool_count */
+	spinlock_t pool_lock;		/* protects pool, pool_count, pool_bytes */
 	struct list_head pool;		/* of vdh_buffer.node, newest first */
 	unsigned int pool_count;
+	u64 pool_bytes;
 	struct delayed_work pool_work;	/* frees what stayed unused too long */
 };
 

@@ -1,10 +1,11 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * virtio-dmaheap: the pool of freed small buffers. Every ALLOC and FREE is a
- * round trip to the host, which costs more than the whole allocation does in
- * the guest's own system heap. So a released small buffer of a cached heap is
- * kept, still allocated on the device, and handed out again for the next
- * allocation of the same heap and size, zeroed by the driver.
+ * virtio-dmaheap: the pool of freed buffers. Every ALLOC and FREE is a round
+ * trip to the host, and the host zeroes every freed buffer beside it, which
+ * costs more than the whole allocation does in the guest's own system heap, up
+ * to a few MiB. So a released buffer of a cached heap is kept, still allocated
+ * on the device, and handed out again for the next allocation of the same heap
+ * and size, zeroed by the driver (as the guest's own heap zeroes its pages).
  *
  * The device still counts pooled buffers (the host sees them in its stats and
  * quotas). They go back to it after pool_idle_ms unused, when an allocation
@@ -27,9 +28,16 @@ module_param(pool_buffers, uint, 0644);
 MODULE_PARM_DESC(pool_buffers,
 		 "Freed buffers each device keeps for reuse (0: none, every allocation goes to the host)");
 
-static unsigned int pool_max_len = SZ_256K;
+static unsigned int pool_max_len = SZ_4M;
 module_param(pool_max_len, uint, 0644);
 MODULE_PARM_DESC(pool_max_len, "Largest buffer (bytes) the pool keeps");
+
+static unsigned int pool_max_bytes = SZ_32M;
+module_param(pool_max_bytes, uint, 0644);
+MODULE_PARM_DESC(pool_max_bytes, "Most bytes of freed buffers each device keeps");
+
+/* Larger buffers are not batched: the round trip is small beside their cost. */
+#define VDH_POOL_BATCH_MAX_LEN	SZ_256K
 
 static unsigned int pool_batch = 4;
 module_param(pool_batch, uint, 0644);
@@ -48,6 +56,8 @@ static unsigned long vdh_pool_idle(void)
 
 static void vdh_pool_account(struct vdh_buffer *buf, int sign)
 {
+	lockdep_assert_held(&buf->vd->pool_lock);
+	buf->vd->pool_bytes += sign * (s64)buf->len;
 	atomic64_add(sign * (s64)buf->len, &buf->vh->bytes_pooled);
 	atomic_add(sign, &buf->vh->buffers_pooled);
 }
@@ -77,6 +87,7 @@ static void vdh_pool_take_all(struct vdh_dev *vd, struct list_head *list)
 		vdh_pool_account(buf, -1);
 	list_splice_init(&vd->pool, list);
 	vd->pool_count = 0;
+	WARN_ON_ONCE(vd->pool_bytes);
 	spin_unlock(&vd->pool_lock);
 }
 
@@ -131,19 +142,26 @@ unsigned int vdh_pool_batch(struct vdh_dev *vd, const struct vdh_heap_props *pro
 			    size_t len)
 {
 	unsigned int room, limit = READ_ONCE(pool_buffers);
+	u64 max_bytes = READ_ONCE(pool_max_bytes);
 
-	if (!vd->has_batch || !vdh_pool_fits(props->cache, len))
+	if (!vd->has_batch || len > VDH_POOL_BATCH_MAX_LEN ||
+	    !vdh_pool_fits(props->cache, len))
 		return 1;
 	spin_lock(&vd->pool_lock);
 	room = vd->pool_count < limit ? limit - vd->pool_count : 0;
+	if (vd->pool_bytes < max_bytes)
+		room = min_t(u64, room, div_u64(max_bytes - vd->pool_bytes, len));
+	else
+		room = 0;
 	spin_unlock(&vd->pool_lock);
 	return clamp(min(READ_ONCE(pool_batch), room + 1), 1U,
 		     (unsigned int)VIRTIO_DMAHEAP_BATCH_MAX);
 }
 
 /*
- * Keep released @buf for reuse, if it is worth it and safe: a small buffer of
- * a cached heap (the driver zeroes it through the kernel's write-back
+ * Keep released @buf for reuse, if it is worth it and safe: a buffer of at
+ * most pool_max_len bytes, while the pool holds at most pool_max_bytes, of a
+ * cached heap (the driver zeroes it through the kernel's write-back
  * mapping), of the current session, that no kernel user still maps, and that
  * never was offered a UUID (the host buffer behind a UUID may be held by an
  * importer on the host: only a FREE ends its export). Called with
@@ -161,7 +179,8 @@ bool vdh_pool_put(struct vdh_buffer *buf)
 		return false;
 
 	spin_lock(&vd->pool_lock);
-	if (vd->pool_count < READ_ONCE(pool_buffers)) {
+	if (vd->pool_count < READ_ONCE(pool_buffers) &&
+	    vd->pool_bytes + buf->len <= READ_ONCE(pool_max_bytes)) {
 		buf->dmabuf = NULL;
 		buf->pooled_at = jiffies;
 		list_add(&buf->node, &vd->pool);

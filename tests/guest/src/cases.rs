@@ -1068,6 +1068,28 @@ fn pool(ctx: &Ctx) -> Result<(), String> {
     // Unused, the pool gives them back to the host (pool_idle_ms).
     wait_pool_empty(ctx, &sh, "the pool to give idle buffers back")?;
     check(!host_has(&id)?, || format!("host buffer {id} still there"))?;
+
+    // The pool keeps no buffer over pool_max_len, and at most pool_max_bytes.
+    {
+        let page = sys::page();
+        let _len = ParamGuard::set("pool_max_len", &(2 * page).to_string())?;
+        let _bytes = ParamGuard::set("pool_max_bytes", &(3 * page).to_string())?;
+        drop(heap.alloc(3 * page)?);
+        let (pooled, _, _) = pool_counts(ctx, &sh)?;
+        check(pooled == 0, || {
+            format!("a 3-page buffer freed with pool_max_len of 2 pages: {pooled} pooled")
+        })?;
+        // Freed in this order: the 2-page buffer no longer fits.
+        let three = [heap.alloc(page)?, heap.alloc(page)?, heap.alloc(2 * page)?];
+        drop(three);
+        let pooled_bytes = sh.num("bytes_pooled")?;
+        check(pooled_bytes == 2 * page as u64, || {
+            format!(
+                "1 + 1 + 2 pages freed with pool_max_bytes of 3 pages: {pooled_bytes} bytes pooled"
+            )
+        })?;
+    }
+    wait_pool_empty(ctx, &sh, "the pool to give idle buffers back")?;
     drop(single);
 
     // With ALLOC_BATCH, a size the pool lacks comes with pool_batch - 1 more buffers of
