@@ -21,9 +21,9 @@
 //!   to acknowledge a map).
 //! * idle heaps give their spare arenas back after the idle delay
 //!   ([`crate::core::Device::spare_idle_delay`]): a [`WorkerTimer`] (a timerfd in the
-//!   vring worker's epoll loop, [`IDLE_TIMER_EVENT`]) wakes the worker. The same timer polls for the ring to run again after a stop.
-//!   Operator requests that need the worker ([`crate::core::HostRequest`]) wake it
-//!   through [`HOST_REQUEST_EVENT`].
+//!   vring worker's epoll loop, [`IDLE_TIMER_EVENT`]) wakes the worker. The same timer
+//!   polls for the ring to run again after a stop. Operator requests that need the worker
+//!   ([`crate::core::HostRequest`]) wake it through [`HOST_REQUEST_EVENT`].
 
 mod queue;
 mod shmem;
