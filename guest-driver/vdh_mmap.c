@@ -3,8 +3,9 @@
  * virtio-dmaheap: user mappings of a buffer.
  *
  * mmap fills the whole mapping at once, as the system heap does, so that
- * touching a new buffer costs no page fault. The fault handler only refills
- * what was zapped since (MADV_DONTNEED), and maps nothing of a revoked buffer.
+ * touching a new buffer costs no page fault: in one page-table walk, since a
+ * buffer is one run of window frames. The fault handler only refills what was
+ * zapped since (MADV_DONTNEED), and maps nothing of a revoked buffer.
  *
  * Revocation zaps user mappings through the dma-buf file's address space,
  * which finds only VMAs already linked into it. The kernel links a new VMA
@@ -89,6 +90,43 @@ void vdh_mmaps_drop(struct list_head *mmaps)
 		vdh_mmap_mm_free(e);
 }
 
+/* Filling a new mapping: the next frame, and the page protection. */
+struct vdh_fill {
+	struct mm_struct *mm;
+	unsigned long pfn;
+	pgprot_t prot;
+};
+
+/* One PTE of a new mapping: special, as vmf_insert_mixed makes them here. */
+static int vdh_fill_pte(pte_t *pte, unsigned long addr, void *data)
+{
+	struct vdh_fill *fill = data;
+
+	set_pte_at(fill->mm, addr, pte,
+		   pte_mkspecial(pfn_pte(fill->pfn++, fill->prot)));
+	return 0;
+}
+
+/*
+ * Fill all of @vma, new and empty, with @buf's frames. vmf_insert_mixed per
+ * page would walk the page table and look the memory type up (on x86 a walk
+ * of the resource tree) once per page. The window range's own reservation
+ * fixed the memory type, and vdh_pgprot agrees with it (vdh_window.c).
+ */
+static int vdh_fill_vma(struct vdh_buffer *buf, struct vm_area_struct *vma)
+{
+	struct vdh_fill fill = {
+		.mm = vma->vm_mm,
+		.pfn = buf->pfn + vma->vm_pgoff,
+		.prot = vma->vm_page_prot,
+	};
+
+	lockdep_assert_held(&buf->lock);
+	return apply_to_page_range(vma->vm_mm, vma->vm_start,
+				   vma->vm_end - vma->vm_start, vdh_fill_pte,
+				   &fill);
+}
+
 static vm_fault_t vdh_insert_range(struct vdh_buffer *buf,
 				   struct vm_area_struct *vma,
 				   unsigned long start, unsigned long end)
@@ -148,7 +186,6 @@ int vdh_buf_mmap(struct dma_buf *dmabuf, struct vm_area_struct *vma)
 	struct vdh_buffer *buf = dmabuf->priv;
 	unsigned long npages = vma_pages(vma);
 	struct vdh_mmap_mm *entry;
-	vm_fault_t fault;
 	int ret = 0;
 
 	if (vma->vm_pgoff >= buf->pagecount ||
@@ -170,11 +207,9 @@ int vdh_buf_mmap(struct dma_buf *dmabuf, struct vm_area_struct *vma)
 	}
 	vdh_mmaps_prune(buf, vma->vm_mm);
 	/* On failure the caller zaps what was filled; nothing to undo here. */
-	fault = vdh_insert_range(buf, vma, vma->vm_start, vma->vm_end);
-	if (fault & VM_FAULT_ERROR) {
-		ret = vm_fault_to_errno(fault, 0) ?: -EFAULT;
+	ret = vdh_fill_vma(buf, vma);
+	if (ret)
 		goto unlock;
-	}
 	mmgrab(vma->vm_mm);
 	entry->mm = vma->vm_mm;
 	list_add(&entry->node, &buf->mmaps);
