@@ -38,7 +38,7 @@ struct Budget {
 struct Opts {
     quick: bool,
     out: Option<String>,
-    /// `--loop SIZE SECONDS fresh|recycled[-async]`: only alloc/free in a loop (to attach a
+    /// `--loop SIZE SECONDS fresh|recycled[-async]|batch`: only alloc/free in a loop (to attach a
     /// profiler to the daemon, whose pid is printed).
     profile: Option<(u64, u64, String)>,
 }
@@ -65,7 +65,7 @@ fn parse_opts() -> Opts {
             other => {
                 eprintln!(
                     "usage: dmaheap [--quick] [--out FILE.json] | --loop SIZE SECONDS \
-                     fresh|recycled[-async] (unknown: {other})"
+                     fresh|recycled[-async]|batch (unknown: {other})"
                 );
                 std::process::exit(2);
             }
@@ -776,7 +776,8 @@ fn p3_levels(daemon: &Daemon, quick: bool, reached: &std::sync::atomic::AtomicU6
 }
 
 fn profile_loop(size: u64, secs: u64, mode: &str) {
-    let recycled = mode.starts_with("recycled");
+    let batch = mode == "batch";
+    let recycled = batch || mode.starts_with("recycled");
     let async_free = mode.ends_with("async");
     let daemon = spawn_daemon(&[]);
     let mut dev = Dev::new(&daemon);
@@ -785,7 +786,9 @@ fn profile_loop(size: u64, secs: u64, mode: &str) {
     let start = Instant::now();
     let mut samples = Vec::new();
     while start.elapsed() < Duration::from_secs(secs) {
-        samples.push(if async_free {
+        samples.push(if batch {
+            daemon_batch_once(&mut dev, size)
+        } else if async_free {
             daemon_once_async_free(&mut dev, size)
         } else {
             daemon_once(&mut dev, size, false)
