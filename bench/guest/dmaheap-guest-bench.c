@@ -164,7 +164,7 @@ static void bench_p2(int vheap, int sheap)
 	const uint64_t *sizes = quick ? small : full;
 	int nsizes = quick ? 5 : 11;
 	double budget = quick ? 0.3e6 : 2.0e6;
-	int max_iters = quick ? 100 : 1000, min_iters = quick ? 5 : 15;
+	int max_iters = quick ? 100 : 10000, min_iters = quick ? 5 : 15;
 	int i, k;
 
 	for (i = 0; i < nsizes; i++) {
@@ -176,9 +176,15 @@ static void bench_p2(int vheap, int sheap)
 
 		for (k = 0; k < 4; k++)
 			v[k] = calloc(max_iters, sizeof(double));
-		/* Warm-up, not recorded. */
-		once_touch(vheap, len, "virtio");
+		/*
+		 * Warm-up, not recorded. The system heap goes first: its first,
+		 * cold run can take over a second in a nested guest, and that
+		 * wait would idle the virtio heap past the device's spare delay
+		 * (spec A.5), un-warming it. The after-idle case measures that
+		 * gap on purpose.
+		 */
 		once_touch(sheap, len, "system");
+		once_touch(vheap, len, "virtio");
 		start = now_us();
 		/* Interleaved, order rotating, so noise hits both heaps alike. */
 		while (n < max_iters && (n < min_iters || now_us() - start < budget)) {
@@ -208,6 +214,39 @@ static void bench_p2(int vheap, int sheap)
 		fflush(stdout);
 		for (k = 0; k < 4; k++)
 			free(v[k]);
+	}
+}
+
+/*
+ * The first alloc + touch after the heaps sat idle longer than the device keeps spare
+ * mappings (1 s with a session, spec A.5): the virtio heap maps fresh host memory then.
+ * Median of a few samples per size; not part of the P2 target, which is steady state.
+ */
+static void bench_p2_after_idle(int vheap, int sheap)
+{
+	static const uint64_t full[] = { MIB, 8 * MIB, 64 * MIB };
+	static const uint64_t small[] = { MIB };
+	const uint64_t *sizes = quick ? small : full;
+	int nsizes = quick ? 1 : 3, reps = 3, i, k;
+	unsigned int idle_s = 2;
+
+	for (i = 0; i < nsizes; i++) {
+		double v[3], s[3];
+		struct summary sv, ss;
+
+		for (k = 0; k < reps; k++) {
+			sleep(idle_s);
+			v[k] = once_touch(vheap, sizes[i], "virtio");
+			s[k] = once_touch(sheap, sizes[i], "system");
+		}
+		sv = summarize(v, reps);
+		ss = summarize(s, reps);
+		printf("BENCH {\"part\":\"p2idle\",\"size\":%llu,\"idle_s\":%u,",
+		       (unsigned long long)sizes[i], idle_s);
+		print_summary("virtio_touch", sv, 1);
+		print_summary("system_touch", ss, 1);
+		printf("\"ratio_median\":%.3f}\n", sv.median / ss.median);
+		fflush(stdout);
 	}
 }
 
@@ -368,8 +407,10 @@ int main(int argc, char **argv)
 	       "\"quick\":%d,\"ncpu\":%ld}\n",
 	       vname, sname, quick, sysconf(_SC_NPROCESSORS_ONLN));
 	fflush(stdout);
-	if (do_p2)
+	if (do_p2) {
 		bench_p2(vheap, sheap);
+		bench_p2_after_idle(vheap, sheap);
+	}
 	if (do_p4)
 		bench_p4(vheap, sheap);
 	if (do_p3)
