@@ -157,12 +157,19 @@ struct vdh_buffer {
 	bool quarantined;		/* protected by the window's lock */
 	bool reserved;			/* idem: the window owner's session reserved it */
 	unsigned long pooled_at;	/* jiffies: when it went into vd->pool */
+	bool pool_clean;		/* zeroed while pooled; under vd->pool_lock */
 	struct mutex uuid_lock;		/* one ASSIGN_UUID at a time; protects the next four */
 	uuid_t uuid;			/* valid if uuid_set */
 	bool uuid_set;
 	int uuid_err;			/* a cached failure (-EOPNOTSUPP only) */
 	bool uuid_asked;		/* an ASSIGN_UUID went out: never pool the buffer */
 };
+
+/* The buffer in its range's kernel mapping. */
+static inline void *vdh_buf_kaddr(const struct vdh_buffer *buf)
+{
+	return buf->span->vaddr + (buf->offset - buf->span->offset);
+}
 
 /* Which requests may go to the device. */
 enum vdh_state {
@@ -208,6 +215,7 @@ struct vdh_dev {
 	unsigned int pool_count;
 	u64 pool_bytes;
 	struct delayed_work pool_work;	/* frees what stayed unused too long */
+	struct work_struct pool_zero_work; /* zeroes large pooled buffers ahead */
 };
 
 /* vdh_queue.c */
@@ -269,12 +277,13 @@ int vdh_buf_get_uuid(struct dma_buf *dmabuf, uuid_t *uuid);
 
 /* vdh_pool.c */
 void vdh_pool_init(struct vdh_dev *vd);
-bool vdh_pool_put(struct vdh_buffer *buf);
+bool vdh_pool_put(struct vdh_buffer *buf, bool zeroed);
 unsigned int vdh_pool_batch(struct vdh_dev *vd, const struct vdh_heap_props *props,
 			    size_t len);
 struct vdh_buffer *vdh_pool_get(struct vdh_dev *vd, struct vdh_heap *vh,
 				size_t len);
 bool vdh_pool_flush(struct vdh_dev *vd);
 void vdh_pool_drop(struct vdh_dev *vd);
+void vdh_pool_stop(struct vdh_dev *vd);
 
 #endif /* VDH_H */

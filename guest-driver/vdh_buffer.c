@@ -48,12 +48,6 @@ struct vdh_attachment {
 	bool mapped;
 };
 
-/* The buffer in its range's kernel mapping. */
-static void *vdh_buf_kaddr(const struct vdh_buffer *buf)
-{
-	return buf->span->vaddr + (buf->offset - buf->span->offset);
-}
-
 /* Pageless (a range that is not CACHED): lengths only, see vdh_buf_dma_map(). */
 static int vdh_buf_sgt(const struct vdh_buffer *buf, struct sg_table *table)
 {
@@ -373,7 +367,7 @@ static void vdh_buf_release(struct dma_buf *dmabuf)
 	/* Under buffers_lock: a revocation either saw the buffer or sees the pool. */
 	mutex_lock(&vd->buffers_lock);
 	list_del(&buf->node);
-	pooled = !vd->revoked && vdh_pool_put(buf);
+	pooled = !vd->revoked && vdh_pool_put(buf, false);
 	mutex_unlock(&vd->buffers_lock);
 	if (!pooled)
 		vdh_buf_destroy(buf);
@@ -578,7 +572,8 @@ static int vdh_buf_alloc(struct vdh_buffer *buf, struct vdh_heap_props *props,
 
 /*
  * A freed buffer of the same heap and size from the pool, zeroed by us as the
- * device would have: no round trip to the device. Called with alloc_sem held.
+ * device would have (here, or ahead in the pool): no round trip to the device.
+ * Called with alloc_sem held.
  */
 static struct dma_buf *vdh_buf_reuse(struct vdh_dev *vd, struct vdh_heap *vh,
 				     size_t len, u32 fd_flags)
@@ -589,7 +584,9 @@ static struct dma_buf *vdh_buf_reuse(struct vdh_dev *vd, struct vdh_heap *vh,
 	buf = vdh_pool_get(vd, vh, len);
 	if (!buf)
 		return NULL;
-	memset(vdh_buf_kaddr(buf), 0, buf->len);
+	/* Out of the pool, the buffer is ours alone: no lock for pool_clean. */
+	if (!buf->pool_clean)
+		memset(vdh_buf_kaddr(buf), 0, buf->len);
 	ret = vdh_buf_export(buf, fd_flags);
 	if (ret) {
 		vdh_buf_destroy(buf);
@@ -662,7 +659,10 @@ static struct dma_buf *vdh_buf_create(struct vdh_dev *vd, struct vdh_heap *vh,
 	return buf->dmabuf;
 }
 
-/* Pool a buffer of a batch beside the one handed out, or give it back. */
+/*
+ * Pool a buffer of a batch beside the one handed out, or give it back. The
+ * device zeroed it, and nobody has mapped it since.
+ */
 static void vdh_buf_pool_spare(struct vdh_buffer *buf)
 {
 	struct vdh_dev *vd = buf->vd;
@@ -670,7 +670,7 @@ static void vdh_buf_pool_spare(struct vdh_buffer *buf)
 
 	kref_get(&vd->ref);
 	mutex_lock(&vd->buffers_lock);
-	pooled = !vd->revoked && vdh_pool_put(buf);
+	pooled = !vd->revoked && vdh_pool_put(buf, true);
 	mutex_unlock(&vd->buffers_lock);
 	if (!pooled)
 		vdh_buf_destroy(buf);

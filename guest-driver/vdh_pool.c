@@ -6,6 +6,11 @@
  * to a few MiB. So a released buffer of a cached heap is kept, still allocated
  * on the device, and handed out again for the next allocation of the same heap
  * and size, zeroed by the driver (as the guest's own heap zeroes its pages).
+ * Buffers over VDH_POOL_ZERO_AHEAD_LEN are zeroed ahead, by a worker, while
+ * they wait in the pool: reusing one costs no memset in the allocating task,
+ * and an allocation that finds only a buffer not yet zeroed asks the device
+ * for another instead (as the Android kernel's system heap zeroes freed pages
+ * in the background).
  *
  * The device still counts pooled buffers (the host sees them in its stats and
  * quotas). They go back to it after pool_idle_ms unused, when an allocation
@@ -38,6 +43,9 @@ MODULE_PARM_DESC(pool_max_bytes, "Most bytes of freed buffers each device keeps"
 
 /* Larger buffers are not batched: the round trip is small beside their cost. */
 #define VDH_POOL_BATCH_MAX_LEN	SZ_256K
+
+/* Larger pooled buffers are zeroed ahead; smaller ones cost less than a wakeup. */
+#define VDH_POOL_ZERO_AHEAD_LEN	SZ_256K
 
 static unsigned int pool_batch = 4;
 module_param(pool_batch, uint, 0644);
@@ -78,17 +86,57 @@ static void vdh_pool_destroy_list(struct list_head *list, bool tell_device)
 	}
 }
 
+/*
+ * Take every pooled buffer out. One the zeroing worker holds is left to it:
+ * callers that must see it go first flush that worker and keep it from
+ * starting again.
+ */
 static void vdh_pool_take_all(struct vdh_dev *vd, struct list_head *list)
 {
 	struct vdh_buffer *buf;
 
 	spin_lock(&vd->pool_lock);
-	list_for_each_entry(buf, &vd->pool, node)
+	list_for_each_entry(buf, &vd->pool, node) {
 		vdh_pool_account(buf, -1);
+		vd->pool_count--;
+	}
 	list_splice_init(&vd->pool, list);
-	vd->pool_count = 0;
-	WARN_ON_ONCE(vd->pool_bytes);
 	spin_unlock(&vd->pool_lock);
+}
+
+/* A pooled buffer to zero ahead, taken off the list (still counted), or NULL. */
+static struct vdh_buffer *vdh_pool_take_dirty(struct vdh_dev *vd)
+{
+	struct vdh_buffer *buf;
+
+	spin_lock(&vd->pool_lock);
+	list_for_each_entry(buf, &vd->pool, node) {
+		if (!buf->pool_clean && buf->len > VDH_POOL_ZERO_AHEAD_LEN) {
+			list_del(&buf->node);
+			spin_unlock(&vd->pool_lock);
+			return buf;
+		}
+	}
+	spin_unlock(&vd->pool_lock);
+	return NULL;
+}
+
+/* Zero large pooled buffers ahead of their reuse. */
+static void vdh_pool_zero(struct work_struct *work)
+{
+	struct vdh_dev *vd = container_of(work, struct vdh_dev, pool_zero_work);
+	struct vdh_buffer *buf;
+
+	while ((buf = vdh_pool_take_dirty(vd))) {
+		memset(vdh_buf_kaddr(buf), 0, buf->len);
+		spin_lock(&vd->pool_lock);
+		buf->pool_clean = true;
+		/* Newest first, as the trim expects: its idle time starts now. */
+		buf->pooled_at = jiffies;
+		list_add(&buf->node, &vd->pool);
+		spin_unlock(&vd->pool_lock);
+		cond_resched();
+	}
 }
 
 /* Give back what stayed unused for pool_idle_ms; come back for the rest. */
@@ -124,6 +172,14 @@ void vdh_pool_init(struct vdh_dev *vd)
 	spin_lock_init(&vd->pool_lock);
 	INIT_LIST_HEAD(&vd->pool);
 	INIT_DELAYED_WORK(&vd->pool_work, vdh_pool_trim);
+	INIT_WORK(&vd->pool_zero_work, vdh_pool_zero);
+}
+
+/* The device goes away: no more trimming or zeroing ahead. */
+void vdh_pool_stop(struct vdh_dev *vd)
+{
+	disable_delayed_work_sync(&vd->pool_work);
+	disable_work_sync(&vd->pool_zero_work);
 }
 
 /* Whether buffers of heap @props and @len bytes may be pooled. */
@@ -164,10 +220,11 @@ unsigned int vdh_pool_batch(struct vdh_dev *vd, const struct vdh_heap_props *pro
  * cached heap (the driver zeroes it through the kernel's write-back
  * mapping), of the current session, that no kernel user still maps, and that
  * never was offered a UUID (the host buffer behind a UUID may be held by an
- * importer on the host: only a FREE ends its export). Called with
- * vd->buffers_lock held, after the buffer left vd->buffers.
+ * importer on the host: only a FREE ends its export). @zeroed: the device
+ * zeroed it and nobody mapped it since. Called with vd->buffers_lock held,
+ * after the buffer left vd->buffers.
  */
-bool vdh_pool_put(struct vdh_buffer *buf)
+bool vdh_pool_put(struct vdh_buffer *buf, bool zeroed)
 {
 	struct vdh_dev *vd = buf->vd;
 	bool pooled = false;
@@ -183,20 +240,26 @@ bool vdh_pool_put(struct vdh_buffer *buf)
 	    vd->pool_bytes + buf->len <= READ_ONCE(pool_max_bytes)) {
 		buf->dmabuf = NULL;
 		buf->pooled_at = jiffies;
+		buf->pool_clean = zeroed;
 		list_add(&buf->node, &vd->pool);
 		vd->pool_count++;
 		vdh_pool_account(buf, 1);
 		pooled = true;
 	}
 	spin_unlock(&vd->pool_lock);
-	if (pooled)
-		queue_delayed_work(vdh_wq, &vd->pool_work, vdh_pool_idle());
-	return pooled;
+	if (!pooled)
+		return false;
+	queue_delayed_work(vdh_wq, &vd->pool_work, vdh_pool_idle());
+	if (!zeroed && buf->len > VDH_POOL_ZERO_AHEAD_LEN)
+		queue_work(vdh_wq, &vd->pool_zero_work);
+	return true;
 }
 
 /*
- * A pooled buffer of heap @vh and @len bytes, not yet zeroed, or NULL. Called
- * with vd->alloc_sem held, so the session cannot change meanwhile.
+ * A pooled buffer of heap @vh and @len bytes, or NULL. pool_clean says whether
+ * it is zeroed already. A large one not yet zeroed is left to the zeroing
+ * worker: the device's fresh buffer costs the caller less than a memset of it.
+ * Called with vd->alloc_sem held, so the session cannot change meanwhile.
  */
 struct vdh_buffer *vdh_pool_get(struct vdh_dev *vd, struct vdh_heap *vh,
 				size_t len)
@@ -208,7 +271,8 @@ struct vdh_buffer *vdh_pool_get(struct vdh_dev *vd, struct vdh_heap *vh,
 		return NULL;	/* no pool any more: what it holds goes when idle */
 	spin_lock(&vd->pool_lock);
 	list_for_each_entry(buf, &vd->pool, node) {
-		if (buf->vh == vh && buf->len == len) {
+		if (buf->vh == vh && buf->len == len &&
+		    (buf->pool_clean || len <= VDH_POOL_ZERO_AHEAD_LEN)) {
 			list_del(&buf->node);
 			vd->pool_count--;
 			vdh_pool_account(buf, -1);
@@ -229,6 +293,8 @@ bool vdh_pool_flush(struct vdh_dev *vd)
 {
 	LIST_HEAD(all);
 
+	/* What the worker zeroes now counts too; a buffer pooled later may not. */
+	flush_work(&vd->pool_zero_work);
 	vdh_pool_take_all(vd, &all);
 	if (list_empty(&all))
 		return false;
@@ -244,6 +310,8 @@ void vdh_pool_drop(struct vdh_dev *vd)
 {
 	LIST_HEAD(all);
 
+	/* Nothing is pooled any more, so the worker does not start again. */
+	flush_work(&vd->pool_zero_work);
 	vdh_pool_take_all(vd, &all);
 	vdh_pool_destroy_list(&all, false);
 }

@@ -276,7 +276,7 @@ static void vdh_remove(struct virtio_device *vdev)
 
 	vdh_heaps_remove(vd);
 	disable_work_sync(&vd->recover_work);
-	disable_delayed_work_sync(&vd->pool_work);
+	vdh_pool_stop(vd);
 	mutex_lock(&vd->life_lock);
 	down_write(&vd->alloc_sem);
 	vdh_buffers_revoke(vd);

@@ -48,7 +48,7 @@ pub const CASES: &[(&str, &str, CaseFn)] = &[
     ("lifetime", "a mapping or a dup'd fd keeps a buffer alive on the host; the last reference frees it", lifetime),
     ("free-returns", "closing buffers returns their memory to the host (daemon stats, sysfs)", free_returns),
     ("quota", "quota exhaustion gives ENOMEM and recovers after frees", quota),
-    ("pool", "a freed small buffer is reused zeroed without a host round trip, given back when idle or when the quota is full", pool),
+    ("pool", "a freed buffer is reused zeroed without a host round trip (zeroed ahead over 256 KiB), given back when idle or when the quota is full", pool),
     ("sysfs", "heap properties in sysfs match what the daemon exports", sysfs),
     ("many-small", "thousands of one-page buffers held at once", many_small),
     ("reference-untouched", "the guest kernel's own heap still works and allocates nothing on the host", reference_untouched),
@@ -1091,6 +1091,41 @@ fn pool(ctx: &Ctx) -> Result<(), String> {
     }
     wait_pool_empty(ctx, &sh, "the pool to give idle buffers back")?;
     drop(single);
+
+    // A freed buffer over 256 KiB is zeroed ahead, while it waits in the pool: the next
+    // allocation of its size gets it back zeroed. Right after the free, an allocation
+    // gets a zeroed buffer too, whichever it is.
+    {
+        let len = 1 << 20;
+        let big = track(&heap, len)?;
+        big.map.fill(7);
+        let id = big.host.id.clone();
+        drop(big);
+        std::thread::sleep(Duration::from_millis(300));
+        let again = heap.alloc(len)?;
+        let map = again.mmap()?;
+        check(map.as_slice().iter().all(|&b| b == 0), || {
+            "a pooled 1 MiB buffer is not zeroed".into()
+        })?;
+        let tag = sys::random_bytes(16);
+        map.write(0, &tag);
+        let host = host::find_buffer(&tag, len)?;
+        check(host.id == id, || {
+            format!(
+                "300 ms after freeing host buffer {id} (1 MiB), the next 1 MiB buffer is \
+                 host buffer {}: the pool did not zero it ahead",
+                host.id
+            )
+        })?;
+        map.fill(9);
+        drop((map, again));
+        let next = heap.alloc(len)?;
+        check(next.mmap()?.as_slice().iter().all(|&b| b == 0), || {
+            "a 1 MiB buffer allocated right after one was freed is not zeroed".into()
+        })?;
+        drop(next);
+        wait_pool_empty(ctx, &sh, "the pool to give idle buffers back")?;
+    }
 
     // With ALLOC_BATCH, a size the pool lacks comes with pool_batch - 1 more buffers of
     // it: a burst of allocations costs one request.
