@@ -210,12 +210,13 @@ struct vdh_dev {
 	struct mutex buffers_lock;	/* protects buffers, revoked */
 	struct list_head buffers;
 	bool revoked;
-	spinlock_t pool_lock;		/* protects pool, pool_count, pool_bytes */
+	spinlock_t pool_lock;		/* protects pool, pool_count, pool_bytes, pool_zeroing */
 	struct list_head pool;		/* of vdh_buffer.node, newest first */
 	unsigned int pool_count;
 	u64 pool_bytes;
 	struct delayed_work pool_work;	/* frees what stayed unused too long */
 	struct work_struct pool_zero_work; /* zeroes large pooled buffers ahead */
+	struct vdh_buffer *pool_zeroing; /* the one it zeroes, off the pool list */
 };
 
 /* vdh_queue.c */

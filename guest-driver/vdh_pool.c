@@ -7,10 +7,10 @@
  * on the device, and handed out again for the next allocation of the same heap
  * and size, zeroed by the driver (as the guest's own heap zeroes its pages).
  * Buffers over VDH_POOL_ZERO_AHEAD_LEN are zeroed ahead, by a worker, while
- * they wait in the pool: reusing one costs no memset in the allocating task,
- * and an allocation that finds only a buffer not yet zeroed asks the device
- * for another instead (as the Android kernel's system heap zeroes freed pages
- * in the background).
+ * they wait in the pool: reusing one costs no memset in the allocating task
+ * (as the Android kernel's system heap zeroes freed pages in the background).
+ * An allocation that finds only one not yet zeroed asks the device for
+ * another until the pool holds two of the size, and zeroes it itself after.
  *
  * The device still counts pooled buffers (the host sees them in its stats and
  * quotas). They go back to it after pool_idle_ms unused, when an allocation
@@ -46,6 +46,8 @@ MODULE_PARM_DESC(pool_max_bytes, "Most bytes of freed buffers each device keeps"
 
 /* Larger pooled buffers are zeroed ahead; smaller ones cost less than a wakeup. */
 #define VDH_POOL_ZERO_AHEAD_LEN	SZ_256K
+/* Pooled buffers of a size that let the zeroing worker keep up (vdh_pool_find). */
+#define VDH_POOL_ZERO_AHEAD_DEPTH	2
 
 static unsigned int pool_batch = 4;
 module_param(pool_batch, uint, 0644);
@@ -104,15 +106,19 @@ static void vdh_pool_take_all(struct vdh_dev *vd, struct list_head *list)
 	spin_unlock(&vd->pool_lock);
 }
 
-/* A pooled buffer to zero ahead, taken off the list (still counted), or NULL. */
+/*
+ * The oldest pooled buffer to zero ahead, taken off the list (still counted)
+ * and noted in vd->pool_zeroing, or NULL.
+ */
 static struct vdh_buffer *vdh_pool_take_dirty(struct vdh_dev *vd)
 {
 	struct vdh_buffer *buf;
 
 	spin_lock(&vd->pool_lock);
-	list_for_each_entry(buf, &vd->pool, node) {
+	list_for_each_entry_reverse(buf, &vd->pool, node) {
 		if (!buf->pool_clean && buf->len > VDH_POOL_ZERO_AHEAD_LEN) {
 			list_del(&buf->node);
+			vd->pool_zeroing = buf;
 			spin_unlock(&vd->pool_lock);
 			return buf;
 		}
@@ -130,6 +136,7 @@ static void vdh_pool_zero(struct work_struct *work)
 	while ((buf = vdh_pool_take_dirty(vd))) {
 		memset(vdh_buf_kaddr(buf), 0, buf->len);
 		spin_lock(&vd->pool_lock);
+		vd->pool_zeroing = NULL;
 		buf->pool_clean = true;
 		/* Newest first, as the trim expects: its idle time starts now. */
 		buf->pooled_at = jiffies;
@@ -256,32 +263,66 @@ bool vdh_pool_put(struct vdh_buffer *buf, bool zeroed)
 }
 
 /*
- * A pooled buffer of heap @vh and @len bytes, or NULL. pool_clean says whether
- * it is zeroed already. A large one not yet zeroed is left to the zeroing
- * worker: the device's fresh buffer costs the caller less than a memset of it.
- * Called with vd->alloc_sem held, so the session cannot change meanwhile.
+ * The pooled buffer of heap @vh and @len bytes to hand out, or NULL. Small
+ * ones newest first: a burst's extras stay unused and go back when idle.
+ * Large ones oldest first: each gets the most time to be zeroed ahead, and
+ * none idles out while its size is in use. A large one not zeroed yet is
+ * handed out (the caller zeroes it) only once the pool holds
+ * VDH_POOL_ZERO_AHEAD_DEPTH of the size; until then the device's fresh buffer
+ * costs the caller less than a memset, and deepens the pool so that the
+ * worker can keep up. Beyond that depth a late worker costs a memset, not a
+ * first touch of fresh host memory (in a nested guest, 50-100 times a warm
+ * one).
+ */
+static struct vdh_buffer *vdh_pool_find(struct vdh_dev *vd, struct vdh_heap *vh,
+					size_t len)
+{
+	struct vdh_buffer *buf, *dirty = NULL;
+	unsigned int depth = 0;
+
+	lockdep_assert_held(&vd->pool_lock);
+	if (len <= VDH_POOL_ZERO_AHEAD_LEN) {
+		list_for_each_entry(buf, &vd->pool, node)
+			if (buf->vh == vh && buf->len == len)
+				return buf;
+		return NULL;
+	}
+	list_for_each_entry_reverse(buf, &vd->pool, node) {
+		if (buf->vh != vh || buf->len != len)
+			continue;
+		if (buf->pool_clean)
+			return buf;
+		dirty = dirty ?: buf;
+		depth++;
+	}
+	buf = vd->pool_zeroing;
+	if (buf && buf->vh == vh && buf->len == len)
+		depth++;
+	return depth >= VDH_POOL_ZERO_AHEAD_DEPTH ? dirty : NULL;
+}
+
+/*
+ * A pooled buffer of heap @vh and @len bytes (see vdh_pool_find()), or NULL.
+ * pool_clean says whether it is zeroed already. Called with vd->alloc_sem
+ * held, so the session cannot change meanwhile.
  */
 struct vdh_buffer *vdh_pool_get(struct vdh_dev *vd, struct vdh_heap *vh,
 				size_t len)
 {
-	struct vdh_buffer *buf, *found = NULL;
+	struct vdh_buffer *buf;
 
 	lockdep_assert_held(&vd->alloc_sem);
 	if (!READ_ONCE(pool_buffers))
 		return NULL;	/* no pool any more: what it holds goes when idle */
 	spin_lock(&vd->pool_lock);
-	list_for_each_entry(buf, &vd->pool, node) {
-		if (buf->vh == vh && buf->len == len &&
-		    (buf->pool_clean || len <= VDH_POOL_ZERO_AHEAD_LEN)) {
-			list_del(&buf->node);
-			vd->pool_count--;
-			vdh_pool_account(buf, -1);
-			found = buf;
-			break;
-		}
+	buf = vdh_pool_find(vd, vh, len);
+	if (buf) {
+		list_del(&buf->node);
+		vd->pool_count--;
+		vdh_pool_account(buf, -1);
 	}
 	spin_unlock(&vd->pool_lock);
-	return found;
+	return buf;
 }
 
 /*
