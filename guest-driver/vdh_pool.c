@@ -142,6 +142,8 @@ static void vdh_pool_zero(struct work_struct *work)
 		buf->pooled_at = jiffies;
 		list_add(&buf->node, &vd->pool);
 		spin_unlock(&vd->pool_lock);
+		/* A trim that ran meanwhile did not see it. */
+		queue_delayed_work(vdh_wq, &vd->pool_work, vdh_pool_idle());
 		cond_resched();
 	}
 }
