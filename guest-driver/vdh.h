@@ -158,6 +158,7 @@ struct vdh_buffer {
 	bool reserved;			/* idem: the window owner's session reserved it */
 	unsigned long pooled_at;	/* jiffies: when it went into vd->pool */
 	bool pool_clean;		/* zeroed while pooled; under vd->pool_lock */
+	bool pool_reused;		/* handed out of the pool before: its size is in demand */
 	struct mutex uuid_lock;		/* one ASSIGN_UUID at a time; protects the next four */
 	uuid_t uuid;			/* valid if uuid_set */
 	bool uuid_set;

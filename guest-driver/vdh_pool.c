@@ -6,9 +6,12 @@
  * to a few MiB. So a released buffer of a cached heap is kept, still allocated
  * on the device, and handed out again for the next allocation of the same heap
  * and size, zeroed by the driver (as the guest's own heap zeroes its pages).
- * Buffers over VDH_POOL_ZERO_AHEAD_LEN are zeroed ahead, by a worker, while
- * they wait in the pool: reusing one costs no memset in the allocating task
- * (as the Android kernel's system heap zeroes freed pages in the background).
+ * Buffers over VDH_POOL_ZERO_AHEAD_LEN of a size in demand (one was reused,
+ * or an allocation found only unzeroed ones) are zeroed ahead, by a worker,
+ * while they wait in the pool: reusing one costs no memset in the allocating
+ * task (as the Android kernel's system heap zeroes freed pages in the
+ * background). A buffer freed once and never asked for again is not zeroed:
+ * that would write every page of it, touched or not.
  * An allocation that finds only one not yet zeroed asks the device for
  * another until the pool holds two of the size, and zeroes it itself after.
  *
@@ -259,7 +262,8 @@ bool vdh_pool_put(struct vdh_buffer *buf, bool zeroed)
 	if (!pooled)
 		return false;
 	queue_delayed_work(vdh_wq, &vd->pool_work, vdh_pool_idle());
-	if (!zeroed && buf->len > VDH_POOL_ZERO_AHEAD_LEN)
+	/* Only a size in demand: zeroing writes every page, touched or not. */
+	if (!zeroed && buf->pool_reused && buf->len > VDH_POOL_ZERO_AHEAD_LEN)
 		queue_work(vdh_wq, &vd->pool_zero_work);
 	return true;
 }
@@ -277,7 +281,7 @@ bool vdh_pool_put(struct vdh_buffer *buf, bool zeroed)
  * one).
  */
 static struct vdh_buffer *vdh_pool_find(struct vdh_dev *vd, struct vdh_heap *vh,
-					size_t len)
+					size_t len, bool *demand)
 {
 	struct vdh_buffer *buf, *dirty = NULL;
 	unsigned int depth = 0;
@@ -300,6 +304,7 @@ static struct vdh_buffer *vdh_pool_find(struct vdh_dev *vd, struct vdh_heap *vh,
 	buf = vd->pool_zeroing;
 	if (buf && buf->vh == vh && buf->len == len)
 		depth++;
+	*demand = !!dirty;
 	return depth >= VDH_POOL_ZERO_AHEAD_DEPTH ? dirty : NULL;
 }
 
@@ -312,18 +317,23 @@ struct vdh_buffer *vdh_pool_get(struct vdh_dev *vd, struct vdh_heap *vh,
 				size_t len)
 {
 	struct vdh_buffer *buf;
+	bool demand = false;
 
 	lockdep_assert_held(&vd->alloc_sem);
 	if (!READ_ONCE(pool_buffers))
 		return NULL;	/* no pool any more: what it holds goes when idle */
 	spin_lock(&vd->pool_lock);
-	buf = vdh_pool_find(vd, vh, len);
+	buf = vdh_pool_find(vd, vh, len, &demand);
 	if (buf) {
 		list_del(&buf->node);
 		vd->pool_count--;
 		vdh_pool_account(buf, -1);
+		buf->pool_reused = true;
 	}
 	spin_unlock(&vd->pool_lock);
+	/* Its size is wanted, and what the pool holds of it is not zeroed. */
+	if (demand && !buf)
+		queue_work(vdh_wq, &vd->pool_zero_work);
 	return buf;
 }
 
