@@ -6,12 +6,13 @@
  * to a few MiB. So a released buffer of a cached heap is kept, still allocated
  * on the device, and handed out again for the next allocation of the same heap
  * and size, zeroed by the driver (as the guest's own heap zeroes its pages).
- * Buffers over VDH_POOL_ZERO_AHEAD_LEN of a size in demand (one was reused,
- * or an allocation found only unzeroed ones) are zeroed ahead, by a worker,
- * while they wait in the pool: reusing one costs no memset in the allocating
- * task (as the Android kernel's system heap zeroes freed pages in the
- * background). A buffer freed once and never asked for again is not zeroed:
- * that would write every page of it, touched or not.
+ * Buffers over VDH_POOL_ZERO_AHEAD_LEN are zeroed ahead, by a worker, while
+ * they wait in the pool: reusing one costs no memset in the allocating task
+ * (as the Android kernel's system heap zeroes freed pages in the background).
+ * The worker starts when a buffer the pool handed out before comes back, or
+ * when an allocation finds only unzeroed ones of its size, and then zeroes
+ * every unzeroed large one. A buffer freed while neither happens goes back to
+ * the host unwritten: zeroing writes every page, touched or not.
  * An allocation that finds only one not yet zeroed asks the device for
  * another until the pool holds two of the size, and zeroes it itself after.
  *
@@ -262,7 +263,7 @@ bool vdh_pool_put(struct vdh_buffer *buf, bool zeroed)
 	if (!pooled)
 		return false;
 	queue_delayed_work(vdh_wq, &vd->pool_work, vdh_pool_idle());
-	/* Only a size in demand: zeroing writes every page, touched or not. */
+	/* Only for a size in demand: zeroing writes every page, touched or not. */
 	if (!zeroed && buf->pool_reused && buf->len > VDH_POOL_ZERO_AHEAD_LEN)
 		queue_work(vdh_wq, &vd->pool_zero_work);
 	return true;
