@@ -732,6 +732,17 @@ fn track(heap: &Heap, len: usize) -> Result<Tracked, String> {
     Ok(Tracked { buf, map, host })
 }
 
+/// Like [`track`], after checking that the new buffer reads as zeros (`what` if not).
+fn track_zeroed(heap: &Heap, len: usize, what: &str) -> Result<Tracked, String> {
+    let buf = heap.alloc(len)?;
+    let map = buf.mmap()?;
+    check(map.as_slice().iter().all(|&b| b == 0), || what.to_string())?;
+    let tag = sys::random_bytes(16);
+    map.write(0, &tag);
+    let host = host::find_buffer(&tag, len)?;
+    Ok(Tracked { buf, map, host })
+}
+
 fn zero_copy(ctx: &Ctx) -> Result<(), String> {
     let heap = Heap::open(&ctx.heap).map_err(|e| format!("open {}: {e}", ctx.heap))?;
     let daemon_heap = ctx.daemon_name(&ctx.heap);
@@ -1042,14 +1053,8 @@ fn pool(ctx: &Ctx) -> Result<(), String> {
     check(pooled == 1 && used == 0 && st.buffers == 1, || {
         format!("after freeing one buffer: pooled {pooled}, used {used}, daemon {st:?}")
     })?;
-    let again = heap.alloc(sys::page())?;
-    let map = again.mmap()?;
-    check(map.as_slice().iter().all(|&b| b == 0), || {
-        "a reused buffer is not zeroed".into()
-    })?;
-    let tag = sys::random_bytes(16);
-    map.write(0, &tag);
-    let host = host::find_buffer(&tag, sys::page())?;
+    let again = track_zeroed(&heap, sys::page(), "a reused buffer is not zeroed")?;
+    let host = &again.host;
     check(host.id == id, || {
         format!(
             "reused buffer is host buffer {}, the freed one was {id}",
@@ -1064,7 +1069,7 @@ fn pool(ctx: &Ctx) -> Result<(), String> {
     let other = heap.alloc(2 * sys::page())?;
     let st = env::daemon_heap_stats(&ctx.daemon_name(&ctx.heap))?;
     check(st.buffers == 2, || format!("a second size: daemon {st:?}"))?;
-    drop((map, again, other));
+    drop((again, other));
     // Unused, the pool gives them back to the host (pool_idle_ms).
     wait_pool_empty(ctx, &sh, "the pool to give idle buffers back")?;
     check(!host_has(&id)?, || format!("host buffer {id} still there"))?;
@@ -1112,14 +1117,8 @@ fn pool(ctx: &Ctx) -> Result<(), String> {
         second.mmap()?.fill(8);
         drop(second);
         std::thread::sleep(Duration::from_millis(300));
-        let again = heap.alloc(len)?;
-        let map = again.mmap()?;
-        check(map.as_slice().iter().all(|&b| b == 0), || {
-            "a pooled 1 MiB buffer is not zeroed".into()
-        })?;
-        let tag = sys::random_bytes(16);
-        map.write(0, &tag);
-        let host = host::find_buffer(&tag, len)?;
+        let again = track_zeroed(&heap, len, "a pooled 1 MiB buffer is not zeroed")?;
+        let host = &again.host;
         // A quota of less than two such buffers gives the pooled one back to make room.
         let cap = sh.num("capacity")?;
         check(host.id == id || (cap != 0 && cap < 2 * len as u64), || {
@@ -1130,7 +1129,7 @@ fn pool(ctx: &Ctx) -> Result<(), String> {
                 host.id
             )
         })?;
-        drop((map, again));
+        drop(again);
         wait_pool_empty(ctx, &sh, "the pool to give idle buffers back")?;
     }
 
