@@ -81,6 +81,15 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "SIZE")]
     pub max_bytes: Option<String>,
 
+    /// Longest time, in microseconds, the request worker keeps reading the ring after
+    /// serving it, with the guest's notifications off (at most 10000; 0: never). A request
+    /// that comes within it costs neither the guest's notification nor the worker's
+    /// wake-up. The worker polls this long only while requests come that close together:
+    /// the window doubles when one came just after polling stopped and halves when one
+    /// came much later, down to not polling.
+    #[arg(long, value_name = "US", default_value_t = 50)]
+    pub poll_us: u64,
+
     /// Unix socket for operators (created with mode 0600; an existing file is replaced):
     /// one request line, one reply. `stats` answers JSON: {"heaps": {NAME: {"bytes",
     /// "buffers", "mappings", "arenas", "host_bytes", "exported", "retained_buffers",

@@ -52,6 +52,9 @@ pub enum ConfigError {
         /// What is wrong.
         why: String,
     },
+    /// A ring polling window above the limit.
+    #[error("--poll-us {0} exceeds {max}", max = crate::vhost::POLL_LIMIT.as_micros())]
+    PollTooLong(u64),
     /// More buffers than the config space's 32-bit `max_buffers` can state.
     #[error("--max-buffers {0} exceeds {max}, the largest the config space can state", max = u32::MAX)]
     TooManyBuffers(u64),
@@ -148,6 +151,8 @@ pub struct Config {
     pub export_socket: Option<PathBuf>,
     /// Register UUIDs with the front end's shared-object table.
     pub shared_object_table: bool,
+    /// Longest ring polling window of the request worker.
+    pub poll_max: std::time::Duration,
     /// Containment applied after start-up.
     pub sandbox: crate::sandbox::Sandbox,
 }
@@ -365,6 +370,10 @@ impl Config {
         if u32::try_from(args.max_buffers).is_err() {
             return Err(ConfigError::TooManyBuffers(args.max_buffers));
         }
+        let poll_max = std::time::Duration::from_micros(args.poll_us);
+        if poll_max > crate::vhost::POLL_LIMIT {
+            return Err(ConfigError::PollTooLong(args.poll_us));
+        }
         let max_bytes = match &args.max_bytes {
             Some(s) => parse_size(s)?,
             None => shm_size,
@@ -419,6 +428,7 @@ impl Config {
             uuid: !args.no_uuid,
             export_socket: args.export_socket,
             shared_object_table: args.shared_object_table,
+            poll_max,
             sandbox: crate::sandbox::Sandbox {
                 seccomp: args.seccomp,
                 user: args.user,

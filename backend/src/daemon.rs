@@ -227,7 +227,12 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
 
     loop {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let backend = Arc::new(VhuDmaheap::new(handle.clone(), timer.clone(), mem.clone()));
+        let backend = Arc::new(VhuDmaheap::new(
+            handle.clone(),
+            timer.clone(),
+            mem.clone(),
+            cfg.poll_max,
+        ));
         let mut daemon = VhostUserDaemon::new("vhost-user-dmaheap".into(), backend.clone(), mem)
             .map_err(DaemonError::Vhost)?;
         // One vring worker serves the request queue; the timer and operator requests wake

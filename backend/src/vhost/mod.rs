@@ -1,6 +1,7 @@
 //! Thin vhost-user layer: implements `VhostUserBackend` on top of the device core.
 //!
 //! * [`queue`]: a descriptor chain to a request, and the answer back into it;
+//! * [`poll`]: how long the worker keeps reading the ring after emptying it;
 //! * [`shmem`]: the [`crate::core::Mapper`] over the back-end request channel;
 //! * [`timer`]: the vring worker's timerfd.
 //!
@@ -25,12 +26,14 @@
 //!   polls for the ring to run again after a stop. Operator requests that need the worker
 //!   ([`crate::core::HostRequest`]) wake it through [`HOST_REQUEST_EVENT`].
 
+mod poll;
 mod queue;
 mod shmem;
 #[cfg(test)]
 mod tests;
 mod timer;
 
+pub use poll::WINDOW_LIMIT as POLL_LIMIT;
 pub use queue::{handle_chain, serve_chain, write_answer};
 pub use timer::WorkerTimer;
 
@@ -57,6 +60,7 @@ use vmm_sys_util::event::{
 
 use crate::core::{DeviceHandle, HostRequest, RateLimit};
 use crate::wire::Reply;
+use poll::PollWindow;
 use queue::{InFlight, RingState};
 use shmem::{ring_running, ChannelMapper};
 
@@ -76,6 +80,14 @@ const RESTART_POLL_FIRST: Duration = Duration::from_millis(5);
 const RESTART_POLL_MAX: Duration = Duration::from_secs(1);
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// What the avail ring holds beyond the requests the worker took.
+enum Pending {
+    Empty,
+    Requests,
+    /// The driver's index is this far ahead: more than the queue holds, a broken ring.
+    Broken(u16),
+}
 type MemGuard = vm_memory::atomic::GuestMemoryLoadGuard<GuestMemoryMmap>;
 
 /// The vhost-user back end of one front-end connection.
@@ -84,11 +96,12 @@ pub struct VhuDmaheap {
     timer: Arc<WorkerTimer>,
     mem: Mem,
     backend_req: Mutex<Option<Backend>>,
-    event_idx: AtomicBool,
     in_flight: Mutex<Option<InFlight>>,
     /// The ring stopped and has not been seen running since: poll for it after a restart.
     restart_pending: AtomicBool,
     restart_poll: Mutex<Duration>,
+    /// How long the worker polls the ring after emptying it.
+    poll: Mutex<PollWindow>,
     /// Warnings about the guest's rings (a guest must not flood the host log).
     ratelimit: Mutex<RateLimit>,
 }
@@ -97,24 +110,29 @@ impl std::fmt::Debug for VhuDmaheap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VhuDmaheap")
             .field("handle", &self.handle)
-            .field("event_idx", &self.event_idx)
             .finish_non_exhaustive()
     }
 }
 
 impl VhuDmaheap {
     /// A back end over `handle`, reading guest memory through `mem` (the same atomic the
-    /// daemon was created with), woken by `timer`.
-    pub fn new(handle: Arc<DeviceHandle>, timer: Arc<WorkerTimer>, mem: Mem) -> Self {
+    /// daemon was created with), woken by `timer`, polling its ring for up to `poll_max`
+    /// after emptying it (0: never; see [`poll`]).
+    pub fn new(
+        handle: Arc<DeviceHandle>,
+        timer: Arc<WorkerTimer>,
+        mem: Mem,
+        poll_max: Duration,
+    ) -> Self {
         Self {
             handle,
             timer,
             mem,
             backend_req: Mutex::new(None),
-            event_idx: AtomicBool::new(false),
             in_flight: Mutex::new(None),
             restart_pending: AtomicBool::new(false),
             restart_poll: Mutex::new(RESTART_POLL_FIRST),
+            poll: Mutex::new(PollWindow::new(poll_max)),
             ratelimit: Mutex::new(RateLimit::new()),
         }
     }
@@ -131,6 +149,10 @@ impl VhuDmaheap {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .warn(args);
+    }
+
+    fn poll_window(&self) -> MutexGuard<'_, PollWindow> {
+        self.poll.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn in_flight(&self) -> MutexGuard<'_, Option<InFlight>> {
@@ -168,6 +190,92 @@ impl VhuDmaheap {
             self.timer.arm(d);
         }
         res
+    }
+
+    /// Turns the driver's notifications on or off, if the ring runs (nothing is written to
+    /// a stopped ring). Returns whether requests came in that the worker has not seen
+    /// (after turning them on), or `None` if the ring does not run.
+    fn set_notification(vring: &VringRwLock, enable: bool) -> Option<bool> {
+        let mut state = vring.get_mut();
+        if !(state.get_queue().ready() && state.is_enabled()) {
+            return None;
+        }
+        if enable {
+            state.enable_notification().ok()
+        } else {
+            state.disable_notification().ok().map(|()| false)
+        }
+    }
+
+    /// Serves the ring until it stays empty: drains it with the driver's notifications
+    /// off, polls it for the current window, and turns notifications on again (serving
+    /// what came in meanwhile). Leaves them on unless the ring stopped, in which case the
+    /// restart comes back here.
+    fn serve_until_idle(&self, vring: &VringRwLock) -> io::Result<()> {
+        loop {
+            if Self::set_notification(vring, false).is_none() {
+                return Ok(());
+            }
+            self.drain(vring)?;
+            if self.poll_ring(vring) {
+                continue;
+            }
+            if Self::set_notification(vring, true).is_none() {
+                return Ok(());
+            }
+            // A request that came before notifications were on again brought no kick.
+            match self.pending(vring) {
+                Some(Pending::Requests) => continue,
+                Some(Pending::Broken(ahead)) => {
+                    self.warn(format_args!(
+                        "the driver's avail index is {ahead} entries ahead of the device,                          more than the queue holds: ring ignored until set up again"
+                    ));
+                    break;
+                }
+                Some(Pending::Empty) | None => break,
+            }
+        }
+        self.poll_window().idle(Instant::now());
+        Ok(())
+    }
+
+    /// What the avail ring holds that the worker has not taken; `None` if the ring does
+    /// not run.
+    fn pending(&self, vring: &VringRwLock) -> Option<Pending> {
+        let mem = self.mem.memory();
+        let state = vring.get_ref();
+        let queue = state.get_queue();
+        if !(queue.ready() && state.is_enabled()) {
+            return None;
+        }
+        let idx = queue.avail_idx(&*mem, Ordering::Acquire).ok()?;
+        let ahead = idx.0.wrapping_sub(queue.next_avail());
+        Some(match ahead {
+            0 => Pending::Empty,
+            n if n <= queue.size() => Pending::Requests,
+            n => Pending::Broken(n),
+        })
+    }
+
+    /// Reads the avail index for up to the current poll window. True as soon as a request
+    /// is there; false when the window ends, the ring stops or its index is broken.
+    fn poll_ring(&self, vring: &VringRwLock) -> bool {
+        let window = self.poll_window().window();
+        if window.is_zero() {
+            return false;
+        }
+        let start = Instant::now();
+        loop {
+            match self.pending(vring) {
+                Some(Pending::Empty) => {}
+                Some(Pending::Requests) => return true,
+                Some(Pending::Broken(_)) | None => return false,
+            }
+            if start.elapsed() >= window {
+                return false;
+            }
+            std::hint::spin_loop();
+        }
     }
 
     /// Serves one chain with the device locked.
@@ -327,7 +435,9 @@ impl VhuDmaheap {
             return;
         }
         if self.restart_pending.load(Ordering::SeqCst) || self.in_flight().is_some() {
-            if let Err(e) = self.drain(vring) {
+            // Also turns the notifications back on that a stop in the middle of polling left
+            // off.
+            if let Err(e) = self.serve_until_idle(vring) {
                 self.warn(format_args!("serving the ring after a restart: {e}"));
             }
         }
@@ -458,7 +568,9 @@ impl VhostUserBackend for VhuDmaheap {
     }
 
     fn set_event_idx(&self, enabled: bool) {
-        self.event_idx.store(enabled, Ordering::SeqCst);
+        // The library sets the queue up for it; turning notifications on and off goes
+        // through the queue, which knows which of the two ways to suppress them applies.
+        debug!("VIRTIO_RING_F_EVENT_IDX: {enabled}");
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -519,21 +631,8 @@ impl VhostUserBackend for VhuDmaheap {
         let Some(vring) = vrings.get(device_event as usize) else {
             return Ok(());
         };
-        if self.event_idx.load(Ordering::SeqCst) {
-            loop {
-                if vring.disable_notification().is_err() {
-                    return Ok(());
-                }
-                self.drain(vring)?;
-                match vring.enable_notification() {
-                    Ok(true) => continue,
-                    _ => break,
-                }
-            }
-        } else {
-            self.drain(vring)?;
-        }
-        Ok(())
+        self.poll_window().kicked(Instant::now());
+        self.serve_until_idle(vring)
     }
 
     /// Another back end looks up a UUID this device registered (QEMU sends this while its

@@ -310,6 +310,7 @@ fn config_reads_are_bounds_checked() {
         Arc::new(DeviceHandle::new(dev).unwrap()),
         Arc::new(WorkerTimer::new().unwrap()),
         mem,
+        Duration::ZERO,
     );
     let all = b.get_config(0, 16);
     assert_eq!(all.len(), 16);
