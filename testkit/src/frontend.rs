@@ -47,6 +47,7 @@ pub const UNMAPPED_GPA: u64 = 0x40_0000_0000;
 
 const VRING_DESC_F_NEXT: u16 = 1;
 const VRING_DESC_F_WRITE: u16 = 2;
+const VRING_USED_F_NO_NOTIFY: u16 = 1;
 
 /// The protocol features QEMU needs from this device (see ENVIRONMENT.md).
 pub fn wanted_protocol_features() -> VhostUserProtocolFeatures {
@@ -672,6 +673,11 @@ pub struct FrontEnd {
     mem_table_sent: bool,
     /// The avail index the daemon reported at the last pause.
     paused_base: Option<u16>,
+    /// Like the guest driver (see [`Self::behave_like_driver`]); `None`: always kick,
+    /// never spin.
+    driver_spin: Option<Duration>,
+    /// Kicks left out because the daemon had turned notifications off.
+    pub kicks_suppressed: u64,
 }
 
 impl std::fmt::Debug for FrontEnd {
@@ -904,6 +910,8 @@ impl FrontEnd {
             queue_started: false,
             mem_table_sent: false,
             paused_base: None,
+            driver_spin: None,
+            kicks_suppressed: 0,
         }
     }
 
@@ -1159,8 +1167,31 @@ impl FrontEnd {
         head
     }
 
-    pub fn kick(&self) {
+    /// Kicks the daemon; when behaving like the driver, only if it has not turned
+    /// notifications off (used ring flag `VRING_USED_F_NO_NOTIFY`: it polls the ring).
+    pub fn kick(&mut self) {
+        if self.driver_spin.is_some() && !self.daemon_wants_kicks() {
+            self.kicks_suppressed += 1;
+            return;
+        }
         self.kick.write(1).unwrap();
+    }
+
+    /// Whether the used ring's flags ask for kicks (virtio 2.7.10).
+    pub fn daemon_wants_kicks(&self) -> bool {
+        fence(Ordering::SeqCst);
+        let flags: u16 = self
+            .mem
+            .load(Self::gpa(USED_GPA), Ordering::Acquire)
+            .unwrap();
+        flags & VRING_USED_F_NO_NOTIFY == 0
+    }
+
+    /// Behave like the guest driver: [`Self::kick`] leaves out kicks the daemon turned
+    /// off, and [`Self::wait`] first spins on the used ring for `spin` (the driver's
+    /// `spin_us`) before it sleeps on the call eventfd.
+    pub fn behave_like_driver(&mut self, spin: Duration) {
+        self.driver_spin = Some(spin);
     }
 
     /// Moves new used-ring entries to `done`.
@@ -1215,6 +1246,13 @@ impl FrontEnd {
     /// Waits (call eventfd, with a deadline) for the used-ring entry of `head`.
     pub fn wait(&mut self, head: u16) -> Completion {
         let start = Instant::now();
+        let spin = self.driver_spin.unwrap_or_default();
+        while start.elapsed() < spin {
+            if let Some(c) = self.try_complete(head) {
+                return c;
+            }
+            std::hint::spin_loop();
+        }
         loop {
             if let Some(c) = self.try_complete(head) {
                 return c;
