@@ -24,6 +24,7 @@
 #include <linux/scatterlist.h>
 #include <linux/sched/signal.h>
 #include <linux/slab.h>
+#include <linux/timekeeping.h>
 #include <linux/virtio_config.h>
 
 #include "vdh.h"
@@ -32,6 +33,11 @@ static unsigned int timeout_ms = 30000;
 module_param(timeout_ms, uint, 0644);
 MODULE_PARM_DESC(timeout_ms,
 		 "Give up on a device request after this many ms (0: only when the device breaks)");
+
+static unsigned int spin_us = 50;
+module_param(spin_us, uint, 0644);
+MODULE_PARM_DESC(spin_us,
+		 "Spin up to this many us for a device answer before sleeping (0: never)");
 
 union vdh_req_buf {
 	struct virtio_dmaheap_req_hdr hdr;
@@ -410,6 +416,29 @@ static bool vdh_vq_broken(struct vdh_dev *vd)
 }
 
 /*
+ * The device polls its ring while requests come close together and then
+ * answers within microseconds: spinning that long costs less than sleeping and
+ * being woken. Gives way to anything else that wants the CPU.
+ */
+static bool vdh_spin(struct vdh_req *r)
+{
+	unsigned int us = READ_ONCE(spin_us);
+	u64 end;
+
+	if (!us)
+		return false;
+	end = ktime_get_ns() + (u64)us * NSEC_PER_USEC;
+	do {
+		if (try_wait_for_completion(&r->done))
+			return true;
+		if (need_resched() || fatal_signal_pending(current))
+			return false;
+		cpu_relax();
+	} while (ktime_get_ns() < end);
+	return false;
+}
+
+/*
  * Wait for the device to answer. Returns 0 once @r is completed (by the
  * device, or with r->err set when the device stopped). Returns -EINTR (fatal
  * signal), -EIO (broken queue) or -ETIMEDOUT after marking @r abandoned.
@@ -420,6 +449,8 @@ static int vdh_wait(struct vdh_dev *vd, struct vdh_req *r)
 	long left;
 	int ret;
 
+	if (vdh_spin(r))
+		return 0;
 	for (;;) {
 		left = wait_for_completion_killable_timeout(&r->done, HZ);
 		if (left > 0)
