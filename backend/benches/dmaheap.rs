@@ -302,6 +302,10 @@ fn window_ptr(fe: &FrontEnd, b: &Buffer) -> *mut u8 {
     fe.shm().region_info(b.offset, b.len, 0, -1).userspace_addr as *mut u8
 }
 
+/// How long the guest driver spins for an answer before it sleeps (its `spin_us`
+/// default); the front end does the same, and leaves out kicks while the daemon polls.
+const DRIVER_SPIN: Duration = Duration::from_micros(50);
+
 /// A front end and the FREE requests it sent without waiting (as the guest driver does).
 struct Dev {
     fe: FrontEnd,
@@ -310,8 +314,10 @@ struct Dev {
 
 impl Dev {
     fn new(daemon: &Daemon) -> Dev {
+        let mut fe = FrontEnd::connect_acking(daemon, F_SYNC | F_BATCH);
+        fe.behave_like_driver(DRIVER_SPIN);
         Dev {
-            fe: FrontEnd::connect_acking(daemon, F_SYNC | F_BATCH),
+            fe,
             pending: Vec::new(),
         }
     }
