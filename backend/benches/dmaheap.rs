@@ -38,7 +38,7 @@ struct Budget {
 struct Opts {
     quick: bool,
     out: Option<String>,
-    /// `--loop SIZE SECONDS fresh|recycled[-async]|batch`: only alloc/free in a loop (to attach a
+    /// `--loop SIZE SECONDS fresh|recycled[-async]|batch|stream`: only alloc/free in a loop (to attach a
     /// profiler to the daemon, whose pid is printed).
     profile: Option<(u64, u64, String)>,
 }
@@ -65,7 +65,7 @@ fn parse_opts() -> Opts {
             other => {
                 eprintln!(
                     "usage: dmaheap [--quick] [--out FILE.json] | --loop SIZE SECONDS \
-                     fresh|recycled[-async]|batch (unknown: {other})"
+                     fresh|recycled[-async]|batch|stream (unknown: {other})"
                 );
                 std::process::exit(2);
             }
@@ -424,6 +424,27 @@ fn daemon_batch_once(dev: &mut Dev, len: u64) -> Duration {
     d
 }
 
+/// Like the guest driver allocating one buffer after another (e.g. a pipeline filling its
+/// buffer queue): `BATCH` recycled ALLOCs back to back, each FREE not waited for; the time
+/// per buffer. The first ALLOC of a stream finds the daemon asleep; the ones after it find
+/// it polling the ring.
+fn daemon_stream_once(dev: &mut Dev, len: u64) -> Duration {
+    dev.reap(true);
+    let t = Instant::now();
+    for _ in 0..BATCH {
+        dev.reap(false);
+        let b = dev.fe.alloc_ok(0, len);
+        let h = dev
+            .fe
+            .submit(&[Seg::R(free_req(b.id)), Seg::W(RESP_HDR_SIZE as u32)]);
+        dev.fe.kick();
+        dev.pending.push(h);
+    }
+    let d = t.elapsed() / BATCH;
+    dev.reap(true);
+    d
+}
+
 fn bench_p1(quick: bool) -> Value {
     let sizes: Vec<u64> = if quick {
         vec![4 * KIB, 64 * KIB, MIB, 8 * MIB, 64 * MIB]
@@ -472,6 +493,11 @@ fn bench_p1(quick: bool) -> Value {
         let bat_daemon = spawn_daemon(&[]);
         let bat = RefCell::new(Dev::new(&bat_daemon));
         let bat_keeper = bat.borrow_mut().fe.alloc_ok(0, PAGE);
+        // Streamed path, on a daemon of its own too (its polling window adapts to its own
+        // requests only), with a keeper.
+        let str_daemon = spawn_daemon(&[]);
+        let stream = RefCell::new(Dev::new(&str_daemon));
+        let str_keeper = stream.borrow_mut().fe.alloc_ok(0, PAGE);
 
         let maps_before = (
             fresh.borrow().fe.shm().map_count(),
@@ -513,6 +539,7 @@ fn bench_p1(quick: bool) -> Value {
                 daemon_once_async_free(&mut rec.borrow_mut(), len)
             };
             let mut c_rec_b = || daemon_batch_once(&mut bat.borrow_mut(), len);
+            let mut c_rec_s = || daemon_stream_once(&mut stream.borrow_mut(), len);
             interleaved(
                 budget,
                 &mut [
@@ -527,6 +554,7 @@ fn bench_p1(quick: bool) -> Value {
                     &mut c_fresh_a,
                     &mut c_rec_a,
                     &mut c_rec_b,
+                    &mut c_rec_s,
                 ],
             )
         };
@@ -536,6 +564,12 @@ fn bench_p1(quick: bool) -> Value {
         bat.fe.assert_no_violations();
         drop(bat);
         drop(bat_daemon);
+        let mut stream = stream.into_inner();
+        stream.reap(true);
+        stream.fe.free_ok(str_keeper.id);
+        stream.fe.assert_no_violations();
+        drop(stream);
+        drop(str_daemon);
         let (mut fresh, mut rec) = (fresh.into_inner(), rec.into_inner());
         fresh.reap(true);
         rec.reap(true);
@@ -553,7 +587,7 @@ fn bench_p1(quick: bool) -> Value {
         drop(fresh_daemon);
         drop(rec_daemon);
 
-        let [d, direct, floor, warm_s, r, dt, directt, rt, da, ra, rb] = sums[..] else {
+        let [d, direct, floor, warm_s, r, dt, directt, rt, da, ra, rb, rs] = sums[..] else {
             unreachable!()
         };
         eprintln!(
@@ -589,6 +623,8 @@ fn bench_p1(quick: bool) -> Value {
             "recycled_async_ratio_median": ratio(ra.median, direct.median),
             "recycled_batch": rb.json(),
             "recycled_batch_ratio_median": ratio(rb.median, direct.median),
+            "recycled_stream": rs.json(),
+            "recycled_stream_ratio_median": ratio(rs.median, direct.median),
             "batch": BATCH,
             "daemon_touch": dt.json(),
             "direct_touch": directt.json(),
@@ -783,7 +819,8 @@ fn p3_levels(daemon: &Daemon, quick: bool, reached: &std::sync::atomic::AtomicU6
 
 fn profile_loop(size: u64, secs: u64, mode: &str) {
     let batch = mode == "batch";
-    let recycled = batch || mode.starts_with("recycled");
+    let stream = mode == "stream";
+    let recycled = batch || stream || mode.starts_with("recycled");
     let async_free = mode.ends_with("async");
     let daemon = spawn_daemon(&[]);
     let mut dev = Dev::new(&daemon);
@@ -794,6 +831,8 @@ fn profile_loop(size: u64, secs: u64, mode: &str) {
     while start.elapsed() < Duration::from_secs(secs) {
         samples.push(if batch {
             daemon_batch_once(&mut dev, size)
+        } else if stream {
+            daemon_stream_once(&mut dev, size)
         } else if async_free {
             daemon_once_async_free(&mut dev, size)
         } else {
