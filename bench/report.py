@@ -15,7 +15,7 @@ import sys
 
 TARGETS = {
     "P1": "daemon/direct alloc+map+free median <= 1.10 for 1-8 MiB",
-    "P1b": "recycled/direct median <= 0.50 (the driver's path: ALLOC_BATCH per buffer up to 256 KiB, plain ALLOC with FREE not waited for above)",
+    "P1b": "recycled/direct median <= 0.50 (the driver's path: ALLOC_BATCH per buffer up to 256 KiB, single ALLOCs one after another above, FREE not waited for, per buffer)",
     "P2": "virtio/system alloc+touch+free <= 1.0 at every size 4 KiB-64 MiB, median and p99",
     "P3": "65,536 live buffers, p99 there <= 1.5x p99 at 1 live",
     "P4": "virtio/system write bandwidth >= 0.95",

@@ -19,7 +19,9 @@ use std::cell::{Cell, RefCell};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use common::{free_req, Buffer, Daemon, FrontEnd, Seg, F_BATCH, F_SYNC, RESP_HDR_SIZE, S_OK};
+use common::{
+    free_req, Buffer, Daemon, FrontEnd, Seg, F_BATCH, F_SESSION, F_SYNC, RESP_HDR_SIZE, S_OK,
+};
 use serde_json::{json, Value};
 
 const PAGE: u64 = 4096;
@@ -314,7 +316,11 @@ struct Dev {
 
 impl Dev {
     fn new(daemon: &Daemon) -> Dev {
-        let mut fe = FrontEnd::connect_acking(daemon, F_SYNC | F_BATCH);
+        // Like the driver: a session (which sets the device's spare delay to the driver's
+        // 1 s, spec A.5), the spin and the kicks.
+        let mut fe = FrontEnd::connect_acking(daemon, F_SYNC | F_BATCH | F_SESSION);
+        fe.open_session(0)
+            .unwrap_or_else(|s| panic!("SESSION_OPEN: status {s}"));
         fe.behave_like_driver(DRIVER_SPIN);
         Dev {
             fe,
