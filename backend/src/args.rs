@@ -84,9 +84,9 @@ pub struct DaemonArgs {
     /// Longest time, in microseconds, the request worker keeps reading the ring after
     /// serving it, with the guest's notifications off (at most 10000; 0: never). A request
     /// that comes within it costs neither the guest's notification nor the worker's
-    /// wake-up. The worker polls this long only while requests come that close together:
-    /// the window doubles when one came just after polling stopped and halves when one
-    /// came much later, down to not polling.
+    /// wake-up. The window adapts to the gaps between requests: it doubles (starting at
+    /// 10) when a request came within US of polling stopping, and halves when one came
+    /// later, down to not polling; so a quiet guest costs no spinning.
     #[arg(long, value_name = "US", default_value_t = 50)]
     pub poll_us: u64,
 
