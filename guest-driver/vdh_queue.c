@@ -34,10 +34,12 @@ module_param(timeout_ms, uint, 0644);
 MODULE_PARM_DESC(timeout_ms,
 		 "Give up on a device request after this many ms (0: only when the device breaks)");
 
+#define VDH_SPIN_MAX_US 10000
+
 static unsigned int spin_us = 50;
 module_param(spin_us, uint, 0644);
 MODULE_PARM_DESC(spin_us,
-		 "Spin up to this many us for a device answer before sleeping (0: never)");
+		 "Spin up to this many us (at most 10000) for a device answer before sleeping (0: never)");
 
 union vdh_req_buf {
 	struct virtio_dmaheap_req_hdr hdr;
@@ -422,7 +424,7 @@ static bool vdh_vq_broken(struct vdh_dev *vd)
  */
 static bool vdh_spin(struct vdh_req *r)
 {
-	unsigned int us = READ_ONCE(spin_us);
+	unsigned int us = min(READ_ONCE(spin_us), VDH_SPIN_MAX_US);
 	u64 end;
 
 	if (!us)

@@ -80,6 +80,7 @@ const RESTART_POLL_FIRST: Duration = Duration::from_millis(5);
 const RESTART_POLL_MAX: Duration = Duration::from_secs(1);
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+type MemGuard = vm_memory::atomic::GuestMemoryLoadGuard<GuestMemoryMmap>;
 
 /// What the avail ring holds beyond the requests the worker took.
 enum Pending {
@@ -88,7 +89,6 @@ enum Pending {
     /// The driver's index is this far ahead: more than the queue holds, a broken ring.
     Broken(u16),
 }
-type MemGuard = vm_memory::atomic::GuestMemoryLoadGuard<GuestMemoryMmap>;
 
 /// The vhost-user back end of one front-end connection.
 pub struct VhuDmaheap {
@@ -228,7 +228,8 @@ impl VhuDmaheap {
                 Some(Pending::Requests) => continue,
                 Some(Pending::Broken(ahead)) => {
                     self.warn(format_args!(
-                        "the driver's avail index is {ahead} entries ahead of the device,                          more than the queue holds: ring ignored until set up again"
+                        "the driver's avail index is {ahead} entries ahead of the device, \
+                         more than the queue holds: ring ignored until set up again"
                     ));
                     break;
                 }
