@@ -86,7 +86,8 @@ pub struct DaemonArgs {
     /// that comes within it costs neither the guest's notification nor the worker's
     /// wake-up. The window adapts to the gaps between requests: it doubles (starting at
     /// 10) when a request came within US of polling stopping, and halves when one came
-    /// later, down to not polling; so a quiet guest costs no spinning.
+    /// later, down to not polling; so a quiet guest costs no spinning. While it polls, the
+    /// worker gives its CPU away every 5 us, so a vCPU sharing that CPU is not held up.
     #[arg(long, value_name = "US", default_value_t = 50)]
     pub poll_us: u64,
 

@@ -258,24 +258,32 @@ impl VhuDmaheap {
         })
     }
 
-    /// Reads the avail index for up to the current poll window. True as soon as a request
-    /// is there; false when the window ends, the ring stops or its index is broken.
+    /// Reads the avail index for up to the current poll window, giving its CPU away every
+    /// `YIELD_EVERY`. True as soon as a request is there; false when the window ends, the
+    /// ring stops or its index is broken.
     fn poll_ring(&self, vring: &VringRwLock) -> bool {
         let window = self.poll_window().window();
         if window.is_zero() {
             return false;
         }
         let start = Instant::now();
+        let mut yielded = start;
         loop {
             match self.pending(vring) {
                 Some(Pending::Empty) => {}
                 Some(Pending::Requests) => return true,
                 Some(Pending::Broken(_)) | None => return false,
             }
-            if start.elapsed() >= window {
+            let now = Instant::now();
+            if now.duration_since(start) >= window {
                 return false;
             }
-            std::hint::spin_loop();
+            if now.duration_since(yielded) >= poll::YIELD_EVERY {
+                std::thread::yield_now();
+                yielded = now;
+            } else {
+                std::hint::spin_loop();
+            }
         }
     }
 

@@ -11,6 +11,11 @@ use std::time::{Duration, Instant};
 /// The smallest window worth spinning for; a window that shrinks below it is 0.
 const WINDOW_START: Duration = Duration::from_micros(10);
 
+/// How long the worker spins between yields of its CPU while it polls: a thread the
+/// scheduler queued on the same CPU (a vCPU, say, woken by the worker's own answer) then
+/// waits at most this long instead of the whole window.
+pub const YIELD_EVERY: Duration = Duration::from_micros(5);
+
 /// The longest window `--poll-us` may set.
 pub const WINDOW_LIMIT: Duration = Duration::from_millis(10);
 
