@@ -87,6 +87,7 @@ struct vdh_req {
 	int err;			/* set when the device stopped */
 	bool nowait;
 	bool abandoned;
+	bool device_polling;		/* no kick needed when queued */
 	size_t req_size;
 	size_t resp_size;
 	struct vdh_batch *batch;	/* ALLOC_BATCH only */
@@ -354,9 +355,12 @@ static int vdh_try_queue(struct vdh_dev *vd, struct vdh_req *r)
 	if (vd->state == VDH_RUNNING && !list_empty(&vd->pending))
 		return -ENOSPC;
 	ret = vdh_add(vd, r);
-	if (!ret)
-		virtqueue_kick(vd->vq);
-	return ret;
+	if (ret)
+		return ret;
+	r->device_polling = !virtqueue_kick_prepare(vd->vq);
+	if (!r->device_polling)
+		virtqueue_notify(vd->vq);
+	return 0;
 }
 
 /* Put @r on the queue, waiting for room. On success the queue owns @r. */
@@ -420,14 +424,16 @@ static bool vdh_vq_broken(struct vdh_dev *vd)
 /*
  * The device polls its ring while requests come close together and then
  * answers within microseconds: spinning that long costs less than sleeping and
- * being woken. Gives way to anything else that wants the CPU.
+ * being woken. Only when it polls, though (it needed no kick for @r): a device
+ * that was asleep has to be woken, maybe on this very host CPU, where spinning
+ * would keep it from running. Gives way to anything else that wants the CPU.
  */
 static bool vdh_spin(struct vdh_req *r)
 {
 	unsigned int us = min(READ_ONCE(spin_us), VDH_SPIN_MAX_US);
 	u64 end;
 
-	if (!us)
+	if (!us || !r->device_polling)
 		return false;
 	end = ktime_get_ns() + (u64)us * NSEC_PER_USEC;
 	do {

@@ -678,6 +678,8 @@ pub struct FrontEnd {
     driver_spin: Option<Duration>,
     /// Kicks left out because the daemon had turned notifications off.
     pub kicks_suppressed: u64,
+    /// Whether the last kick was left out: the daemon was polling its ring then.
+    daemon_polling: bool,
 }
 
 impl std::fmt::Debug for FrontEnd {
@@ -912,6 +914,7 @@ impl FrontEnd {
             paused_base: None,
             driver_spin: None,
             kicks_suppressed: 0,
+            daemon_polling: false,
         }
     }
 
@@ -1172,8 +1175,10 @@ impl FrontEnd {
     pub fn kick(&mut self) {
         if self.driver_spin.is_some() && !self.daemon_wants_kicks() {
             self.kicks_suppressed += 1;
+            self.daemon_polling = true;
             return;
         }
+        self.daemon_polling = false;
         self.kick.write(1).unwrap();
     }
 
@@ -1188,7 +1193,8 @@ impl FrontEnd {
     }
 
     /// Behave like the guest driver: [`Self::kick`] leaves out kicks the daemon turned
-    /// off, and [`Self::wait`] first spins on the used ring for `spin` (the driver's
+    /// off, and [`Self::wait`], if the last kick was left out (the daemon polls, so it
+    /// runs on another CPU), first spins on the used ring for `spin` (the driver's
     /// `spin_us`) before it sleeps on the call eventfd.
     pub fn behave_like_driver(&mut self, spin: Duration) {
         self.driver_spin = Some(spin);
@@ -1246,7 +1252,11 @@ impl FrontEnd {
     /// Waits (call eventfd, with a deadline) for the used-ring entry of `head`.
     pub fn wait(&mut self, head: u16) -> Completion {
         let start = Instant::now();
-        let spin = self.driver_spin.unwrap_or_default();
+        let spin = if self.daemon_polling {
+            self.driver_spin.unwrap_or_default()
+        } else {
+            Duration::ZERO
+        };
         while start.elapsed() < spin {
             if let Some(c) = self.try_complete(head) {
                 return c;
