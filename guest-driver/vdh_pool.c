@@ -49,7 +49,7 @@ MODULE_PARM_DESC(pool_max_bytes, "Most bytes of freed buffers each device keeps"
 #define VDH_POOL_BATCH_MAX_LEN	SZ_256K
 
 /* Larger pooled buffers are zeroed ahead; smaller ones cost less than a wakeup. */
-#define VDH_POOL_ZERO_AHEAD_LEN	SZ_256K
+#define VDH_POOL_ZERO_AHEAD_LEN	SZ_16K
 /* Pooled buffers of a size that let the zeroing worker keep up (vdh_pool_find). */
 #define VDH_POOL_ZERO_AHEAD_DEPTH	2
 

@@ -48,7 +48,7 @@ pub const CASES: &[(&str, &str, CaseFn)] = &[
     ("lifetime", "a mapping or a dup'd fd keeps a buffer alive on the host; the last reference frees it", lifetime),
     ("free-returns", "closing buffers returns their memory to the host (daemon stats, sysfs)", free_returns),
     ("quota", "quota exhaustion gives ENOMEM and recovers after frees", quota),
-    ("pool", "a freed buffer is reused zeroed without a host round trip (zeroed ahead over 256 KiB), given back when idle or when the quota is full", pool),
+    ("pool", "a freed buffer is reused zeroed without a host round trip (zeroed ahead over 16 KiB), given back when idle or when the quota is full", pool),
     ("sysfs", "heap properties in sysfs match what the daemon exports", sysfs),
     ("many-small", "thousands of one-page buffers held at once", many_small),
     ("reference-untouched", "the guest kernel's own heap still works and allocates nothing on the host", reference_untouched),
@@ -1097,15 +1097,16 @@ fn pool(ctx: &Ctx) -> Result<(), String> {
     wait_pool_empty(ctx, &sh, "the pool to give idle buffers back")?;
     drop(single);
 
-    // A freed buffer over 256 KiB of a size in demand is zeroed ahead, while it waits in
+    // A freed buffer over 16 KiB of a size in demand is zeroed ahead, while it waits in
     // the pool: an allocation that finds it unzeroed gets a new buffer and has it zeroed,
-    // and the next allocation of its size gets it back zeroed. Any 1 MiB buffer, right
-    // after a free too, reads as zeros.
-    {
-        let len = 1 << 20;
+    // and the next allocation of its size gets it back zeroed. Any such buffer, right
+    // after a free too, reads as zeros. One buffer per request again: a batch's spares
+    // are clean too, and would be handed out first.
+    let single = ParamGuard::set("pool_batch", "1")?;
+    for (len, size) in [(64usize << 10, "64 KiB"), (1 << 20, "1 MiB")] {
         let zeroed = |b: &Buf, what: &str| -> Result<(), String> {
             check(b.mmap()?.as_slice().iter().all(|&x| x == 0), || {
-                format!("{what}: a 1 MiB buffer is not zeroed")
+                format!("{what}: a {size} buffer is not zeroed")
             })
         };
         let first = track(&heap, len)?;
@@ -1117,14 +1118,14 @@ fn pool(ctx: &Ctx) -> Result<(), String> {
         second.mmap()?.fill(8);
         drop(second);
         std::thread::sleep(Duration::from_millis(300));
-        let again = track_zeroed(&heap, len, "a pooled 1 MiB buffer is not zeroed")?;
+        let again = track_zeroed(&heap, len, &format!("a pooled {size} buffer is not zeroed"))?;
         let host = &again.host;
         // A quota of less than two such buffers gives the pooled one back to make room.
         let cap = sh.num("capacity")?;
         check(host.id == id || (cap != 0 && cap < 2 * len as u64), || {
             format!(
-                "host buffer {id} (1 MiB) was freed, then another 1 MiB buffer; 300 ms \
-                 later the next 1 MiB buffer is host buffer {}: the pool did not zero the \
+                "host buffer {id} ({size}) was freed, then another {size} buffer; 300 ms \
+                 later the next {size} buffer is host buffer {}: the pool did not zero the \
                  first ahead",
                 host.id
             )
@@ -1132,6 +1133,7 @@ fn pool(ctx: &Ctx) -> Result<(), String> {
         drop(again);
         wait_pool_empty(ctx, &sh, "the pool to give idle buffers back")?;
     }
+    drop(single);
 
     // With ALLOC_BATCH, a size the pool lacks comes with pool_batch - 1 more buffers of
     // it: a burst of allocations costs one request.
