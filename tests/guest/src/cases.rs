@@ -1095,14 +1095,12 @@ fn pool(ctx: &Ctx) -> Result<(), String> {
         })?;
     }
     wait_pool_empty(ctx, &sh, "the pool to give idle buffers back")?;
-    drop(single);
 
     // A freed buffer over 16 KiB of a size in demand is zeroed ahead, while it waits in
     // the pool: an allocation that finds it unzeroed gets a new buffer and has it zeroed,
     // and the next allocation of its size gets it back zeroed. Any such buffer, right
-    // after a free too, reads as zeros. One buffer per request again: a batch's spares
+    // after a free too, reads as zeros. Still one buffer per request: a batch's spares
     // are clean too, and would be handed out first.
-    let single = ParamGuard::set("pool_batch", "1")?;
     for (len, size) in [(64usize << 10, "64 KiB"), (1 << 20, "1 MiB")] {
         let zeroed = |b: &Buf, what: &str| -> Result<(), String> {
             check(b.mmap()?.as_slice().iter().all(|&x| x == 0), || {
